@@ -1,0 +1,326 @@
+"""Settings for every job as dataclasses: validated on construction, saved to and loaded from TOML.
+
+The CLI, the notebook widgets and the notebooks all build these same objects, and the TOML is
+written next to every output so a run can be reproduced from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import tomli_w
+
+CONFIG_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """A setting has a bad value; the message names the field and what is allowed."""
+
+
+# --- small validators: each raises ConfigError naming the field -----------------------------
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _non_negative_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+
+
+def _number_in(name: str, value: Any, low: float, high: float, *, low_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise ConfigError(f"{name} must be a number in {bracket}{low}, {high}], got {value!r}")
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
+
+
+def _multiple_of(name: str, value: int, step: int) -> None:
+    if value % step:
+        raise ConfigError(f"{name} must be a multiple of {step}, got {value}")
+
+
+FAMILIES = ("auto", "sd1", "sd2", "sdxl")
+PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
+METHODS = ("lora",)
+TARGET_PRESETS = ("attention", "full")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
+SCHEDULERS = ("constant", "cosine", "cosine_with_restarts", "linear", "polynomial")
+MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
+SAVE_PRECISIONS = ("fp16", "bf16", "float")
+SAVE_FORMATS = ("kohya", "diffusers", "both")
+ATTENTION = ("sdpa", "xformers")
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a LoRA training run. Field names follow kohya sd-scripts where one exists."""
+
+    # --- base model ---
+    pretrained_model: str = ""            # hub id, local diffusers folder, or a single .safetensors file
+    model_config: str | None = None       # local diffusers folder giving configs for a single-file model (offline)
+    vae: str | None = None                # replacement VAE (e.g. an fp16-safe SDXL VAE)
+    family: str = "auto"                  # auto | sd1 | sd2 | sdxl
+    prediction_type: str = "auto"         # auto (from the model) | epsilon | v_prediction
+    clip_skip: int = 1                    # A1111 meaning: 1 = last text-encoder layer, 2 = penultimate
+
+    # --- data ---
+    train_data_dir: str = ""              # images with .txt captions; kohya "N_name" subfolders give N repeats
+    caption_extension: str = ".txt"
+    resolution: int = 512
+    enable_bucket: bool = True
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = True
+    repeats: int = 1                      # for images not inside an "N_name" folder
+    flip_aug: bool = False
+    shuffle_caption: bool = False
+    keep_tokens: int = 0                  # leading comma-separated tags kept in place (the trigger word)
+    caption_dropout_rate: float = 0.0     # whole caption dropped -> unconditional sample
+    caption_tag_dropout_rate: float = 0.0
+    cache_latents: bool = True
+    cache_latents_to_disk: bool = False
+
+    # --- network ---
+    method: str = "lora"
+    rank: int = 16                        # kohya: network_dim
+    alpha: float = 16.0                   # kohya: network_alpha; the LoRA scale is alpha / rank
+    lora_dropout: float = 0.0
+    target: str = "attention"             # attention (q,k,v,out) | full (sd-scripts' default set)
+    train_text_encoder: bool = False
+
+    # --- optimisation ---
+    optimizer: str = "adamw"
+    learning_rate: float = 1e-4           # UNet learning rate
+    text_encoder_lr: float | None = None  # defaults to learning_rate
+    weight_decay: float = 1e-2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    lr_num_cycles: int = 1                # cosine_with_restarts
+    lr_power: float = 1.0                 # polynomial
+    max_grad_norm: float = 1.0            # 0 disables clipping
+    train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    max_train_steps: int = 1600
+    max_train_epochs: int | None = None   # when set, overrides max_train_steps
+    mixed_precision: str = "auto"         # auto: fp16 on T4-class GPUs, bf16 on Ampere+, no on CPU
+    gradient_checkpointing: bool = False
+    attention: str = "sdpa"
+    min_snr_gamma: float | None = None    # 5.0 is the paper's value
+    noise_offset: float = 0.0
+    prior_loss_weight: float = 1.0
+    seed: int = 42
+
+    # --- outputs ---
+    output_dir: str = "outputs"
+    output_name: str = "lora"
+    save_every_n_steps: int | None = None
+    save_every_n_epochs: int | None = None
+    save_last_n: int | None = None        # keep only the newest N intermediate saves
+    save_format: str = "kohya"
+    save_precision: str = "fp16"
+    log_every_n_steps: int = 10           # loss is read back from the device only at log steps
+
+    # --- samples and validation during training ---
+    sample_every_n_steps: int | None = None
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_negative_prompt: str = ""
+    sample_seed: int = 1234
+    sample_steps: int = 20
+    sample_cfg: float = 7.0
+    sample_sampler: str = "Euler a"
+    validation_every_n_steps: int | None = None   # fixed-noise loss on a few training images
+    validation_images: int = 4
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- validation ------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check every field; raise ConfigError naming the first bad one."""
+        _check_types(self)
+        _choice("family", self.family, FAMILIES)
+        _choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        _choice("method", self.method, METHODS)
+        _choice("target", self.target, TARGET_PRESETS)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("lr_scheduler", self.lr_scheduler, SCHEDULERS)
+        _choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
+        _choice("save_precision", self.save_precision, SAVE_PRECISIONS)
+        _choice("save_format", self.save_format, SAVE_FORMATS)
+        _choice("attention", self.attention, ATTENTION)
+        _number_in("clip_skip", self.clip_skip, 1, 12)
+        _positive_int("clip_skip", self.clip_skip)
+        for name in ("resolution", "min_bucket_reso", "max_bucket_reso"):
+            _positive_int(name, getattr(self, name))
+        _positive_int("bucket_reso_steps", self.bucket_reso_steps)
+        _multiple_of("resolution", self.resolution, 8)
+        _multiple_of("bucket_reso_steps", self.bucket_reso_steps, 8)
+        if self.min_bucket_reso > self.max_bucket_reso:
+            raise ConfigError(f"min_bucket_reso ({self.min_bucket_reso}) must not exceed "
+                              f"max_bucket_reso ({self.max_bucket_reso})")
+        _positive_int("repeats", self.repeats)
+        _non_negative_int("keep_tokens", self.keep_tokens)
+        _number_in("caption_dropout_rate", self.caption_dropout_rate, 0.0, 1.0)
+        _number_in("caption_tag_dropout_rate", self.caption_tag_dropout_rate, 0.0, 1.0)
+        if self.caption_extension and not self.caption_extension.startswith("."):
+            raise ConfigError(f"caption_extension must start with '.', got {self.caption_extension!r}")
+        _positive_int("rank", self.rank)
+        _number_in("alpha", self.alpha, 0.0, 1e6, low_open=True)
+        _number_in("lora_dropout", self.lora_dropout, 0.0, 1.0)
+        if self.lora_dropout == 1.0:
+            raise ConfigError("lora_dropout must be below 1.0 (1.0 drops every input), got 1.0")
+        _number_in("learning_rate", self.learning_rate, 0.0, 10.0, low_open=True)
+        if self.text_encoder_lr is not None:
+            _number_in("text_encoder_lr", self.text_encoder_lr, 0.0, 10.0)
+        _number_in("weight_decay", self.weight_decay, 0.0, 10.0)
+        _number_in("adam_beta1", self.adam_beta1, 0.0, 1.0)
+        _number_in("adam_beta2", self.adam_beta2, 0.0, 1.0)
+        _number_in("adam_epsilon", self.adam_epsilon, 0.0, 1.0, low_open=True)
+        _non_negative_int("lr_warmup_steps", self.lr_warmup_steps)
+        _positive_int("lr_num_cycles", self.lr_num_cycles)
+        _number_in("lr_power", self.lr_power, 0.0, 100.0, low_open=True)
+        _number_in("max_grad_norm", self.max_grad_norm, 0.0, 1e6)
+        _positive_int("train_batch_size", self.train_batch_size)
+        _positive_int("gradient_accumulation_steps", self.gradient_accumulation_steps)
+        _positive_int("max_train_steps", self.max_train_steps)
+        if self.max_train_epochs is not None:
+            _positive_int("max_train_epochs", self.max_train_epochs)
+        if self.min_snr_gamma is not None:
+            _number_in("min_snr_gamma", self.min_snr_gamma, 0.0, 1000.0, low_open=True)
+        _number_in("noise_offset", self.noise_offset, 0.0, 1.0)
+        _number_in("prior_loss_weight", self.prior_loss_weight, 0.0, 100.0)
+        _non_negative_int("seed", self.seed)
+        if not self.output_name or any(c in self.output_name for c in '/\\:*?"<>|'):
+            raise ConfigError(f"output_name must be a plain file name (no path separators), got {self.output_name!r}")
+        for name in ("save_every_n_steps", "save_every_n_epochs", "save_last_n",
+                     "sample_every_n_steps", "validation_every_n_steps"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
+        _positive_int("log_every_n_steps", self.log_every_n_steps)
+        _positive_int("sample_steps", self.sample_steps)
+        _number_in("sample_cfg", self.sample_cfg, 0.0, 100.0)
+        _non_negative_int("sample_seed", self.sample_seed)
+        _positive_int("validation_images", self.validation_images)
+        if self.sample_every_n_steps and not self.sample_prompts:
+            raise ConfigError("sample_prompts must list at least one prompt when sample_every_n_steps is set")
+        if self.lr_warmup_steps > self.max_train_steps and self.max_train_epochs is None:
+            raise ConfigError(f"lr_warmup_steps ({self.lr_warmup_steps}) must not exceed "
+                              f"max_train_steps ({self.max_train_steps})")
+
+    # -- convenience -------------------------------------------------------------------------
+    @property
+    def te_lr(self) -> float:
+        """The text encoder's learning rate (falls back to the UNet's)."""
+        return self.learning_rate if self.text_encoder_lr is None else self.text_encoder_lr
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """A copy with some fields changed (validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --- type checking of values coming from TOML, the CLI or widgets ---------------------------
+
+def _allowed_types(tp: Any) -> tuple[type, ...]:
+    origin = get_origin(tp)
+    if origin is None:
+        return (tp,)
+    if origin is list:
+        return (list,)
+    out: list[type] = []
+    for arg in get_args(tp):  # unions: X | None
+        out.extend(_allowed_types(arg))
+    return tuple(out)
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+               list: "a list of strings", type(None): "unset"}
+
+
+def _type_name(types: tuple[type, ...]) -> str:
+    return " or ".join(_TYPE_WORDS.get(t, t.__name__) for t in types)
+
+
+def _check_types(cfg: Any) -> None:
+    hints = get_type_hints(type(cfg))
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        allowed = _allowed_types(hints[f.name])
+        if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)  # TOML and the CLI write 1 for 1.0
+            setattr(cfg, f.name, value)
+        if isinstance(value, bool) and bool not in allowed:
+            raise ConfigError(f"{f.name} must be {_type_name(allowed)}, got {value!r}")
+        if not isinstance(value, allowed):
+            raise ConfigError(f"{f.name} must be {_type_name(allowed)}, got {value!r}")
+        if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{f.name} must be a list of strings, got {value!r}")
+
+
+# --- TOML --------------------------------------------------------------------------------------
+
+def config_to_toml(cfg: Any) -> str:
+    """TOML text for a config dataclass. None values are left out (TOML has no null)."""
+    data = {"config_version": CONFIG_VERSION, "kind": type(cfg).__name__}
+    data.update({k: v for k, v in dataclasses.asdict(cfg).items() if v is not None})
+    return tomli_w.dumps(data)
+
+
+def save_config(cfg: Any, path: str | Path) -> Path:
+    """Write `cfg` as TOML atomically (temp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(config_to_toml(cfg), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def config_from_dict(cls: type, data: dict[str, Any], *, source: str = "config") -> Any:
+    """Build a config of class `cls` from a dict; unknown keys and newer versions are errors."""
+    data = dict(data)
+    version = data.pop("config_version", CONFIG_VERSION)
+    kind = data.pop("kind", cls.__name__)
+    if not isinstance(version, int) or version > CONFIG_VERSION:
+        raise ConfigError(f"{source} was written by a newer version of helpers (config_version {version}, "
+                          f"this version reads up to {CONFIG_VERSION}); update helpers")
+    if kind != cls.__name__:
+        raise ConfigError(f"{source} holds a {kind}, not a {cls.__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{source} has unknown setting(s): {', '.join(unknown)}")
+    return cls(**data)
+
+
+def load_config(path: str | Path, cls: type = TrainConfig) -> Any:
+    """Read a TOML file into a config dataclass (validated)."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    return config_from_dict(cls, data, source=str(path))
