@@ -146,9 +146,11 @@ def build_tiny_sdxl(tokenizer_dir: str | Path, seed: int = 0):
     torch.manual_seed(seed)
     tok = load_tiny_tokenizer(tokenizer_dir)
     tok2 = load_tiny_tokenizer(tokenizer_dir)
-    te1 = CLIPTextModel(_text_config(len(tok), 32, 2, 32, tok.model_max_length, tok.pad_token_id))
+    # Different widths, as in real SDXL (768 / 1280): diffusers 0.42's single-file loader tells the
+    # two encoders apart by width and silently swaps them when they are equal.
+    te1 = CLIPTextModel(_text_config(len(tok), 16, 2, 16, tok.model_max_length, tok.pad_token_id))
     te2 = CLIPTextModelWithProjection(
-        _text_config(len(tok2), 32, 2, 32, tok2.model_max_length, tok2.pad_token_id, act="gelu"))
+        _text_config(len(tok2), 48, 2, 32, tok2.model_max_length, tok2.pad_token_id, act="gelu"))
     unet = UNet2DConditionModel(
         sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
         block_out_channels=(32, 64, 64),
