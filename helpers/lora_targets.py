@@ -1,0 +1,88 @@
+"""Which modules of a UNet / CLIP text encoder get LoRA, by preset.
+
+`full` reproduces kohya sd-scripts' default selection (networks/lora.py): every Linear and 1x1
+Conv2d inside the UNet's Transformer2DModel blocks and inside the text encoder's CLIPAttention /
+CLIPMLP, so our LoRAs have the module set A1111/ComfyUI users know. `attention` keeps only the
+attention projections. Names are full module names, as peft's `LoraConfig(target_modules=...)`
+matches them exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PRESETS = ("attention", "full")
+
+# Container classes sd-scripts searches (by class name, as it does) for LoRA targets.
+UNET_CONTAINERS = ("Transformer2DModel",)
+TEXT_ENCODER_CONTAINERS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
+TEXT_ATTENTION_CONTAINERS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2")
+
+UNET_ATTENTION_LEAVES = tuple(f"{attn}.{leaf}" for attn in ("attn1", "attn2")
+                              for leaf in ("to_q", "to_k", "to_v", "to_out.0"))
+TEXT_ATTENTION_LEAVES = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+# Sub-module names peft adds around a wrapped layer; they are not model modules.
+_PEFT_PARTS = frozenset({"base_layer", "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
+                         "lora_dropout", "lora_magnitude_vector", "lora_variant"})
+
+
+def _check_preset(preset: str) -> None:
+    if preset not in PRESETS:
+        raise ValueError(f"LoRA preset must be one of {PRESETS}, got {preset!r}")
+
+
+def base_layer(module: torch.nn.Module) -> torch.nn.Module:
+    """The wrapped layer if `module` is a peft LoRA wrapper, else the module itself."""
+    get_base = getattr(module, "get_base_layer", None)
+    return get_base() if callable(get_base) else module
+
+
+def is_lora_target_layer(module: torch.nn.Module) -> bool:
+    """True for the layer types sd-scripts gives LoRA by default: Linear and 1x1 Conv2d."""
+    module = base_layer(module)
+    if isinstance(module, torch.nn.Linear):
+        return True
+    return isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) == (1, 1)
+
+
+def model_module_names(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """named_modules() without peft's wrapper internals (`.base_layer`, `.lora_A.<adapter>`, ...)."""
+    return {name: mod for name, mod in model.named_modules()
+            if not _PEFT_PARTS.intersection(name.split("."))}
+
+
+def _targets_in(model: torch.nn.Module, containers: tuple[str, ...],
+                leaves: tuple[str, ...] | None) -> list[str]:
+    modules = model_module_names(model)
+    found: set[str] = set()
+    for name, module in modules.items():
+        if type(module).__name__ not in containers:
+            continue
+        prefix = f"{name}." if name else ""
+        for child_name, child in modules.items():
+            if not child_name.startswith(prefix) or child_name == name:
+                continue
+            rel = child_name[len(prefix):]
+            if not is_lora_target_layer(child):
+                continue
+            if leaves is not None and not any(rel == leaf or rel.endswith("." + leaf) for leaf in leaves):
+                continue
+            found.add(child_name)
+    return sorted(found)
+
+
+def unet_target_modules(unet: torch.nn.Module, preset: str) -> list[str]:
+    """Sorted full names of the UNet modules that get LoRA under `preset` ("attention" or "full")."""
+    _check_preset(preset)
+    if preset == "full":
+        return _targets_in(unet, UNET_CONTAINERS, None)
+    return _targets_in(unet, UNET_CONTAINERS, UNET_ATTENTION_LEAVES)
+
+
+def text_encoder_target_modules(text_encoder: torch.nn.Module, preset: str) -> list[str]:
+    """Sorted full names of the CLIP text-encoder modules that get LoRA under `preset`."""
+    _check_preset(preset)
+    if preset == "full":
+        return _targets_in(text_encoder, TEXT_ENCODER_CONTAINERS, None)
+    return _targets_in(text_encoder, TEXT_ATTENTION_CONTAINERS, TEXT_ATTENTION_LEAVES)

@@ -1,0 +1,525 @@
+"""The training loop: LoRA on the UNet (and optionally the text encoders) of SD 1.x/2.x/SDXL.
+
+Read top to bottom: `train()` sets up (model, LoRA, data, optimizer), then runs the loop; the
+helpers below it compute the loss, encode images, sample, validate and save. It runs unchanged on
+CPU and CUDA, and on several processes under `accelerate launch`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .config import ConfigError, TrainConfig, save_config
+from .text_encoding import encode_prompts, sdxl_time_ids
+
+Event = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    lora_path: Path | None
+    output_dir: Path
+    steps: int
+    epochs: int
+    final_loss: float | None
+    log_path: Path
+    saved: list[Path] = field(default_factory=list)
+    samples: list[Path] = field(default_factory=list)
+
+
+def resolve_mixed_precision(requested: str, device_type: str) -> str:
+    """accelerate's mixed_precision value for `requested` on this device ("no" | "fp16" | "bf16").
+
+    fp16 autocast is a silent no-op on CPU in accelerate, so asking for it there warns and trains in fp32.
+    """
+    if requested == "auto":
+        if device_type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "no"
+    if requested == "fp16" and device_type != "cuda":
+        warnings.warn("mixed_precision='fp16' needs a CUDA GPU; training in fp32 on this device instead "
+                      "(use 'bf16' for reduced precision on CPU).", RuntimeWarning, stacklevel=2)
+        return "no"
+    return requested
+
+
+def check_ready(cfg: TrainConfig) -> None:
+    """Fail before loading anything when the run cannot start."""
+    if not cfg.pretrained_model:
+        raise ConfigError("pretrained_model must be set: a hub id, a diffusers folder or a .safetensors file")
+    if not cfg.train_data_dir:
+        raise ConfigError("train_data_dir must be set: a folder of images with .txt captions")
+    if not Path(cfg.train_data_dir).is_dir():
+        raise ConfigError(f"train_data_dir {cfg.train_data_dir!r} is not a folder")
+
+
+# ================================================================================================
+# The run
+# ================================================================================================
+
+def train(cfg: TrainConfig, *, base=None, on_event: Event | None = None, progress: bool = True) -> TrainResult:
+    """Train a LoRA as `cfg` says and save it (kohya and/or diffusers layout) with its config.
+
+    `base` may pass an already loaded `helpers.models.BaseModel` (notebooks reuse one); it is
+    modified in place (LoRA layers are added to it). `on_event(kind, data)` receives "log",
+    "sample", "save" and "end" events for live plots.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from peft import LoraConfig
+
+    from .dataset import BucketBatchSampler, CaptionProcessor, TrainDataset, collate, load_image_folder
+    from .lora_targets import text_encoder_target_modules, unet_target_modules
+    from .models import load_base, set_attention
+
+    check_ready(cfg)
+    emit = on_event or (lambda kind, data: None)
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    # accelerate keeps its settings in a process-wide singleton: a notebook that trains twice with other
+    # precision settings would fail. Reset those settings, keep the distributed state (PartialState).
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(
+        # cpu=True on GPU-less machines also lets accelerate see a multi-process CPU world (gloo) when
+        # started by `accelerate launch --multi_gpu` / torchrun; MPS users are not served here.
+        cpu=device_type == "cpu" and not torch.backends.mps.is_available(),
+        mixed_precision=resolve_mixed_precision(cfg.mixed_precision, device_type),
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+    )
+    is_main = accelerator.is_main_process
+    out_dir = Path(cfg.output_dir)
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / f"{cfg.output_name}.toml")
+    set_seed(cfg.seed)
+
+    # --- 1. the base model, frozen, weights in the compute dtype -----------------------------
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    if base is None:
+        base = load_base(cfg.pretrained_model, device=accelerator.device, dtype=weight_dtype, vae=cfg.vae,
+                         config=cfg.model_config, family=None if cfg.family == "auto" else cfg.family,
+                         prediction_type=None if cfg.prediction_type == "auto" else cfg.prediction_type)
+    unet, vae = base.unet, base.vae
+    text_encoders, tokenizers = base.text_encoders, base.tokenizers
+    for module in [unet, vae, *text_encoders]:
+        module.requires_grad_(False)
+    attention_used = set_attention(unet, cfg.attention)
+
+    # --- 2. LoRA layers (peft), trainable params kept in fp32 ---------------------------------
+    def lora_config(targets: list[str]) -> LoraConfig:
+        return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
+                          init_lora_weights=True, target_modules=targets)
+
+    unet.add_adapter(lora_config(unet_target_modules(unet, cfg.target)))
+    trained_tes = list(text_encoders) if cfg.train_text_encoder else []
+    for te in trained_tes:
+        te.add_adapter(lora_config(text_encoder_target_modules(te, cfg.target)))
+    for module in [unet, *trained_tes]:
+        for p in module.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        for te in trained_tes:
+            te.gradient_checkpointing_enable()
+
+    # --- 3. data: buckets, captions, optional latent cache ------------------------------------
+    items = load_image_folder(cfg.train_data_dir, caption_extension=cfg.caption_extension,
+                              default_repeats=cfg.repeats)
+    dataset = TrainDataset(
+        items, resolution=cfg.resolution, enable_bucket=cfg.enable_bucket,
+        min_bucket_reso=cfg.min_bucket_reso, max_bucket_reso=cfg.max_bucket_reso,
+        bucket_reso_steps=cfg.bucket_reso_steps, bucket_no_upscale=cfg.bucket_no_upscale,
+        flip=cfg.flip_aug, seed=cfg.seed,
+        caption_processor=CaptionProcessor(shuffle=cfg.shuffle_caption, keep_tokens=cfg.keep_tokens,
+                                           dropout=cfg.caption_dropout_rate,
+                                           tag_dropout=cfg.caption_tag_dropout_rate),
+    )
+    encode_images = _vae_encoder(vae, accelerator.device, seed=cfg.seed)
+    if cfg.cache_latents:
+        cache_dir = out_dir / "latent_cache" if cfg.cache_latents_to_disk else None
+        with accelerator.main_process_first():
+            dataset.cache_latents(encode_images, cache_dir=cache_dir, show_progress=progress and is_main,
+                                  encoder_id=f"{cfg.pretrained_model}|{cfg.vae}|{vae.config.scaling_factor}|"
+                                             f"{getattr(vae.config, 'shift_factor', None)}")
+    sampler = BucketBatchSampler(dataset, cfg.train_batch_size, seed=cfg.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate,
+        num_workers=0 if cfg.cache_latents else min(2, max(0, (os.cpu_count() or 1) - 1)),
+        pin_memory=device_type == "cuda")
+
+    # --- 4. optimizer and schedule ------------------------------------------------------------
+    from .optim import build_optimizer, build_scheduler, optimizer_kind
+
+    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": cfg.learning_rate}]
+    for te in trained_tes:
+        groups.append({"params": [p for p in te.parameters() if p.requires_grad], "lr": cfg.te_lr})
+    optimizer = build_optimizer(cfg.optimizer, groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+    updates_per_epoch = math.ceil(math.ceil(len(loader) / accelerator.num_processes)
+                                  / cfg.gradient_accumulation_steps)
+    max_steps = cfg.max_train_epochs * updates_per_epoch if cfg.max_train_epochs else cfg.max_train_steps
+    num_epochs = math.ceil(max_steps / updates_per_epoch)
+    # accelerate steps a prepared scheduler once per process per optimizer step
+    lr_scheduler = build_scheduler(cfg.lr_scheduler, optimizer,
+                                   warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
+                                   total_steps=max_steps * accelerator.num_processes,
+                                   num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
+
+    prepared = accelerator.prepare(unet, *trained_tes, optimizer, loader, lr_scheduler)
+    unet, trained_tes = prepared[0], list(prepared[1:1 + len(trained_tes)])
+    optimizer, loader, lr_scheduler = prepared[-3:]
+    if cfg.train_text_encoder:
+        text_encoders = trained_tes
+
+    noise_scheduler = base.noise_scheduler()
+    prediction_type = noise_scheduler.config.prediction_type
+    noise_gen = torch.Generator(device=accelerator.device).manual_seed(cfg.seed + accelerator.process_index)
+    run = _Run(cfg, accelerator, base, noise_scheduler, tokenizers, text_encoders, encode_images, weight_dtype)
+
+    # --- 5. the loop ----------------------------------------------------------------------------
+    if is_main:
+        print(f"{base.describe()}\n"
+              f"LoRA rank {cfg.rank} alpha {cfg.alpha} ({cfg.target}{' + text encoder' if trained_tes else ''}), "
+              f"{_count_trainable(unet, *trained_tes):,} trainable params; {len(dataset)} samples/epoch "
+              f"({len(items)} images), batch {cfg.train_batch_size} x accum {cfg.gradient_accumulation_steps} "
+              f"x {accelerator.num_processes} process(es); {max_steps} steps, {num_epochs} epoch(s); "
+              f"optimizer {optimizer_kind(optimizer)}, precision {accelerator.mixed_precision}, "
+              f"attention {attention_used}")
+    log_path = out_dir / f"{cfg.output_name}_log.csv"
+    logger = _CsvLog(log_path) if is_main else None
+    val_batch = run.validation_batch(dataset) if cfg.validation_every_n_steps and is_main else None
+    if val_batch is not None:  # the baseline: the model before any update
+        record = {"step": 0, "epoch": 0, "val_loss": run.fixed_noise_loss(accelerator.unwrap_model(unet), val_batch)}
+        logger.write(record)
+        emit("log", record)
+    result = TrainResult(None, out_dir, 0, 0, None, log_path)
+    bar = tqdm(total=max_steps, disable=not (progress and is_main), desc="training", unit="step")
+    global_step, last_log_step, loss_count = 0, 0, 0
+    loss_sum, t_last = torch.zeros((), device=accelerator.device), time.perf_counter()
+    models = [unet, *trained_tes]
+    for epoch in range(num_epochs):
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        for m in models:
+            m.train()
+        for batch in loader:
+            with accelerator.accumulate(*models):
+                loss = run.loss(unet, batch, prediction_type, noise_gen)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_([p for m in models for p in m.parameters() if p.requires_grad],
+                                                cfg.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+            loss_count += 1
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            bar.update(1)
+
+            validate = bool(cfg.validation_every_n_steps) and global_step % cfg.validation_every_n_steps == 0
+            logged = global_step % cfg.log_every_n_steps == 0 or global_step == max_steps or validate
+            if logged:
+                now = time.perf_counter()
+                record = {"step": global_step, "epoch": epoch + 1,
+                          "loss": accelerator.reduce(loss_sum, "mean").item() / loss_count,
+                          "lr": lr_scheduler.get_last_lr()[0],
+                          "lr_te": lr_scheduler.get_last_lr()[-1] if trained_tes else None,
+                          "step_time_s": (now - t_last) / (global_step - last_log_step)}
+                if device_type == "cuda":
+                    record["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                loss_sum.zero_()
+                loss_count, last_log_step = 0, global_step
+                result.final_loss = record["loss"]
+                if val_batch is not None and validate:
+                    record["val_loss"] = run.fixed_noise_loss(accelerator.unwrap_model(unet), val_batch)
+                if is_main:
+                    logger.write(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                emit("log", record)
+            if is_main and cfg.sample_every_n_steps and global_step % cfg.sample_every_n_steps == 0:
+                paths = run.sample(accelerator.unwrap_model(unet), global_step)
+                result.samples += paths
+                emit("sample", {"step": global_step, "paths": paths})
+            if cfg.save_every_n_steps and global_step % cfg.save_every_n_steps == 0 and global_step < max_steps:
+                result.saved += run.save(unet, trained_tes, f"{cfg.output_name}-step{global_step:06d}",
+                                         global_step, epoch + 1, dataset, emit)
+            if logged:
+                t_last = time.perf_counter()  # step time excludes validation, sampling and saving
+            if global_step >= max_steps:
+                break
+        result.epochs = epoch + 1
+        if (cfg.save_every_n_epochs and (epoch + 1) % cfg.save_every_n_epochs == 0
+                and global_step < max_steps):
+            result.saved += run.save(unet, trained_tes, f"{cfg.output_name}-{epoch + 1:06d}",
+                                     global_step, epoch + 1, dataset, emit)
+        if global_step >= max_steps:
+            break
+    bar.close()
+
+    # --- 6. the final LoRA ------------------------------------------------------------------------
+    result.steps = global_step
+    final = run.save(unet, trained_tes, cfg.output_name, global_step, result.epochs, dataset, emit, final=True)
+    result.saved = [p for p in result.saved + final if p.exists()]  # pruned saves are gone
+    result.lora_path = final[0] if final else None
+    accelerator.wait_for_everyone()
+    emit("end", {"steps": global_step, "lora_path": result.lora_path})
+    accelerator.end_training()
+    return result
+
+
+# ================================================================================================
+# The pieces
+# ================================================================================================
+
+class _Run:
+    """State the loop's helpers share: config, accelerator, model parts, encoders."""
+
+    def __init__(self, cfg, accelerator, base, noise_scheduler, tokenizers, text_encoders, encode_images,
+                 weight_dtype):
+        self.cfg, self.acc, self.base = cfg, accelerator, base
+        self.noise_scheduler = noise_scheduler
+        self.tokenizers, self.text_encoders = tokenizers, text_encoders
+        self.encode_images = encode_images
+        self.weight_dtype = weight_dtype
+        self.device = accelerator.device
+        self.alphas_cumprod = noise_scheduler.alphas_cumprod.to(self.device, torch.float32)
+        self._kept: list[Path] = []
+
+    # -- conditioning --------------------------------------------------------------------------
+    def condition(self, batch: dict) -> dict[str, Any]:
+        """UNet keyword arguments for a batch: text embeddings and, for SDXL, pooled + time ids."""
+        with torch.set_grad_enabled(self.cfg.train_text_encoder):
+            emb = encode_prompts(self.base.family, self.tokenizers, self.text_encoders, batch["captions"],
+                                 clip_skip=self.cfg.clip_skip, device=self.device)
+        kwargs: dict[str, Any] = {"encoder_hidden_states": emb.hidden}
+        if self.base.family == "sdxl":
+            time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"])
+            kwargs["added_cond_kwargs"] = {"text_embeds": emb.pooled, "time_ids": time_ids.to(self.device)}
+        return kwargs
+
+    def latents_of(self, batch: dict) -> torch.Tensor:
+        if "latents" in batch:
+            return batch["latents"].to(self.device, torch.float32)
+        with torch.no_grad():
+            return self.encode_images(batch["pixel_values"]).to(self.device, torch.float32)
+
+    # -- the loss --------------------------------------------------------------------------------
+    def loss(self, unet, batch: dict, prediction_type: str, gen: torch.Generator,
+             noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None) -> torch.Tensor:
+        """Diffusion loss for one batch: MSE to the noise (or v), with min-SNR weighting and the
+        prior-preservation weight on class images. `noise`/`timesteps` fix the draw (validation)."""
+        cfg = self.cfg
+        latents = self.latents_of(batch)
+        b = latents.shape[0]
+        if noise is None:
+            noise = torch.randn(latents.shape, generator=gen, device=self.device)
+            if cfg.noise_offset:
+                noise = noise + cfg.noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=gen,
+                                                               device=self.device)
+        if timesteps is None:
+            timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=gen,
+                                      device=self.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        pred = unet(noisy.to(self.weight_dtype), timesteps, **self.condition(batch)).sample
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        weights = torch.ones_like(per_sample)
+        if cfg.min_snr_gamma:
+            snr = self.alphas_cumprod[timesteps] / (1 - self.alphas_cumprod[timesteps])
+            clipped = torch.clamp(snr, max=cfg.min_snr_gamma)
+            weights = clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+        if "is_class" in batch:
+            is_class = batch["is_class"].to(self.device)
+            weights = weights * torch.where(is_class, cfg.prior_loss_weight, 1.0)
+        return (per_sample * weights).mean()
+
+    # -- fixed-noise validation ------------------------------------------------------------------
+    def validation_batch(self, dataset) -> list[dict]:
+        """A few distinct training images (plain, raw captions), each with a fixed noise and timestep.
+
+        One batch per image: images may sit in different buckets."""
+        from .dataset import collate
+
+        first_entry: dict[int, int] = {}
+        for entry, item_idx in enumerate(dataset.entries):
+            first_entry.setdefault(item_idx, entry)
+        entries = list(first_entry.values())[: self.cfg.validation_images]
+        gen = torch.Generator().manual_seed(self.cfg.seed + 7)
+        steps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.linspace(50, steps - 50, len(entries)).long()
+        batches = []
+        for k, entry in enumerate(entries):
+            batch = collate([dataset.example(entry, augment=False)])
+            batch["latents"] = self.latents_of(batch)
+            batch.pop("pixel_values", None)
+            batch["_noise"] = torch.randn(batch["latents"].shape, generator=gen).to(self.device)
+            batch["_timesteps"] = timesteps[k:k + 1].to(self.device)
+            batches.append(batch)
+        return batches
+
+    @torch.no_grad()
+    def fixed_noise_loss(self, unet, batches: list[dict]) -> float:
+        """Mean loss over the validation images at their fixed noise: comparable across steps."""
+        was_training = unet.training
+        unet.eval()
+        prediction_type = self.noise_scheduler.config.prediction_type
+        losses = [self.loss(unet, b, prediction_type, None, noise=b["_noise"], timesteps=b["_timesteps"]).item()
+                  for b in batches]
+        unet.train(was_training)
+        return sum(losses) / len(losses)
+
+    # -- samples -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, unet, step: int) -> list[Path]:
+        from .inference import generate, save_png
+
+        cfg = self.cfg
+        pipe = self.base.pipe
+        was_training = unet.training
+        unet.eval()
+        out = Path(cfg.output_dir) / "samples"
+        out.mkdir(parents=True, exist_ok=True)
+        paths = []
+        size = cfg.resolution
+        for i, prompt in enumerate(cfg.sample_prompts):
+            with self.acc.autocast():
+                    images, params = generate(pipe, prompt, negative_prompt=cfg.sample_negative_prompt,
+                                          steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg,
+                                          seed=cfg.sample_seed + i, sampler=cfg.sample_sampler, width=size,
+                                          height=size, clip_skip=cfg.clip_skip, family=self.base.family)
+            paths.append(save_png(images[0], out / f"{cfg.output_name}_step{step:06d}_{i:02d}.png", params[0]))
+        unet.train(was_training)
+        return paths
+
+    # -- saving ------------------------------------------------------------------------------------
+    def save(self, unet, trained_tes, name: str, step: int, epoch: int, dataset, emit: Event,
+             final: bool = False) -> list[Path]:
+        """Write the LoRA as `name` in the configured format(s); rank 0 only. Prunes old saves."""
+        from .lora_io import extract_peft_lora, kohya_metadata, save_lora
+
+        self.acc.wait_for_everyone()
+        if not self.acc.is_main_process:
+            return []
+        cfg = self.cfg
+        weights = {"unet": extract_peft_lora(self.acc.unwrap_model(unet))}
+        for key, te in zip(("text_encoder", "text_encoder_2"), trained_tes):
+            weights[key] = extract_peft_lora(self.acc.unwrap_model(te))
+        metadata = kohya_metadata(
+            family=self.base.family, rank=cfg.rank, alpha=cfg.alpha, output_name=name,
+            resolution=cfg.resolution, clip_skip=cfg.clip_skip, num_train_images=len(dataset),
+            tag_frequency=tag_frequency(dataset.items), steps=step, epoch=epoch,
+            prediction_type=self.base.prediction_type, timestamp=_build_timestamp(),
+            extra={"ss_learning_rate": str(cfg.learning_rate), "ss_text_encoder_lr": str(cfg.te_lr),
+                   "ss_unet_lr": str(cfg.learning_rate), "ss_optimizer": cfg.optimizer,
+                   "ss_lr_scheduler": cfg.lr_scheduler, "ss_seed": str(cfg.seed),
+                   "ss_network_dropout": str(cfg.lora_dropout), "ss_min_snr_gamma": str(cfg.min_snr_gamma),
+                   "ss_noise_offset": str(cfg.noise_offset), "ss_max_train_steps": str(step),
+                   "ss_mixed_precision": self.acc.mixed_precision, "ss_sd_model_name": cfg.pretrained_model,
+                   "ss_training_comment": f"helpers target={cfg.target}",
+                   "ss_network_args": json.dumps({"target": cfg.target})})
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}[cfg.save_precision]
+        out = Path(cfg.output_dir)
+        written: list[Path] = []
+        unet_config = dict(self.base.unet.config)
+        if cfg.save_format in ("kohya", "both"):
+            written.append(save_lora(out / f"{name}.safetensors", weights, family=self.base.family,
+                                     unet_config=unet_config, format="kohya", metadata=metadata, dtype=dtype))
+        if cfg.save_format in ("diffusers", "both"):
+            written.append(save_lora(out / f"{name}_diffusers", weights, family=self.base.family,
+                                     unet_config=unet_config, format="diffusers", metadata=metadata, dtype=dtype))
+        if not final and cfg.save_last_n:
+            self._kept.append(written)
+            while len(self._kept) > cfg.save_last_n:
+                for old in self._kept.pop(0):
+                    _remove(old)
+        emit("save", {"step": step, "paths": written})
+        return written
+
+
+def _vae_encoder(vae, device, seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function pixels in [-1, 1] -> scaled (and shifted) latents, as the UNet sees them."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    scale = vae.config.scaling_factor
+
+    @torch.no_grad()
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        dist = vae.encode(pixels.to(device, vae.dtype)).latent_dist
+        latents = dist.sample(generator=gen).float()
+        return (latents - shift) * scale
+
+    return encode
+
+
+def _build_timestamp() -> float | None:
+    """SOURCE_DATE_EPOCH when set (reproducible builds: same seed, byte-identical files), else now."""
+    value = os.environ.get("SOURCE_DATE_EPOCH")
+    return float(value) if value else None
+
+
+def tag_frequency(items) -> dict[str, dict[str, int]]:
+    """sd-scripts' ss_tag_frequency: {folder name: {tag: count}} over comma-separated captions."""
+    freq: dict[str, Counter] = {}
+    for item in items:
+        folder = Path(item.path).parent.name
+        tags = [t.strip() for t in item.caption.split(",") if t.strip()]
+        freq.setdefault(folder, Counter()).update(tags)
+    return {k: dict(v) for k, v in freq.items()}
+
+
+def _count_trainable(*models: torch.nn.Module) -> int:
+    return sum(p.numel() for m in models for p in m.parameters() if p.requires_grad)
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
+
+
+class _CsvLog:
+    """Append-only CSV of log records (loss, lr, step time ...) that pandas or matplotlib can read."""
+
+    COLUMNS = ["step", "epoch", "loss", "lr", "lr_te", "step_time_s", "val_loss", "peak_mem_gb"]
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "w", newline="") as f:
+            csv.writer(f).writerow(self.COLUMNS)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.writer(f).writerow(["" if record.get(c) is None else record[c] for c in self.COLUMNS])
+
+
+def read_log(path: str | Path) -> list[dict[str, float]]:
+    """The training log as a list of dicts of floats (empty cells left out)."""
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+
