@@ -141,11 +141,15 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_demo)
 
     args = parser.parse_args(argv)
-    from .config import ConfigError
+    from .models import ModelLoadError
 
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ModelLoadError) as e:
+        # Bad settings, files and models raise these with a message meant for the user (ConfigError is a
+        # ValueError). HELPERS_DEBUG=1 shows the traceback.
+        if os.environ.get("HELPERS_DEBUG"):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,60 @@
+"""The command line builds the same TrainConfig as the notebooks and reports errors without tracebacks."""
+
+import argparse
+
+import pytest
+
+from helpers.__main__ import _parse_lora, build_train_config, main
+from helpers.config import TrainConfig, save_config
+
+
+def _train_args(argv):
+    parser = argparse.ArgumentParser()
+    from helpers.__main__ import _add_config_flags
+
+    parser.add_argument("--config")
+    _add_config_flags(parser, TrainConfig)
+    return parser.parse_args(argv)
+
+
+def test_flags_override_the_toml_and_unset_flags_keep_it(tmp_path):
+    path = save_config(TrainConfig(rank=32, alpha=16.0, flip_aug=True, learning_rate=3e-4), tmp_path / "c.toml")
+    cfg = build_train_config(_train_args(["--config", str(path), "--rank", "8", "--no-flip-aug",
+                                          "--sample-prompts", "a", "b c", "--text-encoder-lr", "none"]))
+    assert (cfg.rank, cfg.alpha, cfg.flip_aug, cfg.learning_rate) == (8, 16.0, False, 3e-4)
+    assert cfg.sample_prompts == ["a", "b c"] and cfg.text_encoder_lr is None
+    # underscore spellings (kohya's) work too
+    assert build_train_config(_train_args(["--max_train_steps", "7"])).max_train_steps == 7
+
+
+def test_bad_flag_value_exits_2_with_the_field_named(capsys):
+    assert main(["train", "--rank", "0", "--pretrained-model", "x", "--train-data-dir", "."]) == 2
+    assert "rank must be a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_missing_data_folder_is_reported(capsys, tiny_sd15_dir):
+    assert main(["train", "--pretrained-model", str(tiny_sd15_dir), "--train-data-dir", "/no/such/folder"]) == 2
+    assert "train_data_dir '/no/such/folder' is not a folder" in capsys.readouterr().err
+
+
+def test_train_then_generate_from_the_command_line(tiny_sd15_dir, concept_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--pretrained-model", str(tiny_sd15_dir), "--train-data-dir", str(concept_dir),
+                 "--resolution", "32", "--no-enable-bucket", "--rank", "4", "--max-train-steps", "3",
+                 "--train-batch-size", "2", "--output-dir", str(out), "--output-name", "cli", "--no-progress"]) == 0
+    assert (out / "cli.safetensors").exists() and (out / "cli.toml").exists()
+    assert main(["generate", "--model", str(tiny_sd15_dir), "--lora", f"{out / 'cli.safetensors'}:0.6",
+                 "--prompt", "sks flower", "--steps", "2", "--num-images", "2", "--seed", "9",
+                 "--device", "cpu", "--out", str(tmp_path / "gen")]) == 0
+    from helpers.inference import read_png_parameters
+
+    text = read_png_parameters(tmp_path / "gen" / "000_10.png")
+    assert text.splitlines()[0] == "sks flower <lora:cli:0.6>"
+    assert "Seed: 10" in text and "Sampler: Euler a" in text and "Steps: 2" in text
+
+
+@pytest.mark.parametrize("text,expected", [("a.safetensors", ("a.safetensors", 1.0)),
+                                           ("dir/a.safetensors:0.5", ("dir/a.safetensors", 0.5)),
+                                           ("C:\\loras\\a.safetensors", ("C:\\loras\\a.safetensors", 1.0))])
+def test_lora_weight_syntax(text, expected):
+    assert _parse_lora(text) == expected
