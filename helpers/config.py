@@ -81,6 +81,7 @@ class TrainConfig:
     # --- data ---
     train_data_dir: str = ""              # images with .txt captions; kohya "N_name" subfolders give N repeats
     caption_extension: str = ".txt"
+    reg_data_dir: str | None = None       # regularization (class) images: prior preservation, weighted by prior_loss_weight
     resolution: int = 512
     enable_bucket: bool = True
     min_bucket_reso: int = 256

@@ -64,8 +64,10 @@ def check_ready(cfg: TrainConfig) -> None:
         raise ConfigError("pretrained_model must be set: a hub id, a diffusers folder or a .safetensors file")
     if not cfg.train_data_dir:
         raise ConfigError("train_data_dir must be set: a folder of images with .txt captions")
-    if not Path(cfg.train_data_dir).is_dir():
-        raise ConfigError(f"train_data_dir {cfg.train_data_dir!r} is not a folder")
+    for name in ("train_data_dir", "reg_data_dir"):
+        folder = getattr(cfg, name)
+        if folder and not Path(folder).is_dir():
+            raise ConfigError(f"{name} {folder!r} is not a folder")
 
 
 # ================================================================================================
@@ -142,6 +144,9 @@ def train(cfg: TrainConfig, *, base=None, on_event: Event | None = None, progres
     # --- 3. data: buckets, captions, optional latent cache ------------------------------------
     items = load_image_folder(cfg.train_data_dir, caption_extension=cfg.caption_extension,
                               default_repeats=cfg.repeats)
+    if cfg.reg_data_dir:
+        items += load_image_folder(cfg.reg_data_dir, caption_extension=cfg.caption_extension,
+                                   default_repeats=cfg.repeats, is_class=True)
     dataset = TrainDataset(
         items, resolution=cfg.resolution, enable_bucket=cfg.enable_bucket,
         min_bucket_reso=cfg.min_bucket_reso, max_bucket_reso=cfg.max_bucket_reso,
@@ -346,14 +351,9 @@ class _Run:
             target = noise
         pred = unet(noisy.to(self.weight_dtype), timesteps, **self.condition(batch)).sample
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        weights = torch.ones_like(per_sample)
-        if cfg.min_snr_gamma:
-            snr = self.alphas_cumprod[timesteps] / (1 - self.alphas_cumprod[timesteps])
-            clipped = torch.clamp(snr, max=cfg.min_snr_gamma)
-            weights = clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
-        if "is_class" in batch:
-            is_class = batch["is_class"].to(self.device)
-            weights = weights * torch.where(is_class, cfg.prior_loss_weight, 1.0)
+        is_class = batch.get("is_class", torch.zeros(b, dtype=torch.bool)).to(self.device)
+        weights = loss_weights(timesteps, self.alphas_cumprod, is_class, prediction_type=prediction_type,
+                               min_snr_gamma=cfg.min_snr_gamma, prior_loss_weight=cfg.prior_loss_weight)
         return (per_sample * weights).mean()
 
     # -- fixed-noise validation ------------------------------------------------------------------
@@ -429,10 +429,13 @@ class _Run:
             weights[key] = extract_peft_lora(self.acc.unwrap_model(te))
         metadata = kohya_metadata(
             family=self.base.family, rank=cfg.rank, alpha=cfg.alpha, output_name=name,
-            resolution=cfg.resolution, clip_skip=cfg.clip_skip, num_train_images=len(dataset),
-            tag_frequency=tag_frequency(dataset.items), steps=step, epoch=epoch,
+            resolution=cfg.resolution, clip_skip=cfg.clip_skip,
+            num_train_images=sum(i.repeats for i in dataset.items if not i.is_class),  # sd-scripts counts repeats
+            tag_frequency=tag_frequency([i for i in dataset.items if not i.is_class]), steps=step, epoch=epoch,
             prediction_type=self.base.prediction_type, timestamp=_build_timestamp(),
-            extra={"ss_learning_rate": str(cfg.learning_rate), "ss_text_encoder_lr": str(cfg.te_lr),
+            extra={"ss_num_reg_images": str(sum(i.repeats for i in dataset.items if i.is_class)),
+                   "ss_prior_loss_weight": str(cfg.prior_loss_weight),
+                   "ss_learning_rate": str(cfg.learning_rate), "ss_text_encoder_lr": str(cfg.te_lr),
                    "ss_unet_lr": str(cfg.learning_rate), "ss_optimizer": cfg.optimizer,
                    "ss_lr_scheduler": cfg.lr_scheduler, "ss_seed": str(cfg.seed),
                    "ss_network_dropout": str(cfg.lora_dropout), "ss_min_snr_gamma": str(cfg.min_snr_gamma),
@@ -457,6 +460,19 @@ class _Run:
                     _remove(old)
         emit("save", {"step": step, "paths": written})
         return written
+
+
+def loss_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, is_class: torch.Tensor, *,
+                 prediction_type: str = "epsilon", min_snr_gamma: float | None = None,
+                 prior_loss_weight: float = 1.0) -> torch.Tensor:
+    """Per-sample loss weights: min-SNR-gamma (Hang et al. 2023; for v-prediction min(snr, g) / (snr + 1))
+    times `prior_loss_weight` on class (regularization) images."""
+    weights = torch.ones(timesteps.shape, device=timesteps.device)
+    if min_snr_gamma:
+        snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
+        clipped = torch.clamp(snr, max=min_snr_gamma)
+        weights = clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+    return weights * torch.where(is_class, prior_loss_weight, 1.0)
 
 
 def _vae_encoder(vae, device, seed: int) -> Callable[[torch.Tensor], torch.Tensor]:

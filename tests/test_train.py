@@ -156,3 +156,34 @@ def test_two_process_accelerate_launch_writes_one_lora(tiny_sd15_dir, concept_di
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["t-step000002.safetensors", "t.safetensors"]
     assert "2 process(es)" in proc.stdout
     assert proc.stdout.count("saved ") == 1  # only rank 0 reports (and writes) the LoRA
+
+
+def test_loss_weights_min_snr_and_prior_weight():
+    from helpers.train import loss_weights
+
+    alphas = torch.tensor([0.99, 0.5, 0.01])  # snr = 99, 1, 1/99
+    t = torch.tensor([0, 1, 2])
+    none = torch.zeros(3, dtype=torch.bool)
+    assert torch.equal(loss_weights(t, alphas, none), torch.ones(3))
+    eps = loss_weights(t, alphas, none, min_snr_gamma=5.0)
+    assert torch.allclose(eps, torch.tensor([5 / 99, 1.0, 1.0]))  # only high-SNR (low-noise) steps are damped
+    v = loss_weights(t, alphas, none, min_snr_gamma=5.0, prediction_type="v_prediction")
+    assert torch.allclose(v, torch.tensor([5 / 100, 1 / 2, (1 / 99) / (1 / 99 + 1)]))
+    cls = torch.tensor([False, True, True])
+    assert torch.allclose(loss_weights(t, alphas, cls, prior_loss_weight=0.25), torch.tensor([1.0, 0.25, 0.25]))
+
+
+def test_regularization_images_are_counted_and_weighted(tiny_sd15_dir, concept_dir, tmp_path):
+    from helpers.demo import write_concept_dataset
+
+    reg = write_concept_dataset(tmp_path / "reg", n=4, size=32, repeats=1)
+    cfg = make_cfg(tiny_sd15_dir, concept_dir, tmp_path / "out", max_train_steps=4, reg_data_dir=str(reg),
+                   prior_loss_weight=0.5)
+    result = train(cfg, progress=False)
+    with safe_open(result.lora_path, "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_num_train_images"] == "24" and meta["ss_num_reg_images"] == "4"  # 12 images x 2 repeats
+    assert meta["ss_prior_loss_weight"] == "0.5"
+    import json
+
+    assert list(json.loads(meta["ss_tag_frequency"])) == ["2_sks flower"]  # reg folder "1_sks flower" left out
