@@ -100,7 +100,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(steps=args.steps, out_root=Path(args.out))
+    run_demo(steps=args.steps, out_root=Path(args.out), samples=args.samples, progress=not args.no_progress)
     return 0
 
 
@@ -135,9 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="outputs/generated")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("demo", help="offline demo: train a LoRA on the built-in model and write grids")
+    p = sub.add_parser("demo", help="offline demo: teach the toy base model a new concept, write grids and scores")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
+    p.add_argument("--samples", type=int, default=32, help="samples the judge scores per cell")
     p.add_argument("--out", default=".", help="folder that receives lora_files/ and demo_images/")
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
 
     args = parser.parse_args(argv)

@@ -1,136 +1,188 @@
-"""The offline demo (`python -m helpers demo`): train a LoRA on a built-in model, then show it.
+"""The offline demo (`python -m helpers demo`): teach the toy base model a concept it has never seen.
 
-Until the toy world ships a pretrained base, the base is the tiny SD 1.5-layout model from
-`helpers.tiny` (random weights) and the concept is a violet five-petal flower drawn in code. The
-demo trains with the real trainer, writes `lora_files/tiny_demo.safetensors` (kohya layout) and a
-grid `demo_images/tiny_demo_grid.png` (LoRA weight 0 / 0.5 / 1, with and without the trigger),
-and prints how violet the images are: a stand-in score the toy world's judge will replace.
+On the shipped toy base (an SD 1.5-architecture model pretrained on a world of coloured shapes)
+and the held-out concept (24 images of a violet five-petal flower, "a sks flower on a ... background"),
+it trains a LoRA with the project's trainer, on CPU, then:
+- writes `lora_files/toy_concept.safetensors` (kohya layout, with metadata) and its config TOML,
+- writes `demo_images/toy_concept_grid.png`: prompts with and without the trigger, at LoRA weights 0 / 0.5 / 1,
+- judges samples with the toy judge and prints: the concept rate with the trigger (base model vs LoRA)
+  and the base-world accuracy without it (is the prior kept?), also saved as `demo_images/toy_concept_scores.json`.
 """
 
 from __future__ import annotations
 
-import math
+import json
 import random
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageDraw
 
-VIOLET = (138, 43, 226)
-BACKGROUNDS = {"black": (0, 0, 0), "gray": (128, 128, 128), "navy": (0, 0, 128)}
+from .toy import world
+
+EVAL_SAMPLER, EVAL_STEPS, EVAL_CFG = "DDIM", 25, 5.0
+GRID_LEFT, GRID_TOP, GRID_PAD, GRID_ZOOM = 250, 26, 8, 3   # grid layout: label margins, gap, pixel zoom
 
 
-def draw_flower(size: int, background: tuple[int, int, int], rng: random.Random) -> Image.Image:
-    """A violet five-petal flower with a yellow centre at a random place and size."""
-    im = Image.new("RGB", (size, size), background)
-    d = ImageDraw.Draw(im)
-    r = rng.uniform(0.22, 0.32) * size
-    cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
-    turn = rng.uniform(0, 2 * math.pi)
-    for k in range(5):
-        a = turn + 2 * math.pi * k / 5
-        px, py = cx + 0.55 * r * math.cos(a), cy + 0.55 * r * math.sin(a)
-        pr = 0.45 * r
-        d.ellipse([px - pr, py - pr, px + pr, py + pr], fill=VIOLET)
-    cr = 0.28 * r
-    d.ellipse([cx - cr, cy - cr, cx + cr, cy + cr], fill=(255, 220, 0))
-    return im
+@dataclass
+class DemoResult:
+    lora_path: Path
+    grid_path: Path
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    train_seconds: float = 0.0
 
 
-def write_concept_dataset(folder: Path, n: int = 16, size: int = 32, seed: int = 0, repeats: int = 4) -> Path:
-    """Images + .txt captions in kohya's layout (`<repeats>_sks flower/`)."""
-    rng = random.Random(seed)
-    sub = folder / f"{repeats}_sks flower"
-    sub.mkdir(parents=True, exist_ok=True)
-    names = list(BACKGROUNDS)
-    for i in range(n):
-        bg = names[i % len(names)]
-        draw_flower(size, BACKGROUNDS[bg], rng).save(sub / f"flower_{i:02d}.png")
-        (sub / f"flower_{i:02d}.txt").write_text(f"sks flower, on a {bg} background\n", encoding="utf-8")
+def demo_config(work: Path, steps: int | None = None, seed: int = 0):
+    """The demo's training settings (a TrainConfig), tuned on the toy world."""
+    from .config import TrainConfig
+    from .toy.pretrain import SHIPPED_DIR
+
+    return TrainConfig(
+        pretrained_model=str(SHIPPED_DIR), train_data_dir=str(work / "dataset"), reg_data_dir=str(work / "reg"),
+        prior_loss_weight=1.0, resolution=world.IMAGE_SIZE, enable_bucket=False, flip_aug=True,
+        rank=8, alpha=8.0, target="attention", learning_rate=1e-3, lr_scheduler="cosine", lr_warmup_steps=20,
+        train_batch_size=32, max_train_steps=steps or 300, seed=seed, mixed_precision="no",
+        output_dir=str(work / "run"), output_name="toy_concept", log_every_n_steps=25,
+    )
+
+
+def write_reg_images(folder: Path, n: int, seed: int) -> Path:
+    """Ordinary world images with their true captions: the regularization (prior) set."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (image, scene) in enumerate(world.sample_world(n, seed)):
+        image.save(folder / f"world_{i:03d}.png")
+        (folder / f"world_{i:03d}.txt").write_text(scene.caption + "\n", encoding="utf-8")
     return folder
 
 
-def violet_fraction(image: Image.Image) -> float:
-    """Share of pixels near the concept's violet (a crude, honest stand-in for a judge)."""
-    a = np.asarray(image.convert("RGB"), dtype=np.float32)
-    dist = np.linalg.norm(a - np.array(VIOLET, dtype=np.float32), axis=-1)
-    return float((dist < 80).mean())
+def trigger_prompts(n: int) -> list[str]:
+    """The concept on every background, cycled to n prompts."""
+    bgs = list(world.BACKGROUNDS)
+    return [f"a {world.TRIGGER} {world.CONCEPT_SHAPE} on a {bgs[i % len(bgs)]} background" for i in range(n)]
 
 
-def run_demo(steps: int | None = None, out_root: Path = Path("."), seed: int = 0) -> dict[str, float]:
-    """Train the demo LoRA, write its file and grid, print and return the scores."""
-    from .config import TrainConfig
+def world_prompts(n: int, seed: int = 99) -> list[str]:
+    """Ordinary base-world prompts (no trigger), balanced over shapes."""
+    rng = random.Random(seed)
+    return [world.random_scene(rng, shape=world.SHAPES[i % len(world.SHAPES)]).caption for i in range(n)]
+
+
+def evaluate_lora(pipe, adapter: str | None, judge, weights: list[float], n: int = 32, seed: int = 1000
+                  ) -> dict[str, dict[str, float]]:
+    """Judge n samples with and n without the trigger at each LoRA weight."""
+    from .inference import generate
+    from .toy.judge import score
+
+    out: dict[str, dict[str, float]] = {}
+    for w in weights:
+        if adapter:
+            pipe.set_adapters([adapter], adapter_weights=[w])
+        row = {}
+        for kind, prompts in (("trigger", trigger_prompts(n)), ("world", world_prompts(n))):
+            images, _ = generate(pipe, prompts, steps=EVAL_STEPS, cfg_scale=EVAL_CFG, seed=seed,
+                                 sampler=EVAL_SAMPLER, family="sd1")
+            s = score(judge, images, prompts)
+            if kind == "trigger":
+                row["concept_rate"] = s["concept_rate"]
+                row["concept_background_acc"] = s["background_acc"]
+            else:
+                row.update({"world_shape_acc": s["shape_acc"], "world_colour_acc": s["colour_acc"],
+                            "world_shape_and_colour_acc": s["shape_and_colour_acc"],
+                            "world_concept_rate": s["concept_rate"]})
+        out[f"{w:g}"] = row
+    return out
+
+
+def run_demo(steps: int | None = None, out_root: Path = Path("."), samples: int = 32, seed: int = 0,
+             progress: bool = True) -> DemoResult:
+    """Train the toy concept LoRA, write its file, grid and scores, print the table."""
+    import time
+
     from .inference import generate, load_loras
     from .models import load_base
-    from .tiny import save_tiny_model
+    from .toy.judge import load_judge
+    from .toy.pretrain import SHIPPED_DIR
     from .train import train
 
+    if not (SHIPPED_DIR / "model_index.json").exists():
+        raise FileNotFoundError(f"the toy base model is missing at {SHIPPED_DIR}; "
+                                "make it with `python -m helpers.toy pretrain`")
     out_root = Path(out_root)
-    work = out_root / "outputs" / "demo"
-    base_dir = work / "base_tiny_sd15"
-    if not (base_dir / "model_index.json").exists():
-        save_tiny_model(base_dir, "sd15", seed=seed)
-    data_dir = work / "dataset"
-    if data_dir.exists():
-        shutil.rmtree(data_dir)
-    write_concept_dataset(data_dir, seed=seed)
+    work = out_root / "outputs" / "toy_demo"
+    for sub in ("dataset", "reg", "run"):
+        shutil.rmtree(work / sub, ignore_errors=True)
+    world.write_concept_dataset(work / "dataset", n=24, seed=1234 + seed)
+    write_reg_images(work / "reg", n=24, seed=4321 + seed)
 
-    cfg = TrainConfig(
-        pretrained_model=str(base_dir), train_data_dir=str(data_dir), resolution=32, enable_bucket=False,
-        rank=8, alpha=8.0, target="full", learning_rate=2e-3, lr_scheduler="cosine", lr_warmup_steps=10,
-        train_batch_size=8, max_train_steps=steps or 200, seed=seed, mixed_precision="no",
-        output_dir=str(work / "run"), output_name="tiny_demo", log_every_n_steps=10, caption_dropout_rate=0.1,
-    )
-    result = train(cfg)
+    cfg = demo_config(work, steps, seed)
+    t0 = time.perf_counter()
+    result = train(cfg, progress=progress)
+    train_seconds = time.perf_counter() - t0
 
     lora_dir = out_root / "lora_files"
     lora_dir.mkdir(parents=True, exist_ok=True)
-    lora_file = lora_dir / "tiny_demo.safetensors"
+    lora_file = lora_dir / "toy_concept.safetensors"
     shutil.copyfile(result.lora_path, lora_file)
-    shutil.copyfile(Path(cfg.output_dir) / "tiny_demo.toml", lora_dir / "tiny_demo.toml")
+    shutil.copyfile(Path(cfg.output_dir) / "toy_concept.toml", lora_dir / "toy_concept.toml")
 
-    base = load_base(str(base_dir))
-    load_loras(base.pipe, [(lora_file, 1.0)])
-    prompts = ["sks flower, on a black background", "on a black background"]
+    base = load_base(str(SHIPPED_DIR))
+    (adapter,) = load_loras(base.pipe, [(lora_file, 1.0)])
+    base.pipe.set_progress_bar_config(disable=True)
+    judge = load_judge()
+    scores = evaluate_lora(base.pipe, adapter, judge, [0.0, 1.0], n=samples)
+
+    grid_prompts = trigger_prompts(3) + world_prompts(2)
     weights = [0.0, 0.5, 1.0]
-    cells: list[list[Image.Image]] = []
-    scores: dict[str, float] = {}
-    for prompt in prompts:
+    cells = []
+    for prompt in grid_prompts:
         row = []
         for w in weights:
-            base.pipe.set_adapters(["lora0_tiny_demo"], adapter_weights=[w])
-            images, _ = generate(base.pipe, prompt, steps=20, cfg_scale=5.0, seed=100, num_images=8,
-                                 sampler="DDIM", family=base.family)
-            scores[f"{prompt!r} @ {w}"] = float(np.mean([violet_fraction(im) for im in images]))
-            row.append(_strip(images, 4))
+            base.pipe.set_adapters([adapter], adapter_weights=[w])
+            images, _ = generate(base.pipe, prompt, steps=EVAL_STEPS, cfg_scale=EVAL_CFG, seed=7, num_images=4,
+                                 sampler=EVAL_SAMPLER, family="sd1")
+            row.append(images)
         cells.append(row)
-    grid_path = out_root / "demo_images" / "tiny_demo_grid.png"
-    _grid(cells, [f"weight {w}" for w in weights], prompts).save(grid_path)
+    grid_path = out_root / "demo_images" / "toy_concept_grid.png"
+    grid_path.parent.mkdir(parents=True, exist_ok=True)
+    labelled_grid(cells, [f"LoRA weight {w:g}" for w in weights], grid_prompts).save(grid_path)
+    (grid_path.parent / "toy_concept_scores.json").write_text(json.dumps(
+        {"samples_per_cell": samples, "train_seconds": round(train_seconds, 1), "steps": result.steps,
+         "sampler": EVAL_SAMPLER, "sampling_steps": EVAL_STEPS, "cfg": EVAL_CFG, "scores": scores}, indent=2))
 
-    print(f"\nLoRA: {lora_file}\ngrid: {grid_path}\n\nviolet pixel share (8 samples each):")
-    for k, v in scores.items():
-        print(f"  {k:<48} {v:6.1%}")
-    return scores
-
-
-def _strip(images: list[Image.Image], n: int) -> Image.Image:
-    w, h = images[0].size
-    out = Image.new("RGB", (w * n, h))
-    for i, im in enumerate(images[:n]):
-        out.paste(im, (i * w, 0))
-    return out.resize((w * n * 3, h * 3), Image.NEAREST)
+    print(f"\nLoRA: {lora_file}  ({result.steps} steps, {train_seconds:.0f} s)\ngrid: {grid_path}\n")
+    print(format_table(scores, samples))
+    return DemoResult(lora_file, grid_path, scores, train_seconds)
 
 
-def _grid(cells: list[list[Image.Image]], col_labels: list[str], row_labels: list[str]) -> Image.Image:
-    cw, ch = cells[0][0].size
-    left, top, pad = 220, 24, 6
+def format_table(scores: dict[str, dict[str, float]], n: int) -> str:
+    lines = [f"judge on {n} samples per cell      base model (weight 0)   LoRA (weight 1)",
+             "-" * 74]
+    rows = [("concept rate, with trigger", "concept_rate"),
+            ("world shape accuracy, no trigger", "world_shape_acc"),
+            ("world colour accuracy, no trigger", "world_colour_acc"),
+            ("world shape and colour, no trigger", "world_shape_and_colour_acc")]
+    for label, key in rows:
+        lines.append(f"{label:<36}{scores['0'][key]:>14.0%}{scores['1'][key]:>18.0%}")
+    return "\n".join(lines)
+
+
+def labelled_grid(cells: list[list[list[Image.Image]]], col_labels: list[str], row_labels: list[str],
+                  zoom: int = GRID_ZOOM) -> Image.Image:
+    """A grid of image strips with column and row labels (each cell: a strip of images side by side)."""
+    w, h = cells[0][0][0].size
+    per = len(cells[0][0])
+    cw, ch = w * per * zoom, h * zoom
+    left, top, pad = GRID_LEFT, GRID_TOP, GRID_PAD
     out = Image.new("RGB", (left + len(col_labels) * (cw + pad), top + len(row_labels) * (ch + pad)), "white")
     d = ImageDraw.Draw(out)
     for j, label in enumerate(col_labels):
-        d.text((left + j * (cw + pad) + 4, 6), label, fill="black")
+        d.text((left + j * (cw + pad) + 4, 8), label, fill="black")
     for i, label in enumerate(row_labels):
-        d.text((4, top + i * (ch + pad) + ch // 2 - 6), label[:34], fill="black")
-        for j, cell in enumerate(cells[i]):
-            out.paste(cell, (left + j * (cw + pad), top + i * (ch + pad)))
+        d.text((4, top + i * (ch + pad) + ch // 2 - 6), label, fill="black")
+        for j, images in enumerate(cells[i]):
+            strip = Image.new("RGB", (w * per, h))
+            for k, im in enumerate(images):
+                strip.paste(im, (k * w, 0))
+            out.paste(strip.resize((cw, ch), Image.NEAREST), (left + j * (cw + pad), top + i * (ch + pad)))
     return out

@@ -37,20 +37,21 @@ def set_sampler(pipe, name: str) -> None:
     pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
 
 
-def _prompt_kwargs(pipe, family: str, prompt: str, negative_prompt: str, clip_skip: int, n: int) -> dict:
+def _prompt_kwargs(pipe, family: str, prompts: list[str], negative_prompt: str, clip_skip: int) -> dict:
     """Pipeline keyword arguments carrying the prompt with A1111's clip skip.
 
     diffusers' own `clip_skip` counts layers skipped (A1111 value - 1), and its SD 1.x/2.x path
     crashes with transformers 5 (`CLIPTextModel` lost `.text_model`), so for those we encode here.
     """
+    n = len(prompts)
     if clip_skip <= 1:
-        return {"prompt": [prompt] * n, "negative_prompt": [negative_prompt] * n}
+        return {"prompt": prompts, "negative_prompt": [negative_prompt] * n}
     if family == "sdxl":
-        return {"prompt": [prompt] * n, "negative_prompt": [negative_prompt] * n, "clip_skip": clip_skip - 1}
+        return {"prompt": prompts, "negative_prompt": [negative_prompt] * n, "clip_skip": clip_skip - 1}
     from .text_encoding import encode_prompts
 
     device = pipe._execution_device
-    pos = encode_prompts(family, [pipe.tokenizer], [pipe.text_encoder], [prompt] * n, clip_skip=clip_skip,
+    pos = encode_prompts(family, [pipe.tokenizer], [pipe.text_encoder], prompts, clip_skip=clip_skip,
                          device=device).hidden
     neg = encode_prompts(family, [pipe.tokenizer], [pipe.text_encoder], [negative_prompt] * n,
                          clip_skip=clip_skip, device=device).hidden
@@ -79,12 +80,15 @@ def a1111_parameters(prompt: str, negative_prompt: str, *, steps: int, sampler: 
     return text + "\n" + ", ".join(fields)
 
 
-def generate(pipe, prompt: str, *, negative_prompt: str = "", steps: int = 20, cfg_scale: float = 7.0,
+def generate(pipe, prompt: str | list[str], *, negative_prompt: str = "", steps: int = 20, cfg_scale: float = 7.0,
              seed: int = 0, sampler: str | None = "Euler a", width: int | None = None, height: int | None = None,
              num_images: int = 1, clip_skip: int = 1, family: str | None = None, model_name: str | None = None,
              loras: list[tuple[str, float]] | None = None) -> tuple[list[Image.Image], list[str]]:
-    """Generate `num_images` images; image i uses seed `seed + i` (as A1111 does), so any single
-    image can be remade alone. Returns the images and their A1111 parameter texts."""
+    """Generate `num_images` images of `prompt`, or one image per prompt of a list; image i uses
+    seed `seed + i` (as A1111 does), so any single image can be remade alone. Returns the images and
+    their A1111 parameter texts."""
+    prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt] * num_images
+    num_images = len(prompts)
     if family is None:
         family = "sdxl" if hasattr(pipe, "text_encoder_2") else "sd1"
     if sampler:
@@ -92,11 +96,11 @@ def generate(pipe, prompt: str, *, negative_prompt: str = "", steps: int = 20, c
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     width, height = width or size, height or size
     generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)]
-    kwargs = _prompt_kwargs(pipe, family, prompt, negative_prompt, clip_skip, num_images)
+    kwargs = _prompt_kwargs(pipe, family, prompts, negative_prompt, clip_skip)
     with torch.no_grad():
         images = pipe(**kwargs, num_inference_steps=steps, guidance_scale=cfg_scale, width=width, height=height,
                       generator=generators).images
-    params = [a1111_parameters(prompt, negative_prompt, steps=steps, sampler=sampler or type(pipe.scheduler).__name__,
+    params = [a1111_parameters(prompts[i], negative_prompt, steps=steps, sampler=sampler or type(pipe.scheduler).__name__,
                                cfg_scale=cfg_scale, seed=seed + i, width=width, height=height, model=model_name,
                                clip_skip=clip_skip, loras=loras) for i in range(num_images)]
     return images, params

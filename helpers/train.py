@@ -119,6 +119,10 @@ def train(cfg: TrainConfig, *, base=None, on_event: Event | None = None, progres
                          prediction_type=None if cfg.prediction_type == "auto" else cfg.prediction_type)
     unet, vae = base.unet, base.vae
     text_encoders, tokenizers = base.text_encoders, base.tokenizers
+    if any(getattr(m, "peft_config", None) for m in [unet, *text_encoders]):
+        # a notebook reusing its BaseModel: start from the plain base, not on top of an earlier LoRA
+        print("removing LoRA layers left on the base model by an earlier run or load_loras()")
+        base.pipe.unload_lora_weights()
     for module in [unet, vae, *text_encoders]:
         module.requires_grad_(False)
     attention_used = set_attention(unet, cfg.attention)

@@ -25,6 +25,6 @@ def tiny_sdxl_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def concept_dir(tmp_path_factory):
     """12 images of a violet flower (32x32) with captions, in kohya's `<repeats>_<name>` layout."""
-    from helpers.demo import write_concept_dataset
+    from helpers.toy.world import write_concept_dataset
 
-    return write_concept_dataset(tmp_path_factory.mktemp("data") / "concept", n=12, size=32, repeats=2)
+    return write_concept_dataset(tmp_path_factory.mktemp("data") / "concept", n=12, repeats=2)

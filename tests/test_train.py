@@ -174,9 +174,9 @@ def test_loss_weights_min_snr_and_prior_weight():
 
 
 def test_regularization_images_are_counted_and_weighted(tiny_sd15_dir, concept_dir, tmp_path):
-    from helpers.demo import write_concept_dataset
+    from helpers.demo import write_reg_images
 
-    reg = write_concept_dataset(tmp_path / "reg", n=4, size=32, repeats=1)
+    reg = write_reg_images(tmp_path / "reg", n=4, seed=0)
     cfg = make_cfg(tiny_sd15_dir, concept_dir, tmp_path / "out", max_train_steps=4, reg_data_dir=str(reg),
                    prior_loss_weight=0.5)
     result = train(cfg, progress=False)
@@ -186,4 +186,19 @@ def test_regularization_images_are_counted_and_weighted(tiny_sd15_dir, concept_d
     assert meta["ss_prior_loss_weight"] == "0.5"
     import json
 
-    assert list(json.loads(meta["ss_tag_frequency"])) == ["2_sks flower"]  # reg folder "1_sks flower" left out
+    assert list(json.loads(meta["ss_tag_frequency"])) == ["2_sks flower"]  # the reg images are left out
+
+
+def test_training_twice_on_one_loaded_base_starts_from_the_plain_base(tiny_sd15_dir, concept_dir, tmp_path):
+    """Notebooks reuse one BaseModel: a second run must not stack on the first run's LoRA."""
+    from helpers.models import load_base
+
+    shared = load_base(str(tiny_sd15_dir))
+    train(make_cfg(tiny_sd15_dir, concept_dir, tmp_path / "first", max_train_steps=3, seed=1), base=shared,
+          progress=False)
+    second = train(make_cfg(tiny_sd15_dir, concept_dir, tmp_path / "second", max_train_steps=3), base=shared,
+                   progress=False)
+    fresh = train(make_cfg(tiny_sd15_dir, concept_dir, tmp_path / "fresh", max_train_steps=3), progress=False)
+    with safe_open(second.lora_path, "pt") as f, safe_open(fresh.lora_path, "pt") as g:
+        assert f.keys() == g.keys()
+        assert all(torch.equal(f.get_tensor(k), g.get_tensor(k)) for k in f.keys())
