@@ -34,15 +34,16 @@ class DemoResult:
 
 
 def demo_config(work: Path, steps: int | None = None, seed: int = 0):
-    """The demo's training settings (a TrainConfig), tuned on the toy world."""
+    """The demo's training settings (a TrainConfig), tuned on the toy world: with `attention` and 300 steps
+    the concept rate was 34% and the prior fell to 75%; `full`, concept x2 and 800 steps gave 94% / 100%."""
     from .config import TrainConfig
     from .toy.pretrain import SHIPPED_DIR
 
     return TrainConfig(
         pretrained_model=str(SHIPPED_DIR), train_data_dir=str(work / "dataset"), reg_data_dir=str(work / "reg"),
         prior_loss_weight=1.0, resolution=world.IMAGE_SIZE, enable_bucket=False, flip_aug=True,
-        rank=8, alpha=8.0, target="attention", learning_rate=1e-3, lr_scheduler="cosine", lr_warmup_steps=20,
-        train_batch_size=32, max_train_steps=steps or 300, seed=seed, mixed_precision="no",
+        rank=8, alpha=8.0, target="full", learning_rate=1e-3, lr_scheduler="cosine", lr_warmup_steps=20,
+        train_batch_size=32, max_train_steps=steps or 700, seed=seed, mixed_precision="no",
         output_dir=str(work / "run"), output_name="toy_concept", log_every_n_steps=25,
     )
 
@@ -112,7 +113,8 @@ def run_demo(steps: int | None = None, out_root: Path = Path("."), samples: int 
     work = out_root / "outputs" / "toy_demo"
     for sub in ("dataset", "reg", "run"):
         shutil.rmtree(work / sub, ignore_errors=True)
-    world.write_concept_dataset(work / "dataset", n=24, seed=1234 + seed)
+    # concept images twice per epoch: two thirds of each batch is the concept, one third the prior
+    world.write_concept_dataset(work / "dataset", n=24, seed=1234 + seed, repeats=2)
     write_reg_images(work / "reg", n=24, seed=4321 + seed)
 
     cfg = demo_config(work, steps, seed)

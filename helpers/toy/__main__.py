@@ -106,7 +106,38 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS = [_add_judge, _add_pretrain]
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    from .pretrain import SHIPPED_DIR
+
+    p = sub.add_parser("evaluate", help="judge a toy model's samples: does it follow its prompts?")
+    p.add_argument("--model", default=str(SHIPPED_DIR), help="toy diffusers folder (default: the shipped base)")
+    p.add_argument("--lora", help="a LoRA file to apply at weight 1")
+    p.add_argument("--samples", type=int, default=200)
+    p.add_argument("--out", help="write the scores as JSON here")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from ..demo import evaluate_lora
+    from ..inference import load_loras
+    from ..models import load_base
+    from .judge import load_judge
+
+    base = load_base(args.model)
+    base.pipe.set_progress_bar_config(disable=True)
+    adapter = load_loras(base.pipe, [(args.lora, 1.0)])[0] if args.lora else None
+    scores = evaluate_lora(base.pipe, adapter, load_judge(), [1.0], n=args.samples)["1"]
+    for key, value in scores.items():
+        print(f"{key:<30} {value:6.1%}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"model": args.model, "lora": args.lora, "samples": args.samples,
+                                              "scores": scores}, indent=2))
+    return 0
+
+
+SUBCOMMANDS = [_add_judge, _add_pretrain, _add_evaluate]
 
 
 def main(argv: list[str] | None = None) -> int:
