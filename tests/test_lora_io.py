@@ -288,6 +288,15 @@ def test_per_module_rank_and_alpha_survive_diffusers_format(tok_dir, tmp_path):
 
 # ------------------------------------------------------------------------- other tools' files
 
+def _rename_modules(sd: dict, rename: dict) -> dict:
+    """A kohya state dict with its module names (the part before the first '.') renamed."""
+    out = {}
+    for k, v in sd.items():
+        mod, _, suffix = k.partition(".")
+        out[f"{rename.get(mod, mod)}.{suffix}"] = v
+    return out
+
+
 def test_sdxl_kohya_file_with_diffusers_unet_names(tok_dir):
     t = trained_lora("sdxl", tok_dir)
     sd = to_kohya_state_dict(t.weights, "sdxl", t.pipe.unet.config, dtype=torch.float32)
@@ -295,10 +304,7 @@ def test_sdxl_kohya_file_with_diffusers_unet_names(tok_dir):
     sgm = kohya_module_names("unet", names, "sdxl", t.pipe.unet.config)
     diffusers_style = kohya_module_names("unet", names, "sd1")  # lora_unet_down_blocks_1_...
     rename = {sgm[n]: diffusers_style[n] for n in names}
-    renamed = {}
-    for k, v in sd.items():
-        mod, _, suffix = k.partition(".")
-        renamed[f"{rename.get(mod, mod)}.{suffix}"] = v
+    renamed = _rename_modules(sd, rename)
     assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight" in renamed
     weights, meta = load_lora(renamed, t.build())
     assert meta == {}
@@ -312,10 +318,7 @@ def test_sd1_kohya_file_with_original_unet_names(tok_dir):
     ldm = kohya_module_names("unet", names, "sdxl", t.pipe.unet.config)  # original-layout UNet names
     plain = kohya_module_names("unet", names, "sd1")
     rename = {plain[n]: ldm[n] for n in names}
-    renamed = {}
-    for k, v in sd.items():
-        mod, _, suffix = k.partition(".")
-        renamed[f"{rename.get(mod, mod)}.{suffix}"] = v
+    renamed = _rename_modules(sd, rename)
     assert "lora_unet_input_blocks_1_1_proj_in.lora_down.weight" in renamed
     assert_same_weights(load_lora(renamed, t.build())[0], t.weights)
 
