@@ -595,8 +595,9 @@ def _check_no_meta(pipe, name: str) -> None:
                                  f"{empty[0]}); the file is incomplete or does not match its config.")
 
 
-def _load_vae(vae: str, base_pipe, dtype: torch.dtype, local_files_only: bool | None):
-    """A replacement AutoencoderKL from a folder, hub id or single file (configs from the base VAE)."""
+def load_vae(vae: str, *, base_pipe=None, dtype: torch.dtype = torch.float32, local_files_only: bool | None = None):
+    """An AutoencoderKL from a VAE folder, a pipeline folder with `vae/`, a Hub id, or a single
+    .safetensors file (that one needs `base_pipe`, whose VAE config describes its architecture)."""
     from diffusers import AutoencoderKL
 
     p = Path(vae).expanduser()
@@ -609,6 +610,9 @@ def _load_vae(vae: str, base_pipe, dtype: torch.dtype, local_files_only: bool | 
     if p.is_file():
         if p.suffix.lower() not in SINGLE_FILE_SAFE:
             raise ModelLoadError(f"vae={vae!r}: only .safetensors VAE files are loaded (pickles can run code)")
+        if base_pipe is None:
+            raise ModelLoadError(f"vae={vae!r}: a single-file VAE needs the base model it belongs to; "
+                                 "pass it as load_base(..., vae=...)")
         index, _ = read_safetensors_header(p)
         with tempfile.TemporaryDirectory() as tmp:
             base_pipe.vae.save_config(tmp)  # same architecture as the base: its config fits, offline too
@@ -697,7 +701,7 @@ def load_base(source: str, *, device: str = "cpu", dtype: torch.dtype | str | No
         pipe.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config, prediction_type=pred)
 
     if vae is not None:
-        pipe.register_modules(vae=_load_vae(vae, pipe, wdtype, local_files_only))
+        pipe.register_modules(vae=load_vae(vae, base_pipe=pipe, dtype=wdtype, local_files_only=local_files_only))
     vdtype = vae_dtype_for(fam, wdtype, pipe.vae.config)
     if pipe.vae.dtype != vdtype:
         pipe.vae.to(dtype=vdtype)

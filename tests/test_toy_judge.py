@@ -174,7 +174,7 @@ def test_cli_with_vae_reports_reconstructions(tmp_path, capsys):
     assert "VAE reconstructions" in capsys.readouterr().out
 
     rc = toy_main(["judge", "--vae", str(tmp_path / "missing"), "--steps", "1", "--out", str(out)])
-    assert rc == 2 and "no diffusers VAE there" in capsys.readouterr().err
+    assert rc == 2 and f"vae='{tmp_path / 'missing'}' does not exist" in capsys.readouterr().err
 
 
 def test_shipped_judge_still_reads_the_world():

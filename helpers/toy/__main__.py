@@ -15,19 +15,6 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _load_vae(folder: str):
-    """A diffusers AutoencoderKL from a VAE folder or a pipeline folder that has a `vae/` subfolder."""
-    from diffusers import AutoencoderKL
-
-    path = Path(folder)
-    if (path / "vae" / "config.json").is_file():
-        return AutoencoderKL.from_pretrained(str(path), subfolder="vae")
-    if (path / "config.json").is_file():
-        return AutoencoderKL.from_pretrained(str(path))
-    raise FileNotFoundError(f"--vae {folder}: no diffusers VAE there (expected {path / 'config.json'} or "
-                            f"{path / 'vae' / 'config.json'}); pass a VAE folder or the toy base model's folder")
-
-
 def _add_judge(sub: argparse._SubParsersAction) -> None:
     from .judge import DEFAULT_PATH
 
@@ -49,12 +36,13 @@ def _add_judge(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_judge(args: argparse.Namespace) -> int:
+    from ..models import load_vae
     from .judge import report_path, save_judge, save_report, train_judge
 
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out: the judge is saved as .safetensors, got {out.name!r}")
-    vae = _load_vae(args.vae) if args.vae else None
+    vae = load_vae(args.vae, local_files_only=True) if args.vae else None
     judge, report = train_judge(seed=args.seed, steps=args.steps, batch_size=args.batch_size, vae=vae,
                                 device=args.device, progress=not args.no_progress, n_eval=args.n_eval,
                                 threads=args.threads)
@@ -147,9 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     for add in SUBCOMMANDS:
         add(sub)
     args = parser.parse_args(argv)
+    from ..models import ModelLoadError
+
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ModelLoadError) as e:
         # Messages meant for the user; HELPERS_DEBUG=1 shows the traceback.
         if os.environ.get("HELPERS_DEBUG"):
             raise
