@@ -142,14 +142,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
 
-    args = parser.parse_args(argv)
+    return run_command(parser.parse_args(argv))
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed subcommand; errors meant for the user print as one line and exit 2.
+
+    Bad settings, files and models raise ValueError (ConfigError is one), FileNotFoundError or
+    ModelLoadError with a message a user can act on. HELPERS_DEBUG=1 shows the traceback."""
     from .models import ModelLoadError
 
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, ModelLoadError) as e:
-        # Bad settings, files and models raise these with a message meant for the user (ConfigError is a
-        # ValueError). HELPERS_DEBUG=1 shows the traceback.
         if os.environ.get("HELPERS_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -90,7 +90,9 @@ def generate(pipe, prompt: str | list[str], *, negative_prompt: str = "", steps:
     prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt] * num_images
     num_images = len(prompts)
     if family is None:
-        family = "sdxl" if hasattr(pipe, "text_encoder_2") else "sd1"
+        from .models import detect_family
+
+        family = detect_family(pipe)
     if sampler:
         set_sampler(pipe, sampler)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor

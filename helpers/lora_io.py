@@ -466,12 +466,10 @@ def _split_entries(sd: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, tor
 
 
 def pipeline_family(pipe) -> str:
-    """The family of a loaded pipeline: "sdxl" (two text encoders / text-time conditioning),
-    "sd2" (1024-wide cross-attention), else "sd1"."""
-    unet = pipe.unet
-    if getattr(pipe, "text_encoder_2", None) is not None or unet.config.get("addition_embed_type") == "text_time":
-        return "sdxl"
-    return "sd2" if unet.config.get("cross_attention_dim") == 1024 else "sd1"
+    """The family of a loaded pipeline ("sd1" | "sd2" | "sdxl"), from its UNet's structure."""
+    from .models import detect_family
+
+    return detect_family(pipe)
 
 
 def _pipe_components(pipe) -> dict[str, torch.nn.Module]:

@@ -134,17 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS:
         add(sub)
-    args = parser.parse_args(argv)
-    from ..models import ModelLoadError
+    from ..__main__ import run_command
 
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, ModelLoadError) as e:
-        # Messages meant for the user; HELPERS_DEBUG=1 shows the traceback.
-        if os.environ.get("HELPERS_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -164,10 +164,9 @@ def train_unet(unet, text_encoder, tokenizer, scheduler_config, latents: torch.T
 
     noise_sched = DDPMScheduler.from_config(scheduler_config)
     alphas = noise_sched.alphas_cumprod
-    ids_all = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids
-    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
-                      return_tensors="pt").input_ids
+    from ..text_encoding import tokenize
+
+    ids_all, empty = tokenize(tokenizer, captions), tokenize(tokenizer, [""])
     n = len(captions)  # latents holds n originals then n mirrors
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
