@@ -1,4 +1,4 @@
-"""Command line: python -m helpers {train,generate,demo} ...
+"""Command line: python -m helpers {prepare,tag,train,generate,demo} ...
 
 Every TrainConfig field is a flag (`--rank 8`, `--flip-aug`, `--no-cache-latents`); flags override the
 values of `--config my.toml`, which override the defaults. The same dataclass the notebooks build.
@@ -11,7 +11,7 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import get_type_hints
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -26,6 +26,9 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         if tp is bool:
             parser.add_argument(*sorted(names), dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS)
+        elif f.name == "resume":  # --resume alone = the newest state; --resume PATH = that state
+            parser.add_argument(*sorted(names), dest=f.name, nargs="?", const="latest", default=argparse.SUPPRESS,
+                                metavar="STATE")
         elif tp == list[str]:
             parser.add_argument(*sorted(names), dest=f.name, nargs="+", default=argparse.SUPPRESS)
         else:
@@ -97,6 +100,82 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .config import config_from_dict
+    from .ingest import PrepareConfig, prepare_from_config
+
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(PrepareConfig) if hasattr(args, f.name)}
+    if args.config:
+        from .config import load_config
+
+        cfg = dataclasses.replace(load_config(args.config, PrepareConfig), **overrides)
+    else:
+        cfg = config_from_dict(PrepareConfig, overrides, source="command line")
+    report = prepare_from_config(cfg, overwrite=args.overwrite, progress=not args.no_progress)
+    print(report.summary())
+    return 0
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    from . import captions as C
+
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no such folder: {folder}")
+    if args.undo:
+        entry = C.undo(folder)
+        print(f"restored the captions saved in {entry.name}")
+        return 0
+    if args.captioner:
+        from .tagging import caption_folder, load_captioner
+
+        options = {}
+        if args.captioner == "wd14":
+            options = {"general_threshold": args.general_threshold, "character_threshold": args.character_threshold,
+                       "blacklist": args.blacklist or ()}
+        elif args.task:
+            options = {"task": args.task}
+        captioner = load_captioner(args.captioner, args.model, device=args.device, **options)
+        result = caption_folder(folder, captioner, batch_size=args.batch_size, mode=args.mode,
+                                extension=args.extension, progress=not args.no_progress)
+        print(f"captioned {len(result)} image(s), skipped {len(result.skipped)}, failed {len(result.failed)}")
+        for name, why in result.failed.items():
+            print(f"  failed: {name}: {why}")
+    edited = caps = C.load_captions(folder, args.extension)
+    if args.remove:
+        edited = C.remove_tags(edited, patterns=args.remove)
+    for rule in args.replace or []:
+        old, sep, new = rule.partition("=")
+        if not sep:
+            raise ValueError(f"--replace expects OLD=NEW, got {rule!r}")
+        edited = C.replace_tags(edited, {old: new})
+    if args.dedupe:
+        edited = C.deduplicate_tags(edited)
+    if args.trigger or args.class_word:
+        edited = C.add_trigger(edited, args.trigger, class_word=args.class_word) if args.trigger else \
+            C.add_class_word(edited, args.class_word)
+    if args.sort:
+        edited = C.sort_by_frequency(edited, keep_tokens=args.keep_tokens)
+    if args.max_tags:
+        edited = C.limit_tags(edited, args.max_tags, keep_tokens=args.keep_tokens)
+    if edited is not caps:
+        entry = C.save_captions(edited, folder, note="python -m helpers tag")
+        print("captions unchanged" if entry is None else f"captions saved (undo: python -m helpers tag {folder} --undo)")
+    table = C.tag_frequency(edited)
+    print(f"{len(edited)} caption(s), {len(table)} distinct tag(s); most frequent:")
+    for tag, count in table[:args.top]:
+        print(f"  {count:5d}  {tag}")
+    if args.tokenizer:
+        from transformers import CLIPTokenizer
+
+        tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer, subfolder=args.tokenizer_subfolder or None)
+        long = C.check_token_lengths(edited, tokenizer)
+        print(f"{len(long)} caption(s) longer than CLIP's 77 tokens" + (":" if long else ""))
+        for name, n in long:
+            print(f"  {n:4d} tokens  {name}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -110,6 +189,44 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    from .ingest import PrepareConfig
+
+    p = sub.add_parser("prepare", help="check, convert, crop and de-duplicate a folder or zip of images into a "
+                                       "prepared copy (the source is never changed)")
+    p.add_argument("--config", help="TOML file of PrepareConfig settings")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing prepared copy")
+    p.add_argument("--no-progress", action="store_true")
+    _add_config_flags(p, PrepareConfig)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("tag", help="caption images (BLIP, Florence-2, WD14) and edit the captions of a whole folder")
+    p.add_argument("folder", help="folder of images with .txt captions (a prepared copy)")
+    p.add_argument("--captioner", choices=["blip", "florence2", "wd14"], help="write captions with this model first")
+    p.add_argument("--model", help="hub id or local folder of the captioner (default: its standard model)")
+    p.add_argument("--mode", default="skip", choices=["skip", "overwrite", "append", "prepend"],
+                   help="what to do with images that already have a caption (default skip)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--task", help="Florence-2 task: <CAPTION>, <DETAILED_CAPTION>, <MORE_DETAILED_CAPTION>")
+    p.add_argument("--general-threshold", type=float, default=0.35, help="WD14 general tags")
+    p.add_argument("--character-threshold", type=float, default=0.85, help="WD14 character tags")
+    p.add_argument("--blacklist", nargs="+", help="WD14 tags never written")
+    p.add_argument("--extension", default=".txt")
+    p.add_argument("--trigger", default="", help="trigger word, put first (keep_tokens=1 keeps it in place)")
+    p.add_argument("--class-word", default="", help="class word, put after the trigger")
+    p.add_argument("--remove", nargs="+", help="tags to remove (glob patterns allowed: 'watermark*')")
+    p.add_argument("--replace", action="append", help="OLD=NEW (repeatable)")
+    p.add_argument("--dedupe", action="store_true", help="remove repeated tags within a caption")
+    p.add_argument("--sort", action="store_true", help="sort tags by frequency across the set")
+    p.add_argument("--max-tags", type=int, default=0, help="keep at most N tags per caption")
+    p.add_argument("--keep-tokens", type=int, default=1, help="leading tags that sort/limit leave in place")
+    p.add_argument("--undo", action="store_true", help="restore the captions as they were before the last change")
+    p.add_argument("--top", type=int, default=20, help="tags shown in the frequency table")
+    p.add_argument("--tokenizer", help="CLIP tokenizer (model id or folder) to check the 77-token limit")
+    p.add_argument("--tokenizer-subfolder", default="tokenizer")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_tag)
 
     p = sub.add_parser("train", help="train a LoRA from a TOML config and/or flags")
     p.add_argument("--config", help="TOML file written by save_config / the notebooks")
@@ -148,13 +265,16 @@ def main(argv: list[str] | None = None) -> int:
 def run_command(args: argparse.Namespace) -> int:
     """Run a parsed subcommand; errors meant for the user print as one line and exit 2.
 
-    Bad settings, files and models raise ValueError (ConfigError is one), FileNotFoundError or
-    ModelLoadError with a message a user can act on. HELPERS_DEBUG=1 shows the traceback."""
+    Bad settings, files and models raise ValueError (ConfigError is one), FileNotFoundError,
+    FileExistsError or ModelLoadError, a stopped run TrainingError, a failed write OutputWriteError,
+    each with a message a user can act on. HELPERS_DEBUG=1 shows the traceback."""
+    from .atomic import OutputWriteError
     from .models import ModelLoadError
+    from .train_errors import TrainingError
 
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ModelLoadError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, ModelLoadError, TrainingError, OutputWriteError) as e:
         if os.environ.get("HELPERS_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)

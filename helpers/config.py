@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -64,6 +63,7 @@ MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 SAVE_PRECISIONS = ("fp16", "bf16", "float")
 SAVE_FORMATS = ("kohya", "diffusers", "both")
 ATTENTION = ("sdpa", "xformers")
+NAN_POLICIES = ("stop", "skip")
 
 
 @dataclass
@@ -140,6 +140,12 @@ class TrainConfig:
     save_precision: str = "fp16"
     log_every_n_steps: int = 10           # loss is read back from the device only at log steps
 
+    # --- resume and failures ---
+    save_state_every_n_steps: int | None = None   # full training state (to resume) under output_dir/states/
+    save_state_last_n: int = 2            # states kept (older ones deleted)
+    resume: str | None = None             # "latest" = newest state in output_dir (fresh start if none), or a state folder
+    nan_policy: str = "stop"              # NaN/inf loss: stop with advice, or skip the step (stops after 5 in a row)
+
     # --- samples and validation during training ---
     sample_every_n_steps: int | None = None
     sample_prompts: list[str] = field(default_factory=list)
@@ -168,6 +174,7 @@ class TrainConfig:
         _choice("save_precision", self.save_precision, SAVE_PRECISIONS)
         _choice("save_format", self.save_format, SAVE_FORMATS)
         _choice("attention", self.attention, ATTENTION)
+        _choice("nan_policy", self.nan_policy, NAN_POLICIES)
         _number_in("clip_skip", self.clip_skip, 1, 12)
         _positive_int("clip_skip", self.clip_skip)
         for name in ("resolution", "min_bucket_reso", "max_bucket_reso"):
@@ -217,6 +224,11 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
         _positive_int("log_every_n_steps", self.log_every_n_steps)
+        if self.save_state_every_n_steps is not None:
+            _positive_int("save_state_every_n_steps", self.save_state_every_n_steps)
+        _positive_int("save_state_last_n", self.save_state_last_n)
+        if self.resume is not None and not self.resume.strip():
+            raise ConfigError("resume must be 'latest', a state folder, or unset; got an empty string")
         _positive_int("sample_steps", self.sample_steps)
         _number_in("sample_cfg", self.sample_cfg, 0.0, 100.0)
         _non_negative_int("sample_seed", self.sample_seed)
@@ -290,12 +302,9 @@ def config_to_toml(cfg: Any) -> str:
 
 def save_config(cfg: Any, path: str | Path) -> Path:
     """Write `cfg` as TOML atomically (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(config_to_toml(cfg), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    from .atomic import write_text
+
+    return write_text(path, config_to_toml(cfg))
 
 
 def config_from_dict(cls: type, data: dict[str, Any], *, source: str = "config") -> Any:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import random
 import re
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,6 +131,8 @@ def load_image_folder(folder: str | Path, caption_extension: str = ".txt", defau
         if entry.name.startswith("."):
             continue  # .ipynb_checkpoints, .DS_Store, ...
         if entry.is_dir():
+            if entry.name.startswith("_"):
+                continue  # _report/, _dropped/ of a prepared set
             match = _KOHYA_FOLDER.match(entry.name)
             if match is None or int(match.group(1)) < 1:
                 skipped.append(entry.name)
@@ -241,6 +243,8 @@ def make_buckets(resolution: int | tuple[int, int] = 512, min_size: int = 256, m
     width, height = _as_wh(resolution)
     if step <= 0:
         raise ValueError(f"bucket step must be > 0, got {step}")
+    if min_size < step:
+        raise ValueError(f"min bucket size {min_size} must be at least the bucket step {step}")
     if min_size > max_size:
         raise ValueError(f"min bucket size {min_size} is larger than max bucket size {max_size}")
     if max(width, height) > max_size:
@@ -357,6 +361,18 @@ def _file_sha256(path: Path) -> str:
 
 
 _CACHE_FORMAT = "sd-lora-helpers/latents/1"
+
+
+def _warn_stale_cache(stale: list[tuple[str, list[str]]], cache_dir: Path | None) -> None:
+    """Say which cached latents no longer match their images (and why) before they are re-encoded."""
+    why = {"source_size": "the image file changed", "source_sha256": "the image file changed",
+           "bucket": "its bucket changed (resolution or bucket settings)", "encoder_id": "another VAE or model",
+           "format": "an older cache format", "crop": "another crop"}
+    reasons = sorted({why.get(k, k) for _, keys in stale for k in keys})
+    names = ", ".join(Path(p).name for p, _ in stale[:5]) + (f" and {len(stale) - 5} more" if len(stale) > 5 else "")
+    warnings.warn(f"The dataset changed since its latent cache in {cache_dir} was written: {len(stale)} cached "
+                  f"latent(s) no longer match ({'; '.join(reasons)}): {names}. Re-encoding them now; the stale "
+                  f"files are replaced.", UserWarning, stacklevel=3)
 
 
 class TrainDataset(torch.utils.data.Dataset):
@@ -509,7 +525,7 @@ class TrainDataset(torch.utils.data.Dataset):
                 meta = f.metadata() or {}
                 stale = [k for k, v in expected.items() if meta.get(k) != v]
                 if stale:
-                    logger.info("Latent cache %s is stale (%s differ); re-encoding", file.name, ", ".join(stale))
+                    self._stale_cache.append((meta.get("source_path") or file.name, stale))
                     return None
                 keys = set(f.keys())
                 if "latents" not in keys or (self.flip and "latents_flipped" not in keys):
@@ -531,8 +547,9 @@ class TrainDataset(torch.utils.data.Dataset):
         the bucket and `encoder_id` (name the VAE and its scaling here, so a cache made with another
         model is never used) all still match; anything else is re-encoded.
         """
-        from safetensors.torch import save_file
         from tqdm.auto import tqdm
+
+        from .atomic import save_safetensors
 
         if self.random_crop:
             raise ValueError("Latents can't be cached with random_crop: each epoch crops differently. "
@@ -543,6 +560,7 @@ class TrainDataset(torch.utils.data.Dataset):
         if cache_path is not None:
             cache_path.mkdir(parents=True, exist_ok=True)
 
+        self._stale_cache: list[tuple[str, list[str]]] = []
         # One representative item per distinct (image, bucket).
         todo: dict[Bucket, list[int]] = defaultdict(list)
         file_meta: dict[int, dict[str, str]] = {}
@@ -569,6 +587,8 @@ class TrainDataset(torch.utils.data.Dataset):
                                        "flip": "1" if self.flip else "0"}
             todo[key[1]].append(item_idx)
 
+        if self._stale_cache:
+            _warn_stale_cache(self._stale_cache, cache_path)
         total = sum(len(v) for v in todo.values())
         if total == 0:
             return
@@ -591,9 +611,7 @@ class TrainDataset(torch.utils.data.Dataset):
                             if lat_f is not None:
                                 tensors["latents_flipped"] = lat_f.contiguous()
                             target = self._cache_path(cache_path, item_idx)
-                            tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-                            save_file(tensors, str(tmp), metadata=file_meta[item_idx])
-                            os.replace(tmp, target)
+                            save_safetensors(tensors, target, metadata=file_meta[item_idx])
                     bar.update(len(chunk))
         finally:
             bar.close()

@@ -3,12 +3,13 @@ reproduce, and PNGs that carry A1111's `parameters` text so other tools can read
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image, PngImagePlugin
+
+from .atomic import atomic_path
 
 # A1111 sampler name -> (diffusers scheduler class name, extra config)
 SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -115,9 +116,8 @@ def save_png(image: Image.Image, path: str | Path, parameters: str | None = None
     info = PngImagePlugin.PngInfo()
     if parameters:
         info.add_text("parameters", parameters)
-    tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
     return path
 
 

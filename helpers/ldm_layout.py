@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -361,8 +360,7 @@ def pipeline_to_original(pipe, family: str) -> dict[str, torch.Tensor]:
 def save_single_file(pipe, path, family: str, dtype: torch.dtype = torch.float16,
                      metadata: dict | None = None) -> Path:
     """Write `pipe` as one original-layout `.safetensors` checkpoint (floats cast to `dtype`),
-    atomically: `path.tmp` in the same folder, then os.replace. Returns the path."""
-    from safetensors.torch import save_file
+    atomically (helpers.atomic). Returns the path."""
 
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -374,12 +372,6 @@ def save_single_file(pipe, path, family: str, dtype: torch.dtype = torch.float16
         if v.is_floating_point():
             v = v.to(dtype)
         tensors[k] = v.contiguous().cpu()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=meta or None)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    from .atomic import save_safetensors
+
+    return save_safetensors(tensors, path, metadata=meta or None)

@@ -12,9 +12,7 @@ import datetime
 import hashlib
 import json
 import math
-import os
 import re
-import shutil
 import time
 import warnings
 from collections import Counter
@@ -24,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import atomic_dir, save_safetensors
 from .lora_targets import base_layer, model_module_names
 
 FAMILIES = ("sd1", "sd2", "sdxl")
@@ -313,19 +312,6 @@ def _pipeline_class(family: str):
     return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
 
 
-def _atomic_replace_dir(tmp: Path, final: Path) -> None:
-    old = None
-    if final.exists():
-        if not final.is_dir():
-            raise ValueError(f"{final} exists and is not a folder; a diffusers LoRA is written as a folder")
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _check_str_metadata(metadata: Mapping | None) -> dict[str, str]:
     bad = [k for k, v in (metadata or {}).items() if not isinstance(k, str) or not isinstance(v, str)]
     if bad:
@@ -358,14 +344,7 @@ def save_lora(path, weights: LoraWeights, *, family: str, unet_config: Mapping |
             raise ValueError(f"a kohya LoRA is one .safetensors file; got {path.name!r}")
         tensors = {k: v.cpu() for k, v in to_kohya_state_dict(weights, family, unet_config, dtype).items()}
         meta["sshs_model_hash"], meta["sshs_legacy_hash"] = _addnet_hashes(tensors, meta)
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            safetensors.torch.save_file(tensors, str(tmp), metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        return path
+        return save_safetensors(tensors, path, metadata=meta)
 
     # diffusers: save_lora_weights into a temp folder, then swap it in.
     layers, adapter_meta = {}, {}
@@ -376,9 +355,9 @@ def save_lora(path, weights: LoraWeights, *, family: str, unet_config: Mapping |
         sd = to_diffusers_state_dict({comp: modules})
         layers[f"{comp}_lora_layers"] = {k.removeprefix(f"{comp}."): v.to(dtype=dtype).cpu() for k, v in sd.items()}
         adapter_meta[f"{comp}_lora_adapter_metadata"] = peft_adapter_config(modules, text_encoder=comp != "unet")
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} exists and is not a folder; a diffusers LoRA is written as a folder")
+    with atomic_dir(path) as tmp:
         _pipeline_class(family).save_lora_weights(str(tmp), safe_serialization=True, **layers, **adapter_meta)
         file = tmp / DIFFUSERS_WEIGHT_NAME
         if meta:  # add our (ss_/modelspec.) metadata beside diffusers' own keys
@@ -386,9 +365,6 @@ def save_lora(path, weights: LoraWeights, *, family: str, unet_config: Mapping |
                 file_meta = dict(f.metadata() or {})
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
             safetensors.torch.save_file(tensors, str(file), metadata={**meta, **file_meta})
-        _atomic_replace_dir(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

@@ -24,6 +24,9 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError, TrainConfig, save_config
 from .text_encoding import encode_prompts, sdxl_time_ids
+from .train_errors import TrainingError, nan_message, oom_advice
+
+MAX_NAN_SKIPS = 5  # nan_policy="skip": this many bad steps in a row stop the run
 
 Event = Callable[[str, dict[str, Any]], None]
 
@@ -40,6 +43,9 @@ class TrainResult:
     log_path: Path
     saved: list[Path] = field(default_factory=list)
     samples: list[Path] = field(default_factory=list)
+    states: list[Path] = field(default_factory=list)
+    resumed_from: Path | None = None
+    skipped_steps: int = 0      # steps skipped for a NaN/inf loss (nan_policy="skip")
 
 
 def resolve_mixed_precision(requested: str, device_type: str) -> str:
@@ -74,13 +80,32 @@ def check_ready(cfg: TrainConfig) -> None:
 # The run
 # ================================================================================================
 
-def train(cfg: TrainConfig, *, base=None, on_event: Event | None = None, progress: bool = True) -> TrainResult:
+def train(cfg: TrainConfig, *, base=None, on_event: Event | None = None, progress: bool = True,
+          resume: bool | str | None = None) -> TrainResult:
     """Train a LoRA as `cfg` says and save it (kohya and/or diffusers layout) with its config.
 
     `base` may pass an already loaded `helpers.models.BaseModel` (notebooks reuse one); it is
     modified in place (LoRA layers are added to it). `on_event(kind, data)` receives "log",
-    "sample", "save" and "end" events for live plots.
+    "sample", "save", "state" and "end" events for live plots. `resume=True` (or "latest", or a
+    state folder) continues from a saved training state; it overrides `cfg.resume`.
+    Errors that stop the run (NaN loss, out of memory) raise `TrainingError` with advice.
     """
+    if resume is not None:
+        cfg = cfg.replace(resume="latest" if resume is True else (str(resume) if resume else None))
+    progress_box: dict[str, Any] = {"step": 0, "last_saved": None}
+    try:
+        return _train(cfg, base, on_event or (lambda kind, data: None), progress, progress_box)
+    except torch.OutOfMemoryError:
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise TrainingError(oom_advice(cfg, step=progress_box["step"], last_saved=progress_box["last_saved"])) from None
+
+
+def _train(cfg: TrainConfig, base, emit: Event, progress: bool, box: dict[str, Any]) -> TrainResult:
+    """The run itself; `box` tells the caller how far it got (for error messages)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from peft import LoraConfig
@@ -89,8 +114,11 @@ def train(cfg: TrainConfig, *, base=None, on_event: Event | None = None, progres
     from .lora_targets import text_encoder_target_modules, unet_target_modules
     from .models import load_base, set_attention
 
+    from .train_state import (capture_rng, check_config_compatible, find_resume_state, load_state,
+                              load_trainable, prune_states, restore_rng, save_state, state_name, states_dir,
+                              trainable_tensors)
+
     check_ready(cfg)
-    emit = on_event or (lambda kind, data: None)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     # accelerate keeps its settings in a process-wide singleton: a notebook that trains twice with other
     # precision settings would fail. Reset those settings, keep the distributed state (PartialState).
@@ -106,6 +134,13 @@ def train(cfg: TrainConfig, *, base=None, on_event: Event | None = None, progres
     )
     is_main = accelerator.is_main_process
     out_dir = Path(cfg.output_dir)
+    # a saved state to continue from: every process reads the same folder
+    state_path = find_resume_state(cfg.resume, out_dir, cfg.output_name)
+    state = load_state(state_path) if state_path else None
+    if state is not None:
+        check_config_compatible(state.info.get("config", {}), cfg.to_dict(), state.path)
+    elif cfg.resume and is_main:
+        print(f"resume={cfg.resume!r}: no saved state under {states_dir(out_dir)} yet; starting from the beginning")
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / f"{cfg.output_name}.toml")
@@ -160,7 +195,8 @@ def train(cfg: TrainConfig, *, base=None, on_event: Event | None = None, progres
                                            dropout=cfg.caption_dropout_rate,
                                            tag_dropout=cfg.caption_tag_dropout_rate),
     )
-    encode_images = _vae_encoder(vae, accelerator.device, seed=cfg.seed)
+    vae_gen = torch.Generator(device=accelerator.device).manual_seed(cfg.seed)
+    encode_images = _vae_encoder(vae, accelerator.device, vae_gen)
     if cfg.cache_latents:
         cache_dir = out_dir / "latent_cache" if cfg.cache_latents_to_disk else None
         with accelerator.main_process_first():
@@ -200,7 +236,36 @@ def train(cfg: TrainConfig, *, base=None, on_event: Event | None = None, progres
     noise_scheduler = base.noise_scheduler()
     prediction_type = noise_scheduler.config.prediction_type
     noise_gen = torch.Generator(device=accelerator.device).manual_seed(cfg.seed + accelerator.process_index)
+    generators = {"noise": noise_gen, "vae": vae_gen}
     run = _Run(cfg, accelerator, base, noise_scheduler, tokenizers, text_encoders, encode_images, weight_dtype)
+    models = [unet, *trained_tes]
+    named_models = {"unet": accelerator.unwrap_model(unet)}
+    named_models.update({f"text_encoder_{i}": accelerator.unwrap_model(te) for i, te in enumerate(trained_tes)})
+
+    # --- 4b. resuming: put back weights, optimizer, schedule and the position in the data --------
+    global_step, start_epoch, skip_batches, pending_rng = 0, 0, 0, None
+    loss_sum = torch.zeros((), device=accelerator.device)
+    loss_count = 0
+    if state is not None:
+        load_trainable(named_models, state.trainable, state.path)
+        optimizer.load_state_dict(state.optimizer)
+        lr_scheduler.load_state_dict(state.lr_scheduler)
+        if state.scaler is not None and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(state.scaler)
+        global_step, start_epoch, skip_batches = state.step, state.epoch, state.batch_in_epoch
+        if accelerator.process_index < len(state.rng):
+            pending_rng = state.rng[accelerator.process_index]  # restored when the data loader has started
+            loss_sum += pending_rng.get("loss_sum", 0.0)
+            loss_count = int(pending_rng.get("loss_count", 0))
+        if len(state.rng) != accelerator.num_processes and is_main:
+            warnings.warn(f"the state was saved by {len(state.rng)} process(es), this run has "
+                          f"{accelerator.num_processes}: it continues, but not exactly as the original run would "
+                          f"have (data order and noise differ).", RuntimeWarning, stacklevel=2)
+        run._kept = [[Path(p) for p in group] for group in state.info.get("lora_saves", [])]
+        if is_main:
+            print(f"resuming from {state.path} at step {global_step} (epoch {start_epoch + 1}, "
+                  f"batch {skip_batches} of {len(loader)})")
+    box["step"] = global_step
 
     # --- 5. the loop ----------------------------------------------------------------------------
     if is_main:
@@ -212,48 +277,108 @@ def train(cfg: TrainConfig, *, base=None, on_event: Event | None = None, progres
               f"optimizer {optimizer_kind(optimizer)}, precision {accelerator.mixed_precision}, "
               f"attention {attention_used}")
     log_path = out_dir / f"{cfg.output_name}_log.csv"
-    logger = _CsvLog(log_path) if is_main else None
+    logger = _CsvLog(log_path, keep_until=global_step if state is not None else None) if is_main else None
     val_batch = run.validation_batch(dataset) if cfg.validation_every_n_steps and is_main else None
-    if val_batch is not None:  # the baseline: the model before any update
+    if val_batch is not None and state is None:  # the baseline: the model before any update
         record = {"step": 0, "epoch": 0, "val_loss": run.fixed_noise_loss(accelerator.unwrap_model(unet), val_batch)}
         logger.write(record)
         emit("log", record)
-    result = TrainResult(None, out_dir, 0, 0, None, log_path)
-    bar = tqdm(total=max_steps, disable=not (progress and is_main), desc="training", unit="step")
-    global_step, last_log_step, loss_count = 0, 0, 0
-    loss_sum, t_last = torch.zeros((), device=accelerator.device), time.perf_counter()
-    models = [unet, *trained_tes]
-    for epoch in range(num_epochs):
+    result = TrainResult(None, out_dir, global_step, start_epoch, None, log_path,
+                         resumed_from=state.path if state is not None else None)
+    bar = tqdm(total=max_steps, initial=global_step, disable=not (progress and is_main), desc="training", unit="step")
+    last_log_step, t_last = global_step, time.perf_counter()
+    nan_in_row = 0
+
+    def save_training_state(epoch_to_continue: int, batch_in_epoch: int) -> None:
+        """Every process sends its RNG states to rank 0, which writes the state folder and prunes old ones."""
+        from accelerate.utils import gather_object
+
+        mine = capture_rng(generators)
+        mine["loss_sum"], mine["loss_count"] = loss_sum.item(), loss_count
+        every_rank = gather_object([mine])
+        if is_main:
+            folder = states_dir(out_dir) / state_name(cfg.output_name, global_step)
+            save_state(folder, trainable=trainable_tensors(named_models), optimizer=optimizer.state_dict(),
+                       lr_scheduler=lr_scheduler.state_dict(),
+                       scaler=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                       rng=every_rank,
+                       info={"step": global_step, "epoch": epoch_to_continue, "batch_in_epoch": batch_in_epoch,
+                             "num_processes": accelerator.num_processes, "family": base.family,
+                             "config": cfg.to_dict(), "lora_saves": [[str(p) for p in g] for g in run._kept]})
+            prune_states(out_dir, cfg.output_name, cfg.save_state_last_n)
+            result.states.append(folder)
+            box["last_saved"] = folder
+            emit("state", {"step": global_step, "path": folder})
+        accelerator.wait_for_everyone()
+
+    def state_due() -> bool:
+        every = cfg.save_state_every_n_steps
+        return bool(every) and global_step % every == 0 and global_step < max_steps
+
+    for epoch in range(start_epoch, num_epochs):
+        if global_step >= max_steps:
+            break
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
         for m in models:
             m.train()
-        for batch in loader:
+        batch_in_epoch = skip_batches if epoch == start_epoch else 0
+        epoch_loader = loader
+        if batch_in_epoch:
+            epoch_loader = accelerator.skip_first_batches(loader, batch_in_epoch)  # skips indices, loads nothing
+        # accelerate's loaders count epochs themselves and re-seed the sampler with that count when iterated:
+        # a resumed run's fresh loader would count from 0, so tell it the real epoch
+        if hasattr(epoch_loader, "set_epoch"):
+            epoch_loader.set_epoch(epoch)
+        if pending_rng is not None and not batch_in_epoch:
+            restore_rng(pending_rng, generators)  # a state saved at an epoch's end: the RNG as this epoch begins
+            pending_rng = None
+        state_at_epoch_end = False
+        for batch in epoch_loader:
+            if pending_rng is not None:  # a state saved mid-epoch: the RNG as it was after the saved step
+                restore_rng(pending_rng, generators)
+                pending_rng = None
+            batch_in_epoch += 1
             with accelerator.accumulate(*models):
                 loss = run.loss(unet, batch, prediction_type, noise_gen)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_([p for m in models for p in m.parameters() if p.requires_grad],
-                                                cfg.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-            loss_count += 1
+                if _all_finite(loss, accelerator):
+                    nan_in_row = 0
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_([p for m in models for p in m.parameters() if p.requires_grad],
+                                                    cfg.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    loss_sum += loss.detach()
+                    loss_count += 1
+                else:
+                    nan_in_row += 1
+                    result.skipped_steps += 1
+                    if cfg.nan_policy == "stop" or nan_in_row >= MAX_NAN_SKIPS:
+                        raise TrainingError(nan_message(
+                            global_step + 1, precision=accelerator.mixed_precision, learning_rate=cfg.learning_rate,
+                            optimizer=cfg.optimizer, family=base.family, vae=cfg.vae, last_saved=box["last_saved"],
+                            skipped=nan_in_row if cfg.nan_policy == "skip" else 0))
+                    optimizer.zero_grad(set_to_none=True)  # drop this window's gradients, no update
+                    if is_main:
+                        print(f"step {global_step + 1}: loss is NaN/inf, step skipped ({nan_in_row} in a row)")
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
+            box["step"] = global_step
             bar.update(1)
 
             validate = bool(cfg.validation_every_n_steps) and global_step % cfg.validation_every_n_steps == 0
             logged = global_step % cfg.log_every_n_steps == 0 or global_step == max_steps or validate
             if logged:
                 now = time.perf_counter()
+                count = max(loss_count, 1)
                 record = {"step": global_step, "epoch": epoch + 1,
-                          "loss": accelerator.reduce(loss_sum, "mean").item() / loss_count,
+                          "loss": accelerator.reduce(loss_sum, "mean").item() / count if loss_count else float("nan"),
                           "lr": lr_scheduler.get_last_lr()[0],
                           "lr_te": lr_scheduler.get_last_lr()[-1] if trained_tes else None,
-                          "step_time_s": (now - t_last) / (global_step - last_log_step)}
+                          "step_time_s": (now - t_last) / max(1, global_step - last_log_step)}
                 if device_type == "cuda":
                     record["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 loss_sum.zero_()
@@ -270,8 +395,15 @@ def train(cfg: TrainConfig, *, base=None, on_event: Event | None = None, progres
                 result.samples += paths
                 emit("sample", {"step": global_step, "paths": paths})
             if cfg.save_every_n_steps and global_step % cfg.save_every_n_steps == 0 and global_step < max_steps:
-                result.saved += run.save(unet, trained_tes, f"{cfg.output_name}-step{global_step:06d}",
-                                         global_step, epoch + 1, dataset, emit)
+                saved = run.save(unet, trained_tes, f"{cfg.output_name}-step{global_step:06d}",
+                                 global_step, epoch + 1, dataset, emit)
+                result.saved += saved
+                box["last_saved"] = saved[0] if saved else box["last_saved"]
+            if state_due():
+                if batch_in_epoch < len(loader):
+                    save_training_state(epoch, batch_in_epoch)
+                else:
+                    state_at_epoch_end = True  # after the epoch's own saves, as the start of the next epoch
             if logged:
                 t_last = time.perf_counter()  # step time excludes validation, sampling and saving
             if global_step >= max_steps:
@@ -279,14 +411,17 @@ def train(cfg: TrainConfig, *, base=None, on_event: Event | None = None, progres
         result.epochs = epoch + 1
         if (cfg.save_every_n_epochs and (epoch + 1) % cfg.save_every_n_epochs == 0
                 and global_step < max_steps):
-            result.saved += run.save(unet, trained_tes, f"{cfg.output_name}-{epoch + 1:06d}",
-                                     global_step, epoch + 1, dataset, emit)
-        if global_step >= max_steps:
-            break
+            saved = run.save(unet, trained_tes, f"{cfg.output_name}-{epoch + 1:06d}",
+                             global_step, epoch + 1, dataset, emit)
+            result.saved += saved
+            box["last_saved"] = saved[0] if saved else box["last_saved"]
+        if state_at_epoch_end:
+            save_training_state(epoch + 1, 0)
     bar.close()
 
     # --- 6. the final LoRA ------------------------------------------------------------------------
     result.steps = global_step
+    result.epochs = max(result.epochs, start_epoch)
     final = run.save(unet, trained_tes, cfg.output_name, global_step, result.epochs, dataset, emit, final=True)
     result.saved = [p for p in result.saved + final if p.exists()]  # pruned saves are gone
     result.lora_path = final[0] if final else None
@@ -479,9 +614,8 @@ def loss_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, is_class
     return weights * torch.where(is_class, prior_loss_weight, 1.0)
 
 
-def _vae_encoder(vae, device, seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function pixels in [-1, 1] -> scaled (and shifted) latents, as the UNet sees them."""
-    gen = torch.Generator(device=device).manual_seed(seed)
+def _vae_encoder(vae, device, gen: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function pixels in [-1, 1] -> scaled (and shifted) latents, as the UNet sees them (sampling with `gen`)."""
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     scale = vae.config.scaling_factor
 
@@ -492,6 +626,14 @@ def _vae_encoder(vae, device, seed: int) -> Callable[[torch.Tensor], torch.Tenso
         return (latents - shift) * scale
 
     return encode
+
+
+def _all_finite(loss: torch.Tensor, accelerator) -> bool:
+    """Whether the loss is finite on every process (all must agree before backward, or DDP would hang)."""
+    bad = (~torch.isfinite(loss.detach())).any().float()
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, "sum")
+    return bad.item() == 0
 
 
 def _build_timestamp() -> float | None:
@@ -528,10 +670,23 @@ class _CsvLog:
 
     COLUMNS = ["step", "epoch", "loss", "lr", "lr_te", "step_time_s", "val_loss", "peak_mem_gb"]
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, keep_until: int | None = None):
+        """A new log, or (resuming) the old one cut after step `keep_until`: rows logged after the state was
+        saved belong to steps that will be trained again."""
+        import io
+
+        from .atomic import write_text
+
         self.path = path
-        with open(path, "w", newline="") as f:
-            csv.writer(f).writerow(self.COLUMNS)
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(self.COLUMNS)
+        if keep_until is not None and path.is_file():
+            with open(path, newline="") as f:
+                for row in csv.DictReader(f):
+                    if row.get("step") and float(row["step"]) <= keep_until:
+                        writer.writerow([row.get(c, "") for c in self.COLUMNS])
+        write_text(path, buf.getvalue())
 
     def write(self, record: dict) -> None:
         with open(self.path, "a", newline="") as f:

@@ -58,3 +58,33 @@ def test_train_then_generate_from_the_command_line(tiny_sd15_dir, concept_dir, t
                                            ("C:\\loras\\a.safetensors", ("C:\\loras\\a.safetensors", 1.0))])
 def test_lora_weight_syntax(text, expected):
     assert _parse_lora(text) == expected
+
+
+def test_resume_flag_alone_means_latest():
+    assert build_train_config(_train_args(["--resume"])).resume == "latest"
+    assert build_train_config(_train_args(["--resume", "out/states/t-step000100"])).resume == "out/states/t-step000100"
+    assert build_train_config(_train_args([])).resume is None
+
+
+def test_prepare_then_tag_from_the_command_line(tmp_path, capsys):
+    from PIL import Image
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    for i, colour in enumerate([(200, 0, 0), (0, 0, 200), (0, 150, 0)]):
+        im = Image.new("RGB", (96, 64), colour)
+        im.paste((255, 255, 255), (10 + 20 * i, 10, 30 + 20 * i, 40))
+        im.save(src / f"p{i}.jpg", quality=95)
+        (src / f"p{i}.txt").write_text("flower, blurry, outdoors")
+    (src / "broken.jpg").write_bytes(b"not an image")
+    out = tmp_path / "prepared"
+    assert main(["prepare", "--source", str(src), "--output-dir", str(out), "--resolution", "64",
+                 "--min-bucket-reso", "32", "--bucket-reso-steps", "32", "--min-size", "32", "--no-progress"]) == 0
+    assert "broken.jpg" in capsys.readouterr().out  # the summary lists the rejected file
+    assert sorted(p.name for p in out.glob("*.png")) == ["p0.png", "p1.png", "p2.png"]
+    assert main(["tag", str(out), "--trigger", "sks", "--class-word", "flower", "--remove", "blur*"]) == 0
+    assert (out / "p0.txt").read_text() == "sks, flower, outdoors"
+    assert main(["tag", str(out), "--undo"]) == 0
+    assert (out / "p0.txt").read_text() == "flower, blurry, outdoors"
+    assert main(["prepare", "--source", str(src), "--output-dir", str(out), "--no-progress"]) == 2  # no --overwrite
+    assert "overwrite" in capsys.readouterr().err

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -244,8 +243,6 @@ def _train(*, seed, steps, batch_size, vae, device, progress, n_eval, vae_share,
 
 def save_judge(judge: Judge, path: str | Path = DEFAULT_PATH) -> Path:
     """Write the judge's weights (fp32) and class names to a .safetensors file, atomically."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"the judge is saved as .safetensors, got {path.name!r}")
@@ -253,15 +250,9 @@ def save_judge(judge: Judge, path: str | Path = DEFAULT_PATH) -> Path:
                if not k.endswith("num_batches_tracked")}
     meta = {"format": FORMAT, "width": str(judge.width),
             **{f"{h}_classes": json.dumps(list(names)) for h, names in judge.classes.items()}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    from ..atomic import save_safetensors
+
+    return save_safetensors(tensors, path, metadata=meta)
 
 
 def load_judge(path: str | Path | None = None, device: str = "cpu") -> Judge:
@@ -296,12 +287,9 @@ def report_path(judge_path: str | Path = DEFAULT_PATH) -> Path:
 
 def save_report(report: dict, path: str | Path) -> Path:
     """Write a training report as JSON, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    from ..atomic import write_text
+
+    return write_text(path, json.dumps(report, indent=1) + "\n")
 
 
 # ------------------------------------------------------------------------------------------ judging
