@@ -55,7 +55,7 @@ def _multiple_of(name: str, value: int, step: int) -> None:
 
 FAMILIES = ("auto", "sd1", "sd2", "sdxl")
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
-METHODS = ("lora",)
+METHODS = ("lora", "dreambooth", "textual_inversion")
 TARGET_PRESETS = ("attention", "full")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 SCHEDULERS = ("constant", "cosine", "cosine_with_restarts", "linear", "polynomial")
@@ -97,8 +97,16 @@ class TrainConfig:
     cache_latents: bool = True
     cache_latents_to_disk: bool = False
 
-    # --- network ---
-    method: str = "lora"
+    # --- method ---
+    method: str = "lora"                  # lora | dreambooth (full fine-tune) | textual_inversion
+    token_string: str = ""                # new token to learn (textual_inversion; with lora: pivotal tuning)
+    init_word: str = ""                   # existing word the new token's vectors start from
+    num_vectors_per_token: int = 1
+    embedding_lr: float | None = None     # learning rate of the new token's vectors (defaults to learning_rate)
+    class_prompt: str = ""                # DreamBooth prior preservation: the class ("a photo of a flower")
+    num_class_images: int = 0             # generate class images with the base model until reg_data_dir has this many
+
+    # --- network (lora) ---
     rank: int = 16                        # kohya: network_dim
     alpha: float = 16.0                   # kohya: network_alpha; the LoRA scale is alpha / rank
     lora_dropout: float = 0.0
@@ -136,7 +144,7 @@ class TrainConfig:
     save_every_n_steps: int | None = None
     save_every_n_epochs: int | None = None
     save_last_n: int | None = None        # keep only the newest N intermediate saves
-    save_format: str = "kohya"
+    save_format: str = "kohya"            # kohya: one .safetensors (LoRA, or DreamBooth single-file checkpoint) | diffusers | both
     save_precision: str = "fp16"
     log_every_n_steps: int = 10           # loss is read back from the device only at log steps
 
@@ -191,6 +199,24 @@ class TrainConfig:
         _number_in("caption_tag_dropout_rate", self.caption_tag_dropout_rate, 0.0, 1.0)
         if self.caption_extension and not self.caption_extension.startswith("."):
             raise ConfigError(f"caption_extension must start with '.', got {self.caption_extension!r}")
+        _positive_int("num_vectors_per_token", self.num_vectors_per_token)
+        _non_negative_int("num_class_images", self.num_class_images)
+        if self.embedding_lr is not None:
+            _number_in("embedding_lr", self.embedding_lr, 0.0, 10.0, low_open=True)
+        if self.token_string and any(c.isspace() for c in self.token_string):
+            raise ConfigError(f"token_string must be one word without spaces, got {self.token_string!r}")
+        if self.method == "textual_inversion":
+            if not self.token_string:
+                raise ConfigError("token_string must be set for textual_inversion: the new word to learn, e.g. '<sks>'")
+            if self.train_text_encoder:
+                raise ConfigError("train_text_encoder must be false for textual_inversion (only the new token's "
+                                  "vectors are trained)")
+        if self.method == "dreambooth" and self.token_string:
+            raise ConfigError("token_string works with method 'textual_inversion' or 'lora' (pivotal tuning); "
+                              "DreamBooth learns a rare existing word (e.g. 'sks') instead")
+        if self.num_class_images and not self.class_prompt:
+            raise ConfigError("class_prompt must be set when num_class_images > 0 (the prompt class images are "
+                              "generated from, e.g. 'a photo of a flower')")
         _positive_int("rank", self.rank)
         _number_in("alpha", self.alpha, 0.0, 1e6, low_open=True)
         _number_in("lora_dropout", self.lora_dropout, 0.0, 1.0)
@@ -244,6 +270,11 @@ class TrainConfig:
     def te_lr(self) -> float:
         """The text encoder's learning rate (falls back to the UNet's)."""
         return self.learning_rate if self.text_encoder_lr is None else self.text_encoder_lr
+
+    @property
+    def emb_lr(self) -> float:
+        """The new token vectors' learning rate (falls back to the UNet's)."""
+        return self.learning_rate if self.embedding_lr is None else self.embedding_lr
 
     def replace(self, **changes: Any) -> "TrainConfig":
         """A copy with some fields changed (validated)."""

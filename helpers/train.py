@@ -162,15 +162,25 @@ def _train(cfg: TrainConfig, base, emit: Event, progress: bool, box: dict[str, A
         module.requires_grad_(False)
     attention_used = set_attention(unet, cfg.attention)
 
-    # --- 2. LoRA layers (peft), trainable params kept in fp32 ---------------------------------
+    # --- 2. what is trained: LoRA layers (peft), the whole UNet (DreamBooth), new token vectors ----
     def lora_config(targets: list[str]) -> LoraConfig:
         return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
                           init_lora_weights=True, target_modules=targets)
 
-    unet.add_adapter(lora_config(unet_target_modules(unet, cfg.target)))
     trained_tes = list(text_encoders) if cfg.train_text_encoder else []
-    for te in trained_tes:
-        te.add_adapter(lora_config(text_encoder_target_modules(te, cfg.target)))
+    if cfg.method == "lora":
+        unet.add_adapter(lora_config(unet_target_modules(unet, cfg.target)))
+        for te in trained_tes:
+            te.add_adapter(lora_config(text_encoder_target_modules(te, cfg.target)))
+    elif cfg.method == "dreambooth":  # every weight; fp32 master copies, the forward runs in the compute dtype
+        for module in [unet, *trained_tes]:
+            module.requires_grad_(True)
+    embeddings = None  # textual inversion, or pivotal tuning with a LoRA
+    if cfg.token_string:
+        from .embeddings import NewTokenEmbeddings
+
+        embeddings = NewTokenEmbeddings(tokenizers, text_encoders, cfg.token_string, cfg.init_word,
+                                        cfg.num_vectors_per_token).to(accelerator.device)
     for module in [unet, *trained_tes]:
         for p in module.parameters():
             if p.requires_grad:
@@ -180,11 +190,22 @@ def _train(cfg: TrainConfig, base, emit: Event, progress: bool, box: dict[str, A
         for te in trained_tes:
             te.gradient_checkpointing_enable()
 
-    # --- 3. data: buckets, captions, optional latent cache ------------------------------------
+    # --- 3. data: buckets, captions, class images, optional latent cache ------------------------
     items = load_image_folder(cfg.train_data_dir, caption_extension=cfg.caption_extension,
                               default_repeats=cfg.repeats)
-    if cfg.reg_data_dir:
-        items += load_image_folder(cfg.reg_data_dir, caption_extension=cfg.caption_extension,
+    if embeddings is not None:
+        _check_token_in_captions(items, cfg.token_string)
+    reg_dir = cfg.reg_data_dir or (str(out_dir / "class_images") if cfg.num_class_images else None)
+    if cfg.num_class_images:  # DreamBooth prior preservation: make the missing class images with the base model
+        if is_main:
+            from .class_images import generate_class_images
+
+            generate_class_images(base.pipe, cfg.class_prompt, reg_dir, cfg.num_class_images, seed=cfg.seed,
+                                  steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg, sampler=cfg.sample_sampler,
+                                  family=base.family, progress=progress)
+        accelerator.wait_for_everyone()
+    if reg_dir:
+        items += load_image_folder(reg_dir, caption_extension=cfg.caption_extension,
                                    default_repeats=cfg.repeats, is_class=True)
     dataset = TrainDataset(
         items, resolution=cfg.resolution, enable_bucket=cfg.enable_bucket,
@@ -212,9 +233,13 @@ def _train(cfg: TrainConfig, base, emit: Event, progress: bool, box: dict[str, A
     # --- 4. optimizer and schedule ------------------------------------------------------------
     from .optim import build_optimizer, build_scheduler, optimizer_kind
 
-    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": cfg.learning_rate}]
+    groups = []
+    if cfg.method != "textual_inversion":
+        groups.append({"params": [p for p in unet.parameters() if p.requires_grad], "lr": cfg.learning_rate})
     for te in trained_tes:
         groups.append({"params": [p for p in te.parameters() if p.requires_grad], "lr": cfg.te_lr})
+    if embeddings is not None:  # no weight decay on token vectors (it would pull them towards zero)
+        groups.append({"params": list(embeddings.parameters()), "lr": cfg.emb_lr, "weight_decay": 0.0})
     optimizer = build_optimizer(cfg.optimizer, groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                 betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
     updates_per_epoch = math.ceil(math.ceil(len(loader) / accelerator.num_processes)
@@ -237,10 +262,14 @@ def _train(cfg: TrainConfig, base, emit: Event, progress: bool, box: dict[str, A
     prediction_type = noise_scheduler.config.prediction_type
     noise_gen = torch.Generator(device=accelerator.device).manual_seed(cfg.seed + accelerator.process_index)
     generators = {"noise": noise_gen, "vae": vae_gen}
-    run = _Run(cfg, accelerator, base, noise_scheduler, tokenizers, text_encoders, encode_images, weight_dtype)
+    run = _Run(cfg, accelerator, base, noise_scheduler, tokenizers, text_encoders, encode_images, weight_dtype,
+               embeddings)
     models = [unet, *trained_tes]
     named_models = {"unet": accelerator.unwrap_model(unet)}
     named_models.update({f"text_encoder_{i}": accelerator.unwrap_model(te) for i, te in enumerate(trained_tes)})
+    if embeddings is not None:
+        named_models["embeddings"] = embeddings
+    trainable = [p for m in named_models.values() for p in m.parameters() if p.requires_grad]
 
     # --- 4b. resuming: put back weights, optimizer, schedule and the position in the data --------
     global_step, start_epoch, skip_batches, pending_rng = 0, 0, 0, None
@@ -344,9 +373,10 @@ def _train(cfg: TrainConfig, base, emit: Event, progress: bool, box: dict[str, A
                 if _all_finite(loss, accelerator):
                     nan_in_row = 0
                     accelerator.backward(loss)
+                    if accelerator.sync_gradients and embeddings is not None and accelerator.num_processes > 1:
+                        _average_gradients(embeddings.parameters(), accelerator)  # DDP does not see them
                     if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_([p for m in models for p in m.parameters() if p.requires_grad],
-                                                    cfg.max_grad_norm)
+                        accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
                     optimizer.step()
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -423,6 +453,9 @@ def _train(cfg: TrainConfig, base, emit: Event, progress: bool, box: dict[str, A
     result.steps = global_step
     result.epochs = max(result.epochs, start_epoch)
     final = run.save(unet, trained_tes, cfg.output_name, global_step, result.epochs, dataset, emit, final=True)
+    if embeddings is not None:  # the trained vectors go into the tables: the pipeline is ready for prompts
+        embeddings.write_into_encoders()
+        embeddings.remove_hooks()
     result.saved = [p for p in result.saved + final if p.exists()]  # pruned saves are gone
     result.lora_path = final[0] if final else None
     accelerator.wait_for_everyone()
@@ -439,7 +472,7 @@ class _Run:
     """State the loop's helpers share: config, accelerator, model parts, encoders."""
 
     def __init__(self, cfg, accelerator, base, noise_scheduler, tokenizers, text_encoders, encode_images,
-                 weight_dtype):
+                 weight_dtype, embeddings=None):
         self.cfg, self.acc, self.base = cfg, accelerator, base
         self.noise_scheduler = noise_scheduler
         self.tokenizers, self.text_encoders = tokenizers, text_encoders
@@ -447,13 +480,19 @@ class _Run:
         self.weight_dtype = weight_dtype
         self.device = accelerator.device
         self.alphas_cumprod = noise_scheduler.alphas_cumprod.to(self.device, torch.float32)
-        self._kept: list[Path] = []
+        self._kept: list[list[Path]] = []
+        self.embeddings = embeddings  # new token vectors (textual inversion / pivotal tuning) or None
+        self.text_grad = cfg.train_text_encoder or embeddings is not None
+
+    def expand(self, texts: list[str]) -> list[str]:
+        """Captions/prompts with a multi-vector token written out as all its tokens."""
+        return [self.embeddings.expand(t) for t in texts] if self.embeddings is not None else list(texts)
 
     # -- conditioning --------------------------------------------------------------------------
     def condition(self, batch: dict) -> dict[str, Any]:
         """UNet keyword arguments for a batch: text embeddings and, for SDXL, pooled + time ids."""
-        with torch.set_grad_enabled(self.cfg.train_text_encoder):
-            emb = encode_prompts(self.base.family, self.tokenizers, self.text_encoders, batch["captions"],
+        with torch.set_grad_enabled(self.text_grad):
+            emb = encode_prompts(self.base.family, self.tokenizers, self.text_encoders, self.expand(batch["captions"]),
                                  clip_skip=self.cfg.clip_skip, device=self.device)
         kwargs: dict[str, Any] = {"encoder_hidden_states": emb.hidden}
         if self.base.family == "sdxl":
@@ -545,7 +584,7 @@ class _Run:
         size = cfg.resolution
         for i, prompt in enumerate(cfg.sample_prompts):
             with self.acc.autocast():
-                    images, params = generate(pipe, prompt, negative_prompt=cfg.sample_negative_prompt,
+                    images, params = generate(pipe, self.expand([prompt])[0], negative_prompt=cfg.sample_negative_prompt,
                                           steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg,
                                           seed=cfg.sample_seed + i, sampler=cfg.sample_sampler, width=size,
                                           height=size, clip_skip=cfg.clip_skip, family=self.base.family)
@@ -556,12 +595,38 @@ class _Run:
     # -- saving ------------------------------------------------------------------------------------
     def save(self, unet, trained_tes, name: str, step: int, epoch: int, dataset, emit: Event,
              final: bool = False) -> list[Path]:
-        """Write the LoRA as `name` in the configured format(s); rank 0 only. Prunes old saves."""
-        from .lora_io import extract_peft_lora, kohya_metadata, save_lora
-
+        """Write what the method trained as `name`: the LoRA, the DreamBooth checkpoint and/or the new
+        token's embedding, in the configured format(s); rank 0 only. Prunes old intermediate saves."""
         self.acc.wait_for_everyone()
         if not self.acc.is_main_process:
             return []
+        cfg = self.cfg
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}[cfg.save_precision]
+        out = Path(cfg.output_dir)
+        written: list[Path] = []
+        if cfg.method == "lora":
+            written += self._save_lora(unet, trained_tes, name, step, epoch, dataset, dtype, out)
+        elif cfg.method == "dreambooth":
+            written += self._save_checkpoint(name, step, dtype, out)
+        if self.embeddings is not None:
+            from .embeddings import save_embedding
+
+            emb_name = name if cfg.method == "textual_inversion" else f"{name}_emb"
+            written.append(save_embedding(
+                out / f"{emb_name}.safetensors", self.embeddings.file_tensors(self.base.family),
+                token=cfg.token_string, family=self.base.family,
+                metadata={"init_word": cfg.init_word, "step": str(step), "base_model": cfg.pretrained_model}))
+        if not final and cfg.save_last_n:
+            self._kept.append(written)
+            while len(self._kept) > cfg.save_last_n:
+                for old in self._kept.pop(0):
+                    _remove(old)
+        emit("save", {"step": step, "paths": written})
+        return written
+
+    def _save_lora(self, unet, trained_tes, name, step, epoch, dataset, dtype, out: Path) -> list[Path]:
+        from .lora_io import extract_peft_lora, kohya_metadata, save_lora
+
         cfg = self.cfg
         weights = {"unet": extract_peft_lora(self.acc.unwrap_model(unet))}
         for key, te in zip(("text_encoder", "text_encoder_2"), trained_tes):
@@ -582,8 +647,6 @@ class _Run:
                    "ss_mixed_precision": self.acc.mixed_precision, "ss_sd_model_name": cfg.pretrained_model,
                    "ss_training_comment": f"helpers target={cfg.target}",
                    "ss_network_args": json.dumps({"target": cfg.target})})
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}[cfg.save_precision]
-        out = Path(cfg.output_dir)
         written: list[Path] = []
         unet_config = dict(self.base.unet.config)
         if cfg.save_format in ("kohya", "both"):
@@ -592,12 +655,27 @@ class _Run:
         if cfg.save_format in ("diffusers", "both"):
             written.append(save_lora(out / f"{name}_diffusers", weights, family=self.base.family,
                                      unet_config=unet_config, format="diffusers", metadata=metadata, dtype=dtype))
-        if not final and cfg.save_last_n:
-            self._kept.append(written)
-            while len(self._kept) > cfg.save_last_n:
-                for old in self._kept.pop(0):
-                    _remove(old)
-        emit("save", {"step": step, "paths": written})
+        return written
+
+    def _save_checkpoint(self, name: str, step: int, dtype: torch.dtype, out: Path) -> list[Path]:
+        """DreamBooth: the whole pipeline as one original-layout file (A1111, ComfyUI) and/or a diffusers folder."""
+        from .atomic import atomic_dir
+        from .ldm_layout import save_single_file
+
+        cfg = self.cfg
+        pipe = self.base.pipe  # its UNet (and text encoders) are the trained modules themselves
+        written: list[Path] = []
+        if cfg.save_format in ("kohya", "both"):
+            meta = {"modelspec.title": name, "helpers.method": "dreambooth", "helpers.step": str(step),
+                    "helpers.base_model": cfg.pretrained_model, "helpers.prediction_type": self.base.prediction_type}
+            written.append(save_single_file(pipe, out / f"{name}.safetensors", self.base.family, dtype=dtype,
+                                            metadata=meta))
+        if cfg.save_format in ("diffusers", "both"):
+            folder = out / f"{name}_diffusers"
+            with atomic_dir(folder) as tmp:
+                pipe.save_pretrained(str(tmp), safe_serialization=True)
+                _cast_safetensors_files(tmp, dtype)
+            written.append(folder)
         return written
 
 
@@ -634,6 +712,42 @@ def _all_finite(loss: torch.Tensor, accelerator) -> bool:
     if accelerator.num_processes > 1:
         bad = accelerator.reduce(bad, "sum")
     return bad.item() == 0
+
+
+def _average_gradients(params, accelerator) -> None:
+    """Average gradients of parameters outside the DDP-wrapped models across processes."""
+    for p in params:
+        if p.grad is not None:
+            p.grad = accelerator.reduce(p.grad, "mean")
+
+
+def _cast_safetensors_files(folder: Path, dtype: torch.dtype) -> None:
+    """Cast the float tensors of every .safetensors file under `folder` to `dtype` (the save precision)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for file in folder.rglob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if all(not t.is_floating_point() or t.dtype == dtype for t in tensors.values()):
+            continue
+        save_file({k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}, str(file),
+                  metadata=meta)
+
+
+def _check_token_in_captions(items, token: str) -> None:
+    """Textual inversion learns a token from the captions that contain it: none would teach nothing."""
+    import re as _re
+
+    pattern = _re.compile(rf"(?<![\w<>]){_re.escape(token)}(?![\w<>])")
+    lacking = [i for i in items if not pattern.search(i.caption)]
+    if len(lacking) == len(items):
+        raise ConfigError(f"no caption contains token_string {token!r}, so nothing would teach it. Put it in the "
+                          f"captions (python -m helpers tag <folder> --trigger {token}), e.g. '{token}, a photo of ...'")
+    if lacking:
+        warnings.warn(f"{len(lacking)} of {len(items)} captions lack token_string {token!r} (e.g. "
+                      f"{Path(lacking[0].path).name}); those images train nothing for it", RuntimeWarning, stacklevel=3)
 
 
 def _build_timestamp() -> float | None:

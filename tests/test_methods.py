@@ -1,0 +1,157 @@
+"""DreamBooth and Textual Inversion (and pivotal tuning) through the one training loop, on tiny models."""
+
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers.config import ConfigError, TrainConfig
+from helpers.models import load_base
+from helpers.train import train
+
+TOKEN = "<sks>"
+
+
+def make_cfg(base_dir, data_dir, out_dir, **overrides) -> TrainConfig:
+    settings = dict(pretrained_model=str(base_dir), train_data_dir=str(data_dir), resolution=32,
+                    enable_bucket=False, train_batch_size=4, max_train_steps=6, mixed_precision="no",
+                    output_dir=str(out_dir), output_name="m", log_every_n_steps=3, save_precision="float", seed=3)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def token_data(concept_dir, tmp_path_factory):
+    """The concept set with the trigger written as a new token: '<sks> flower, ...'."""
+    data = tmp_path_factory.mktemp("token_data") / "concept"
+    shutil.copytree(concept_dir, data)
+    for txt in data.rglob("*.txt"):
+        txt.write_text(txt.read_text().replace("sks", TOKEN))
+    return data
+
+
+def _table(te) -> torch.Tensor:
+    return te.get_input_embeddings().weight.detach().clone()
+
+
+@pytest.mark.parametrize("family,vectors", [("sd15", 2), ("sdxl", 1)])
+def test_textual_inversion_trains_only_the_new_rows(family, vectors, tiny_sd15_dir, tiny_sdxl_dir, token_data,
+                                                    tmp_path):
+    base_dir = tiny_sd15_dir if family == "sd15" else tiny_sdxl_dir
+    before = [_table(te) for te in load_base(str(base_dir)).text_encoders]
+    base = load_base(str(base_dir))
+    cfg = make_cfg(base_dir, token_data, tmp_path, method="textual_inversion", token_string=TOKEN,
+                   init_word="flower", num_vectors_per_token=vectors, learning_rate=5e-2)
+    result = train(cfg, base=base, progress=False)
+    file = load_file(str(result.lora_path))
+    keys = ["emb_params"] if family == "sd15" else ["clip_l", "clip_g"]
+    assert sorted(file) == sorted(keys) and result.lora_path.name == "m.safetensors"
+    for te, tok, old, key in zip(base.text_encoders, base.tokenizers, before, keys):
+        table = _table(te)
+        n_old = old.shape[0]
+        assert torch.equal(table[:n_old], old)  # every existing row bit for bit
+        ids = tok.convert_tokens_to_ids([TOKEN] + [f"{TOKEN}_{i}" for i in range(1, vectors)])
+        assert ids == list(range(n_old, n_old + vectors))
+        assert torch.equal(table[n_old:], file[key])  # the pipeline holds exactly the saved vectors
+        init_ids = tok("flower", add_special_tokens=False).input_ids
+        init = old[init_ids].mean(0)
+        assert (file[key] - init).abs().max() > 1e-3  # they moved away from the init word
+        assert file[key].shape == (vectors, old.shape[1])
+
+
+def test_textual_inversion_file_loads_in_diffusers(tiny_sd15_dir, tiny_sdxl_dir, token_data, tmp_path):
+    # SD 1.5, 2 vectors: diffusers' own loader reads the A1111 file and gets the same rows
+    r = train(make_cfg(tiny_sd15_dir, token_data, tmp_path / "a", method="textual_inversion", token_string=TOKEN,
+                       init_word="flower", num_vectors_per_token=2, max_train_steps=3), progress=False)
+    fresh = load_base(str(tiny_sd15_dir)).pipe
+    fresh.load_textual_inversion(str(r.lora_path), token=TOKEN)
+    ids = fresh.tokenizer.convert_tokens_to_ids([TOKEN, f"{TOKEN}_1"])
+    assert torch.equal(fresh.text_encoder.get_input_embeddings().weight[ids].detach(), load_file(str(r.lora_path))["emb_params"])
+    # SDXL: one call per encoder, as diffusers documents it
+    r = train(make_cfg(tiny_sdxl_dir, token_data, tmp_path / "b", method="textual_inversion", token_string=TOKEN,
+                       init_word="flower", max_train_steps=3), progress=False)
+    sd = load_file(str(r.lora_path))
+    fresh = load_base(str(tiny_sdxl_dir)).pipe
+    fresh.load_textual_inversion(sd["clip_l"], token=TOKEN, text_encoder=fresh.text_encoder, tokenizer=fresh.tokenizer)
+    fresh.load_textual_inversion(sd["clip_g"], token=TOKEN, text_encoder=fresh.text_encoder_2,
+                                 tokenizer=fresh.tokenizer_2)
+    assert torch.equal(fresh.text_encoder_2.get_input_embeddings().weight[-1].detach(), sd["clip_g"][0])
+
+
+def test_textual_inversion_needs_the_token_in_captions_and_a_new_word(tiny_sd15_dir, concept_dir, token_data,
+                                                                      tmp_path):
+    with pytest.raises(ConfigError, match="no caption contains token_string '<sks>'"):
+        train(make_cfg(tiny_sd15_dir, concept_dir, tmp_path, method="textual_inversion", token_string=TOKEN),
+              progress=False)
+    with pytest.raises(ValueError, match="already a word of this model's vocabulary"):
+        train(make_cfg(tiny_sd15_dir, token_data, tmp_path, method="textual_inversion", token_string="a"),
+              progress=False)
+    with pytest.raises(ConfigError, match="train_text_encoder must be false for textual_inversion"):
+        make_cfg(tiny_sd15_dir, token_data, tmp_path, method="textual_inversion", token_string=TOKEN,
+                 train_text_encoder=True)
+
+
+def test_pivotal_tuning_saves_a_lora_and_an_embedding(tiny_sd15_dir, token_data, tmp_path):
+    from helpers.lora_io import load_lora
+
+    r = train(make_cfg(tiny_sd15_dir, token_data, tmp_path, method="lora", rank=4, token_string=TOKEN,
+                       init_word="flower", embedding_lr=5e-2, max_train_steps=3), progress=False)
+    assert [p.name for p in r.saved] == ["m.safetensors", "m_emb.safetensors"]
+    fresh = load_base(str(tiny_sd15_dir)).pipe
+    weights, meta = load_lora(str(tmp_path / "m.safetensors"), fresh)
+    assert weights["unet"] and meta["ss_network_dim"] == "4"
+    assert load_file(str(tmp_path / "m_emb.safetensors"))["emb_params"].shape[0] == 1
+
+
+def test_dreambooth_prior_loss_weight_falls_on_the_class_half_of_the_batch(tiny_sd15_dir):
+    from helpers.train import _Run
+
+    base = load_base(str(tiny_sd15_dir))
+    cfg = TrainConfig(pretrained_model="x", train_data_dir="x", method="dreambooth", prior_loss_weight=0.25)
+    sched = base.noise_scheduler()
+    run = _Run(cfg, SimpleNamespace(device=torch.device("cpu")), base, sched, base.tokenizers, base.text_encoders,
+               None, torch.float32)
+    g = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(4, 4, 16, 16, generator=g), torch.randn(4, 4, 16, 16, generator=g)
+    t = torch.tensor([100, 300, 500, 700])
+    batch = {"latents": latents, "captions": ["sks flower"] * 2 + ["a flower"] * 2,
+             "is_class": torch.tensor([False, False, True, True])}
+    with torch.no_grad():
+        loss = run.loss(base.unet, batch, "epsilon", None, noise=noise, timesteps=t)
+        emb = base.text_encoders[0](base.tokenizers[0](batch["captions"], padding="max_length",
+                                                       max_length=base.tokenizers[0].model_max_length,
+                                                       return_tensors="pt").input_ids)[0]
+        pred = base.unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=emb).sample
+    per = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+    expected = (per[0] + per[1] + 0.25 * (per[2] + per[3])) / 4  # instance half at 1, class half at 0.25
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_dreambooth_generates_class_images_and_its_single_file_reproduces_the_pipeline(tiny_sd15_dir, concept_dir,
+                                                                                       tmp_path):
+    from helpers.inference import generate
+
+    base = load_base(str(tiny_sd15_dir))
+    cfg = make_cfg(tiny_sd15_dir, concept_dir, tmp_path, method="dreambooth", learning_rate=1e-4,
+                   optimizer="adamw", class_prompt="a flower", num_class_images=4, save_format="both",
+                   sample_steps=2)
+    before = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    result = train(cfg, base=base, progress=False)
+    assert len(list((tmp_path / "class_images").glob("*.png"))) == 4  # made with the base model first
+    assert [p.name for p in result.saved] == ["m.safetensors", "m_diffusers"]
+    changed = [k for k, v in base.unet.state_dict().items() if not torch.equal(v, before[k])]
+    assert len(changed) > 0.9 * len(before)  # a full fine-tune: (nearly) every UNet tensor moved
+
+    def images(pipe):
+        ims, _ = generate(pipe, "sks flower", steps=3, cfg_scale=4.0, seed=1, sampler="DDIM", num_images=2)
+        return np.stack([np.asarray(im, dtype=np.int16) for im in ims])
+
+    trained = images(base.pipe)
+    single = load_base(str(result.saved[0]), config=str(tiny_sd15_dir))  # offline, configs from a local folder
+    folder = load_base(str(result.saved[1]))
+    assert np.abs(images(single.pipe) - trained).max() <= 1
+    assert np.array_equal(images(folder.pipe), trained)
+    assert not np.array_equal(images(load_base(str(tiny_sd15_dir)).pipe), trained)
