@@ -299,8 +299,8 @@ def _train(cfg: TrainConfig, base, emit: Event, progress: bool, box: dict[str, A
     # --- 5. the loop ----------------------------------------------------------------------------
     if is_main:
         print(f"{base.describe()}\n"
-              f"LoRA rank {cfg.rank} alpha {cfg.alpha} ({cfg.target}{' + text encoder' if trained_tes else ''}), "
-              f"{_count_trainable(unet, *trained_tes):,} trainable params; {len(dataset)} samples/epoch "
+              f"{_method_line(cfg, trained_tes)}, "
+              f"{sum(p.numel() for p in trainable):,} trainable params; {len(dataset)} samples/epoch "
               f"({len(items)} images), batch {cfg.train_batch_size} x accum {cfg.gradient_accumulation_steps} "
               f"x {accelerator.num_processes} process(es); {max_steps} steps, {num_epochs} epoch(s); "
               f"optimizer {optimizer_kind(optimizer)}, precision {accelerator.mixed_precision}, "
@@ -714,6 +714,17 @@ def _all_finite(loss: torch.Tensor, accelerator) -> bool:
     return bad.item() == 0
 
 
+def _method_line(cfg: TrainConfig, trained_tes: list) -> str:
+    te = " + text encoder" if trained_tes else ""
+    token = (f" + new token {cfg.token_string!r} x{cfg.num_vectors_per_token} from {cfg.init_word!r}"
+             if cfg.token_string else "")
+    if cfg.method == "lora":
+        return f"LoRA rank {cfg.rank} alpha {cfg.alpha} ({cfg.target}{te}){token}"
+    if cfg.method == "dreambooth":
+        return f"DreamBooth: full UNet{te}"
+    return f"Textual Inversion:{token.removeprefix(' +')}"
+
+
 def _average_gradients(params, accelerator) -> None:
     """Average gradients of parameters outside the DDP-wrapped models across processes."""
     for p in params:
@@ -764,10 +775,6 @@ def tag_frequency(items) -> dict[str, dict[str, int]]:
         tags = [t.strip() for t in item.caption.split(",") if t.strip()]
         freq.setdefault(folder, Counter()).update(tags)
     return {k: dict(v) for k, v in freq.items()}
-
-
-def _count_trainable(*models: torch.nn.Module) -> int:
-    return sum(p.numel() for m in models for p in m.parameters() if p.requires_grad)
 
 
 def _remove(path: Path) -> None:

@@ -125,7 +125,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS = [_add_judge, _add_pretrain, _add_evaluate]
+def _add_methods(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("methods", help="LoRA vs DreamBooth vs Textual Inversion on the toy concept, judged alike")
+    p.add_argument("--methods", nargs="+", default=["lora", "dreambooth", "textual_inversion"],
+                   choices=["lora", "dreambooth", "textual_inversion"])
+    p.add_argument("--samples", type=int, default=32, help="judged samples per prompt group (default 32)")
+    p.add_argument("--out", default=".", help="folder that receives demo_images/ and outputs/")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_methods)
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .methods import compare_methods
+
+    compare_methods(Path(args.out), tuple(args.methods), samples=args.samples, progress=not args.no_progress)
+    return 0
+
+
+SUBCOMMANDS = [_add_judge, _add_pretrain, _add_evaluate, _add_methods]
 
 
 def main(argv: list[str] | None = None) -> int:
