@@ -1,4 +1,4 @@
-"""Command line: python -m helpers {prepare,tag,train,generate,demo} ...
+"""Command line: python -m helpers {prepare,tag,train,generate,evaluate,demo} ...
 
 Every TrainConfig field is a flag (`--rank 8`, `--flip-aug`, `--no-cache-latents`); flags override the
 values of `--config my.toml`, which override the defaults. The same dataclass the notebooks build.
@@ -80,20 +80,33 @@ def _parse_lora(text: str) -> tuple[str, float]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .inference import generate, load_loras, save_png
-    from .models import load_base
+    from .inference import generate, load_embeddings, load_loras, lora_hashes_field, lora_name, memory_options, save_png
+    from .models import load_base, pick_dtype
 
-    base = load_base(args.model, device=args.device, config=args.model_config)
+    device, dtype = args.device, args.dtype
+    if args.cpu_offload and device.startswith("cuda") and _cuda():
+        # offload moves each model to the GPU only while it runs: load on the CPU in the GPU's dtype
+        device, dtype = "cpu", pick_dtype("cuda", args.dtype)
+    base = load_base(args.model, device=device, dtype=dtype, config=args.model_config)
     loras = [_parse_lora(x) for x in args.lora or []]
     load_loras(base.pipe, loras)
+    embeddings = []  # PATH or PATH=TOKEN (the token defaults to the file's stem, as in A1111)
+    for text in args.embedding or []:
+        path, sep, token = text.rpartition("=")
+        embeddings.append((path, token) if sep and path and token else text)
+    tokens = load_embeddings(base.pipe, embeddings)
+    if tokens:
+        print("embeddings: " + ", ".join(tokens))
+    memory_options(base.pipe, attention_slicing=args.attention_slicing, vae_slicing=args.vae_slicing,
+                   vae_tiling=args.vae_tiling, cpu_offload=args.cpu_offload)
     out = Path(args.out)
-    lora_names = [(Path(p).stem, w) for p, w in loras]
+    lora_names = [(lora_name(p), w) for p, w in loras]
     for pi, prompt in enumerate(args.prompt):
         images, params = generate(base.pipe, prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                                   cfg_scale=args.cfg_scale, seed=args.seed, sampler=args.sampler,
                                   width=args.width, height=args.height, num_images=args.num_images,
                                   clip_skip=args.clip_skip, family=base.family, model_name=Path(args.model).name,
-                                  loras=lora_names)
+                                  loras=lora_names, weighting=args.weighting, extra=lora_hashes_field(loras))
         for i, (image, text) in enumerate(zip(images, params)):
             path = save_png(image, out / f"{pi:03d}_{args.seed + i}.png", text)
             print(path)
@@ -176,6 +189,37 @@ def cmd_tag(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import run_protocol, run_toy_protocol
+
+    def model_or_none(value):
+        return None if value is None or value.lower() == "none" else value
+
+    common = dict(weights=args.weights, seeds=args.seeds if args.seeds else args.num_seeds, steps=args.steps,
+                  sampler=args.sampler, out_dir=args.out, kid_subset_size=args.kid_subset_size, device=args.device, batch_size=args.batch_size,
+                  progress=not args.no_progress)
+    if args.cfg_scale is not None:
+        common["cfg_scale"] = args.cfg_scale
+    if args.fid_kid is not None:
+        common["fid_kid"] = args.fid_kid
+    if args.toy:
+        result = run_toy_protocol(loras=args.lora, clip_model=model_or_none(args.clip_model),
+                                  dino_model=model_or_none(args.dino_model), **common)
+    else:
+        if not args.model or not args.prompt:
+            raise ValueError("evaluate needs --model and at least one --prompt (or --toy for the toy world)")
+        result = run_protocol(args.model, args.lora or [], natural_prompts=args.prompt,
+                              context_prompts=args.context_prompt or [], prior_prompts=args.prior_prompt or [],
+                              trigger=args.trigger, reference_images=args.reference_dir,
+                              negative_prompt=args.negative_prompt, clip_skip=args.clip_skip,
+                              clip_model=model_or_none(args.clip_model or "openai/clip-vit-large-patch14"),
+                              dino_model=model_or_none(args.dino_model or "facebook/dino-vits16"),
+                              inception_weights=args.inception_weights, model_config=args.model_config, **common)
+    print(open(result.markdown_path, encoding="utf-8").read())
+    print(f"report: {result.report_path} and {result.html_path}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -243,14 +287,55 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg-scale", type=float, default=7.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampler", default="Euler a")
+    p.add_argument("--sampler", default="Euler a", help="A1111 sampler name, e.g. 'DPM++ 2M Karras', 'Euler a', 'DDIM'")
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--clip-skip", type=int, default=1)
+    p.add_argument("--weighting", action="store_true",
+                   help="A1111 prompt weighting: (word:1.3), (word), [word], BREAK, prompts over 75 tokens")
+    p.add_argument("--embedding", action="append",
+                   help="Textual Inversion file (.safetensors), optionally PATH=TOKEN (repeatable)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--dtype", default="auto", help="auto (fp16/bf16 on a GPU, fp32 on CPU), fp16, bf16, fp32")
+    p.add_argument("--attention-slicing", action="store_true", help="less GPU memory, a little slower")
+    p.add_argument("--vae-slicing", action="store_true", help="decode a batch one image at a time")
+    p.add_argument("--vae-tiling", action="store_true", help="decode large images in tiles")
+    p.add_argument("--cpu-offload", action="store_true",
+                   help="keep models on the CPU until they run (CUDA + accelerate; SDXL on a T4)")
     p.add_argument("--out", default="outputs/generated")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("evaluate", help="the evaluation protocol: base model vs LoRAs, CLIP-T/CLIP-I/DINO/KID/FID, "
+                                        "trigger-word test, report")
+    p.add_argument("--model", help="base model: hub id, diffusers folder or .safetensors checkpoint")
+    p.add_argument("--model-config", help="local diffusers folder with configs for a single-file model")
+    p.add_argument("--lora", action="append", help="LoRA file to evaluate (repeatable: checkpoints, runs)")
+    p.add_argument("--weights", type=float, nargs="+", default=[1.0], help="LoRA weights to evaluate")
+    p.add_argument("--prompt", action="append", help="the concept in its natural setting (repeatable)")
+    p.add_argument("--context-prompt", action="append", help="the concept in a new context (repeatable)")
+    p.add_argument("--prior-prompt", action="append", help="a prompt without the concept: is the prior kept?")
+    p.add_argument("--trigger", default="", help="trigger word (the trigger test removes it from the prompts)")
+    p.add_argument("--reference-dir", help="the training images (for CLIP-I, DINO, KID/FID)")
+    p.add_argument("--seeds", type=int, nargs="+", help="explicit seeds")
+    p.add_argument("--num-seeds", type=int, default=4, help="seeds 0..N-1 when --seeds is not given")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--sampler", default="DDIM")
+    p.add_argument("--cfg-scale", type=float)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--clip-skip", type=int, default=1)
+    p.add_argument("--clip-model", help="CLIP id or folder ('none' to skip); default openai/clip-vit-large-patch14")
+    p.add_argument("--dino-model", help="DINO id or folder ('none' to skip); default facebook/dino-vits16")
+    p.add_argument("--fid-kid", action=argparse.BooleanOptionalAction, default=None,
+                   help="KID/FID (need torch-fidelity's Inception; default on, off with --toy)")
+    p.add_argument("--inception-weights", help="local InceptionV3 weights file for KID/FID (offline)")
+    p.add_argument("--kid-subset-size", type=int)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", default="outputs/eval")
+    p.add_argument("--toy", action="store_true", help="the toy world: toy base, shipped toy LoRA, toy judge")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="offline demo: teach the toy base model a new concept, write grids and scores")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")

@@ -88,3 +88,12 @@ def test_prepare_then_tag_from_the_command_line(tmp_path, capsys):
     assert (out / "p0.txt").read_text() == "flower, blurry, outdoors"
     assert main(["prepare", "--source", str(src), "--output-dir", str(out), "--no-progress"]) == 2  # no --overwrite
     assert "overwrite" in capsys.readouterr().err
+
+
+def test_evaluate_on_the_toy_world_from_the_command_line(tmp_path, capsys):
+    assert main(["evaluate", "--toy", "--weights", "1", "--num-seeds", "1", "--steps", "2", "--out",
+                 str(tmp_path / "eval"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "judge_concept_rate" in out and (tmp_path / "eval" / "report.md").is_file()
+    assert main(["evaluate", "--model", "x"]) == 2
+    assert "needs --model and at least one --prompt" in capsys.readouterr().err
