@@ -17,12 +17,10 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageDraw
-
+from .grids import GRID_LEFT, GRID_PAD, GRID_TOP, GRID_ZOOM, labelled_grid  # noqa: F401 (the demo grid's layout)
 from .toy import world
 
 EVAL_SAMPLER, EVAL_STEPS, EVAL_CFG = "DDIM", 25, 5.0
-GRID_LEFT, GRID_TOP, GRID_PAD, GRID_ZOOM = 250, 26, 8, 3   # grid layout: label margins, gap, pixel zoom
 
 
 @dataclass
@@ -167,24 +165,3 @@ def format_table(scores: dict[str, dict[str, float]], n: int) -> str:
     for label, key in rows:
         lines.append(f"{label:<36}{scores['0'][key]:>14.0%}{scores['1'][key]:>18.0%}")
     return "\n".join(lines)
-
-
-def labelled_grid(cells: list[list[list[Image.Image]]], col_labels: list[str], row_labels: list[str],
-                  zoom: int = GRID_ZOOM) -> Image.Image:
-    """A grid of image strips with column and row labels (each cell: a strip of images side by side)."""
-    w, h = cells[0][0][0].size
-    per = len(cells[0][0])
-    cw, ch = w * per * zoom, h * zoom
-    left, top, pad = GRID_LEFT, GRID_TOP, GRID_PAD
-    out = Image.new("RGB", (left + len(col_labels) * (cw + pad), top + len(row_labels) * (ch + pad)), "white")
-    d = ImageDraw.Draw(out)
-    for j, label in enumerate(col_labels):
-        d.text((left + j * (cw + pad) + 4, 8), label, fill="black")
-    for i, label in enumerate(row_labels):
-        d.text((4, top + i * (ch + pad) + ch // 2 - 6), label, fill="black")
-        for j, images in enumerate(cells[i]):
-            strip = Image.new("RGB", (w * per, h))
-            for k, im in enumerate(images):
-                strip.paste(im, (k * w, 0))
-            out.paste(strip.resize((cw, ch), Image.NEAREST), (left + j * (cw + pad), top + i * (ch + pad)))
-    return out

@@ -280,7 +280,10 @@ class PrepareReport:
         small = self.smaller_than_target
         if small:
             lines.append(f"  smaller than target ({len(small)}, kept at their size; allow_upscale=True to upscale):")
-            lines += [f"    {r.name}: {r.original_size[0]}x{r.original_size[1]}" for r in small if r.original_size]
+            shown = [r for r in small if r.original_size][:10]
+            lines += [f"    {r.name}: {r.original_size[0]}x{r.original_size[1]}" for r in shown]
+            if len(small) > len(shown):
+                lines.append(f"    ... and {len(small) - len(shown)} more (flag 'upscale_needed' in the manifest)")
         if self.rejected:
             lines.append(f"  rejected ({len(self.rejected)}):")
             lines += [f"    {r.source}: {r.reason}" for r in self.rejected]
