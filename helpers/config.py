@@ -146,7 +146,7 @@ class TrainConfig:
     save_last_n: int | None = None        # keep only the newest N intermediate saves
     save_format: str = "kohya"            # kohya: one .safetensors (LoRA, or DreamBooth single-file checkpoint) | diffusers | both
     save_precision: str = "fp16"
-    log_every_n_steps: int = 10           # loss is read back from the device only at log steps
+    log_every_n_steps: int = 10           # loss values are logged at these steps (a finite-check syncs every step)
 
     # --- resume and failures ---
     save_state_every_n_steps: int | None = None   # full training state (to resume) under output_dir/states/
