@@ -243,6 +243,9 @@ def pretrain(out_dir: str | Path = SHIPPED_DIR, cfg: PretrainConfig | None = Non
     vae.requires_grad_(False)
 
     ema_unet, ema_te = train_unet(unet, text_encoder, tokenizer, scheduler.config, latents, captions, cfg, log)
+    # tokenize(truncation=True) leaves a truncation setting in the fast tokenizer's state; the shipped
+    # tokenizer.json has none, and a re-run must write the same file
+    tokenizer.backend_tokenizer.no_truncation()
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=ema_te, tokenizer=tokenizer, unet=ema_unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
