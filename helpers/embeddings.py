@@ -26,12 +26,16 @@ def token_names(token: str, num_vectors: int) -> list[str]:
     return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
 
 
+def token_pattern(token: str) -> re.Pattern:
+    """`token` standing alone in a caption or prompt (not inside a longer word or another <token>)."""
+    return re.compile(rf"(?<![\w<>]){re.escape(token)}(?![\w<>])")
+
+
 def expand_token(text: str, token: str, num_vectors: int) -> str:
     """Replace each standalone `token` in a caption or prompt by all its vector tokens."""
     if num_vectors <= 1:
         return text
-    pattern = re.compile(rf"(?<![\w<>]){re.escape(token)}(?![\w<>])")
-    return pattern.sub(" ".join(token_names(token, num_vectors)), text)
+    return token_pattern(token).sub(" ".join(token_names(token, num_vectors)), text)
 
 
 class NewTokenEmbeddings(torch.nn.Module):

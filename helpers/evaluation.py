@@ -15,7 +15,6 @@ import io
 import json
 import math
 import re
-import threading
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ import torch
 from PIL import Image
 
 from .atomic import atomic_path, write_bytes, write_text
-from .models import BaseModel, ModelLoadError
+from .models import BaseModel, ModelLoadError, url_reachable
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 DEFAULT_DINO = "facebook/dino-vits16"
@@ -171,28 +170,6 @@ def kid_from_features(generated: torch.Tensor, reference: torch.Tensor, *, subse
 
 # ------------------------------------------------------------------------------------ metric models
 
-def _reachable(url: str, timeout: float = 3.0) -> bool:
-    """Whether `url`'s host answers within `timeout` s (daemon thread: a stuck DNS lookup cannot hang us)."""
-    result: list[bool] = []
-
-    def probe() -> None:
-        import urllib.error
-        import urllib.request
-
-        try:
-            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
-            result.append(True)
-        except urllib.error.HTTPError:
-            result.append(True)
-        except Exception:
-            result.append(False)
-
-    t = threading.Thread(target=probe, daemon=True, name="url-probe")
-    t.start()
-    t.join(timeout + 1.0)
-    return bool(result and result[0])
-
-
 def _hub_offline(source: str, local_files_only: bool | None) -> bool:
     """Whether loading `source` must stay in the local cache (False for folders: no Hub involved)."""
     from .models import _use_local_files_only
@@ -242,6 +219,17 @@ def _rgb(images: Sequence[Image.Image]) -> list[Image.Image]:
     return [im if im.mode == "RGB" else im.convert("RGB") for im in images]
 
 
+def _embed_images(metric_model, images: Sequence[Image.Image], batch_size: int,
+                  embed: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Run `embed` on the processor's pixel values, batch by batch; float32 CPU rows, one per image."""
+    out = []
+    device = _device_of(metric_model.model)
+    for i in range(0, len(images), batch_size):
+        px = metric_model.processor(images=_rgb(images[i:i + batch_size]), return_tensors="pt")["pixel_values"]
+        out.append(embed(px.to(device)).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
 @dataclass
 class ClipModel:
     """A CLIP model and its processor: image and text embeddings (projected, not normalized)."""
@@ -256,11 +244,8 @@ class ClipModel:
 
     @torch.no_grad()
     def image_embeds(self, images: Sequence[Image.Image], batch_size: int = 32) -> torch.Tensor:
-        out = []
-        for i in range(0, len(images), batch_size):
-            px = self.processor(images=_rgb(images[i:i + batch_size]), return_tensors="pt")["pixel_values"]
-            out.append(_embeddings(self.model.get_image_features(pixel_values=px.to(_device_of(self.model)))).float().cpu())
-        return torch.cat(out) if out else torch.zeros(0, 0)
+        return _embed_images(self, images, batch_size,
+                             lambda px: _embeddings(self.model.get_image_features(pixel_values=px)))
 
     @torch.no_grad()
     def text_embeds(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
@@ -288,12 +273,7 @@ class DinoModel:
 
     @torch.no_grad()
     def image_embeds(self, images: Sequence[Image.Image], batch_size: int = 32) -> torch.Tensor:
-        out = []
-        for i in range(0, len(images), batch_size):
-            px = self.processor(images=_rgb(images[i:i + batch_size]), return_tensors="pt")["pixel_values"]
-            hidden = self.model(pixel_values=px.to(_device_of(self.model))).last_hidden_state
-            out.append(hidden[:, 0].float().cpu())
-        return torch.cat(out) if out else torch.zeros(0, 0)
+        return _embed_images(self, images, batch_size, lambda px: self.model(pixel_values=px).last_hidden_state[:, 0])
 
 
 def load_clip(source: str = DEFAULT_CLIP, *, device: str = "cpu", local_files_only: bool | None = None) -> ClipModel:
@@ -349,7 +329,7 @@ def load_inception(weights: str | None = None, *, device: str = "cpu") -> torch.
     path = Path(weights).expanduser() if weights else inception_weights_path()
     if weights and not path.is_file():
         problems.append(f"inception_weights {path} does not exist")
-    elif not path.is_file() and (_offline_by_env() or not _reachable(INCEPTION_URL)):
+    elif not path.is_file() and (_offline_by_env() or not url_reachable(INCEPTION_URL)):
         problems.append(f"its weights are not cached at {path} and this machine is offline: download "
                         f"{INCEPTION_URL} where there is network and put it there (or pass inception_weights=)")
     if problems:

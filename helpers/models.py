@@ -20,7 +20,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
@@ -309,11 +309,9 @@ def _offline_by_env() -> bool:
     return env or bool(constants.HF_HUB_OFFLINE)
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hub endpoint answers within `timeout` seconds. The probe runs in a daemon thread
+def url_reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether `url`'s host answers within `timeout` seconds. The probe runs in a daemon thread
     so a stuck DNS lookup cannot hang the caller."""
-    from huggingface_hub import constants
-
     result: list[bool] = []
 
     def probe() -> None:
@@ -321,7 +319,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         import urllib.request
 
         try:
-            req = urllib.request.Request(constants.ENDPOINT, method="HEAD")
+            req = urllib.request.Request(url, method="HEAD")
             urllib.request.urlopen(req, timeout=timeout).close()
             result.append(True)
         except urllib.error.HTTPError:
@@ -329,10 +327,17 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         except Exception:
             result.append(False)
 
-    t = threading.Thread(target=probe, daemon=True, name="hub-probe")
+    t = threading.Thread(target=probe, daemon=True, name="url-probe")
     t.start()
     t.join(timeout + 1.0)
     return bool(result and result[0])
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub endpoint answers within `timeout` seconds."""
+    from huggingface_hub import constants
+
+    return url_reachable(constants.ENDPOINT, timeout)
 
 
 def _use_local_files_only(local_files_only: bool | None) -> bool:
@@ -479,29 +484,39 @@ def _load_folder(folder: Path, dtype: torch.dtype, variant: str | None):
     return pipe
 
 
-def _load_hub(repo_id: str, dtype: torch.dtype, variant: str | None, local_files_only: bool | None):
+def download_hub_file(repo_id: str, filename: str, *, offline: bool, offline_error: Callable[[], Exception],
+                      missing: str, error_cls: type[Exception] = ModelLoadError) -> Path:
+    """One file of a Hub repo (or its cached copy when `offline`); Hub failures become `error_cls` with a
+    message a user can act on: `offline_error()` when it is not cached offline, `missing` when the repo lacks it."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError)
 
-    offline = _use_local_files_only(local_files_only)
     try:
-        index_file = hf_hub_download(repo_id, "model_index.json", local_files_only=offline)
+        return Path(hf_hub_download(repo_id, filename, local_files_only=offline))
     except LocalEntryNotFoundError:  # subclasses EntryNotFoundError: catch it first
-        raise _offline_hub_error(repo_id) from None
+        raise offline_error() from None
     except GatedRepoError:
-        raise ModelLoadError(f"{repo_id!r} is gated: accept its licence on huggingface.co and log in "
-                             "(`from huggingface_hub import notebook_login; notebook_login()`).") from None
+        raise error_cls(f"{repo_id!r} is gated: accept its licence on huggingface.co and log in "
+                        "(`from huggingface_hub import notebook_login; notebook_login()`).") from None
     except RepositoryNotFoundError:
-        raise ModelLoadError(f"{repo_id!r} is not a model on the Hugging Face Hub (check the spelling; private "
-                             "repos need a login).") from None
+        raise error_cls(f"{repo_id!r} is not a model on the Hugging Face Hub (check the spelling; private "
+                        "repos need a login).") from None
     except EntryNotFoundError:
-        raise ModelLoadError(f"{repo_id!r} has no model_index.json: it is not a diffusers pipeline repo. If it "
-                             "ships a single .safetensors file, download that file and pass its path.") from None
+        raise error_cls(missing) from None
     except OSError:
         if offline:
-            raise _offline_hub_error(repo_id) from None
+            raise offline_error() from None
         raise
+
+
+def _load_hub(repo_id: str, dtype: torch.dtype, variant: str | None, local_files_only: bool | None):
+    offline = _use_local_files_only(local_files_only)
+    index_file = download_hub_file(
+        repo_id, "model_index.json", offline=offline,
+        offline_error=lambda: _offline_hub_error(repo_id),
+        missing=f"{repo_id!r} has no model_index.json: it is not a diffusers pipeline repo. If it "
+                "ships a single .safetensors file, download that file and pass its path.")
     index = json.loads(Path(index_file).read_text(encoding="utf-8"))
     fam = _family_from_model_index(index, repo_id) or "sd1"  # sd1 vs sd2 share a pipeline class
     cls = _pipeline_class(fam)

@@ -105,28 +105,12 @@ def _offline_error(kind: str, repo_id: str, files: str) -> CaptionerLoadError:
 
 def _hub_file(kind: str, repo_id: str, filename: str, files: str) -> Path:
     """Download (or find in the cache) one file of a Hub repo; Hub failures become CaptionerLoadError."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError)
+    from .models import download_hub_file
 
-    offline = _offline()
-    try:
-        return Path(hf_hub_download(repo_id, filename, local_files_only=offline))
-    except LocalEntryNotFoundError:  # subclasses EntryNotFoundError: catch it first
-        raise _offline_error(kind, repo_id, files) from None
-    except GatedRepoError:
-        raise CaptionerLoadError(f"{repo_id!r} is gated: accept its licence on huggingface.co and log in "
-                                 "(`from huggingface_hub import notebook_login; notebook_login()`).") from None
-    except RepositoryNotFoundError:
-        raise CaptionerLoadError(f"{repo_id!r} is not a model on the Hugging Face Hub (check the spelling; private "
-                                 "repos need a login).") from None
-    except EntryNotFoundError:
-        raise CaptionerLoadError(f"{repo_id!r} has no {filename}: it is not a {kind} model repo "
-                                 f"(expected {files}).") from None
-    except OSError:
-        if offline:
-            raise _offline_error(kind, repo_id, files) from None
-        raise
+    return download_hub_file(repo_id, filename, offline=_offline(), error_cls=CaptionerLoadError,
+                             offline_error=lambda: _offline_error(kind, repo_id, files),
+                             missing=f"{repo_id!r} has no {filename}: it is not a {kind} model repo "
+                                     f"(expected {files}).")
 
 
 def _source(kind: str, model: str | os.PathLike | None) -> tuple[str, bool]:

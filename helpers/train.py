@@ -749,9 +749,9 @@ def _cast_safetensors_files(folder: Path, dtype: torch.dtype) -> None:
 
 def _check_token_in_captions(items, token: str) -> None:
     """Textual inversion learns a token from the captions that contain it: none would teach nothing."""
-    import re as _re
+    from .embeddings import token_pattern
 
-    pattern = _re.compile(rf"(?<![\w<>]){_re.escape(token)}(?![\w<>])")
+    pattern = token_pattern(token)
     lacking = [i for i in items if not pattern.search(i.caption)]
     if len(lacking) == len(items):
         raise ConfigError(f"no caption contains token_string {token!r}, so nothing would teach it. Put it in the "
