@@ -68,48 +68,37 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_lora(text: str) -> tuple[str, float]:
-    """`path` or `path:weight` (the weight defaults to 1.0)."""
-    path, sep, weight = text.rpartition(":")
-    if sep and path and not (len(path) == 1 and path.isalpha()):  # keep C:\ paths whole
-        try:
-            return path, float(weight)
-        except ValueError:
-            pass
-    return text, 1.0
+def _config_from_args(cls: type, args: argparse.Namespace):
+    """A config dataclass from `--config FILE` (if given) with the flags the user set on top.
+
+    The generate/evaluate parsers use argparse.SUPPRESS defaults, so an unset flag leaves the file's
+    (or the dataclass's) value alone."""
+    from .config import config_from_dict, load_config
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    config = getattr(args, "config", None)
+    if config:
+        return dataclasses.replace(load_config(config, cls), **given)
+    return config_from_dict(cls, given, source="command line")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .inference import generate, load_embeddings, load_loras, lora_hashes_field, lora_name, memory_options, save_png
+    from .config import GenerateConfig
+    from .inference import generate_to_folder
     from .models import load_base, pick_dtype
 
+    cfg = _config_from_args(GenerateConfig, args)
+    if not cfg.model or not cfg.prompts:
+        raise ValueError("generate needs --model and at least one --prompt (or a --config file that sets them)")
     device, dtype = args.device, args.dtype
     if args.cpu_offload and device.startswith("cuda") and _cuda():
         # offload moves each model to the GPU only while it runs: load on the CPU in the GPU's dtype
         device, dtype = "cpu", pick_dtype("cuda", args.dtype)
-    base = load_base(args.model, device=device, dtype=dtype, config=args.model_config)
-    loras = [_parse_lora(x) for x in args.lora or []]
-    load_loras(base.pipe, loras)
-    embeddings = []  # PATH or PATH=TOKEN (the token defaults to the file's stem, as in A1111)
-    for text in args.embedding or []:
-        path, sep, token = text.rpartition("=")
-        embeddings.append((path, token) if sep and path and token else text)
-    tokens = load_embeddings(base.pipe, embeddings)
-    if tokens:
-        print("embeddings: " + ", ".join(tokens))
-    memory_options(base.pipe, attention_slicing=args.attention_slicing, vae_slicing=args.vae_slicing,
-                   vae_tiling=args.vae_tiling, cpu_offload=args.cpu_offload)
-    out = Path(args.out)
-    lora_names = [(lora_name(p), w) for p, w in loras]
-    for pi, prompt in enumerate(args.prompt):
-        images, params = generate(base.pipe, prompt, negative_prompt=args.negative_prompt, steps=args.steps,
-                                  cfg_scale=args.cfg_scale, seed=args.seed, sampler=args.sampler,
-                                  width=args.width, height=args.height, num_images=args.num_images,
-                                  clip_skip=args.clip_skip, family=base.family, model_name=Path(args.model).name,
-                                  loras=lora_names, weighting=args.weighting, extra=lora_hashes_field(loras))
-        for i, (image, text) in enumerate(zip(images, params)):
-            path = save_png(image, out / f"{pi:03d}_{args.seed + i}.png", text)
-            print(path)
+    base = load_base(cfg.model, device=device, dtype=dtype, config=cfg.model_config)
+    memory = {k: getattr(args, k) for k in ("attention_slicing", "vae_slicing", "vae_tiling", "cpu_offload")}
+    for path in generate_to_folder(base, cfg, memory=memory, log=print):
+        print(path)
     return 0
 
 
@@ -190,31 +179,32 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluation import run_protocol, run_toy_protocol
+    from .config import EvalConfig
+    from .evaluation import run_eval_config, run_toy_protocol
 
     def model_or_none(value):
         return None if value is None or value.lower() == "none" else value
 
-    common = dict(weights=args.weights, seeds=args.seeds if args.seeds else args.num_seeds, steps=args.steps,
-                  sampler=args.sampler, out_dir=args.out, kid_subset_size=args.kid_subset_size, device=args.device, batch_size=args.batch_size,
-                  progress=not args.no_progress)
-    if args.cfg_scale is not None:
-        common["cfg_scale"] = args.cfg_scale
-    if args.fid_kid is not None:
-        common["fid_kid"] = args.fid_kid
+    extra = dict(seeds=args.seeds, kid_subset_size=args.kid_subset_size, device=args.device,
+                 progress=not args.no_progress)
     if args.toy:
-        result = run_toy_protocol(loras=args.lora, clip_model=model_or_none(args.clip_model),
-                                  dino_model=model_or_none(args.dino_model), **common)
+        given = vars(args)
+        common = {k: given[k] for k in ("weights", "steps", "sampler", "cfg_scale", "batch_size", "fid_kid")
+                  if k in given}
+        result = run_toy_protocol(loras=given.get("loras"), clip_model=model_or_none(given.get("clip_model")),
+                                  dino_model=model_or_none(given.get("dino_model")),
+                                  seeds=args.seeds or given.get("num_seeds", 4),
+                                  out_dir=given.get("out_dir", "outputs/toy_eval"),
+                                  kid_subset_size=args.kid_subset_size, device=args.device,
+                                  progress=not args.no_progress, **common)
     else:
-        if not args.model or not args.prompt:
+        for name in ("clip_model", "dino_model"):
+            if isinstance(getattr(args, name, None), str) and getattr(args, name).lower() == "none":
+                setattr(args, name, None)
+        cfg = _config_from_args(EvalConfig, args)
+        if not cfg.model or not cfg.prompts:
             raise ValueError("evaluate needs --model and at least one --prompt (or --toy for the toy world)")
-        result = run_protocol(args.model, args.lora or [], natural_prompts=args.prompt,
-                              context_prompts=args.context_prompt or [], prior_prompts=args.prior_prompt or [],
-                              trigger=args.trigger, reference_images=args.reference_dir,
-                              negative_prompt=args.negative_prompt, clip_skip=args.clip_skip,
-                              clip_model=model_or_none(args.clip_model or "openai/clip-vit-large-patch14"),
-                              dino_model=model_or_none(args.dino_model or "facebook/dino-vits16"),
-                              inception_weights=args.inception_weights, model_config=args.model_config, **common)
+        result = run_eval_config(cfg, **extra)
     print(open(result.markdown_path, encoding="utf-8").read())
     print(f"report: {result.report_path} and {result.html_path}")
     return 0
@@ -278,63 +268,69 @@ def main(argv: list[str] | None = None) -> int:
     _add_config_flags(p, TrainConfig)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("generate", help="generate images with a base model and LoRAs")
-    p.add_argument("--model", required=True, help="hub id, diffusers folder or .safetensors checkpoint")
+    S = argparse.SUPPRESS  # unset flags leave the --config file's (or the dataclass's) value alone
+    p = sub.add_parser("generate", help="generate images with a base model and LoRAs", argument_default=S)
+    p.add_argument("--config", default=None, help="TOML file with a GenerateConfig (04_inference writes one)")
+    p.add_argument("--model", help="hub id, diffusers folder or .safetensors checkpoint")
     p.add_argument("--model-config", help="local diffusers folder with configs for a single-file model")
-    p.add_argument("--lora", action="append", help="LoRA file, optionally with :weight (repeatable)")
-    p.add_argument("--prompt", action="append", required=True, help="repeatable")
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cfg-scale", type=float, default=7.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampler", default="Euler a", help="A1111 sampler name, e.g. 'DPM++ 2M Karras', 'Euler a', 'DDIM'")
+    p.add_argument("--lora", dest="loras", action="append", help="LoRA file, optionally with :weight (repeatable)")
+    p.add_argument("--prompt", dest="prompts", action="append", help="repeatable")
+    p.add_argument("--negative-prompt")
+    p.add_argument("--steps", type=int, help="default 20")
+    p.add_argument("--cfg-scale", type=float, help="default 7")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--sampler", help="A1111 sampler name, e.g. 'DPM++ 2M Karras', 'Euler a' (default), 'DDIM'")
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
-    p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--clip-skip", type=int, default=1)
-    p.add_argument("--weighting", action="store_true",
+    p.add_argument("--num-images", type=int)
+    p.add_argument("--clip-skip", type=int)
+    p.add_argument("--weighting", action=argparse.BooleanOptionalAction,
                    help="A1111 prompt weighting: (word:1.3), (word), [word], BREAK, prompts over 75 tokens")
-    p.add_argument("--embedding", action="append",
+    p.add_argument("--embedding", dest="embeddings", action="append",
                    help="Textual Inversion file (.safetensors), optionally PATH=TOKEN (repeatable)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--dtype", default="auto", help="auto (fp16/bf16 on a GPU, fp32 on CPU), fp16, bf16, fp32")
-    p.add_argument("--attention-slicing", action="store_true", help="less GPU memory, a little slower")
-    p.add_argument("--vae-slicing", action="store_true", help="decode a batch one image at a time")
-    p.add_argument("--vae-tiling", action="store_true", help="decode large images in tiles")
-    p.add_argument("--cpu-offload", action="store_true",
+    p.add_argument("--attention-slicing", action="store_true", default=False, help="less GPU memory, a little slower")
+    p.add_argument("--vae-slicing", action="store_true", default=False, help="decode a batch one image at a time")
+    p.add_argument("--vae-tiling", action="store_true", default=False, help="decode large images in tiles")
+    p.add_argument("--cpu-offload", action="store_true", default=False,
                    help="keep models on the CPU until they run (CUDA + accelerate; SDXL on a T4)")
-    p.add_argument("--out", default="outputs/generated")
+    p.add_argument("--out", dest="out_dir", help="default outputs/generated")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("evaluate", help="the evaluation protocol: base model vs LoRAs, CLIP-T/CLIP-I/DINO/KID/FID, "
-                                        "trigger-word test, report")
+                                        "trigger-word test, report", argument_default=S)
+    p.add_argument("--config", default=None, help="TOML file with an EvalConfig (05_eval writes one)")
     p.add_argument("--model", help="base model: hub id, diffusers folder or .safetensors checkpoint")
     p.add_argument("--model-config", help="local diffusers folder with configs for a single-file model")
-    p.add_argument("--lora", action="append", help="LoRA file to evaluate (repeatable: checkpoints, runs)")
-    p.add_argument("--weights", type=float, nargs="+", default=[1.0], help="LoRA weights to evaluate")
-    p.add_argument("--prompt", action="append", help="the concept in its natural setting (repeatable)")
-    p.add_argument("--context-prompt", action="append", help="the concept in a new context (repeatable)")
-    p.add_argument("--prior-prompt", action="append", help="a prompt without the concept: is the prior kept?")
-    p.add_argument("--trigger", default="", help="trigger word (the trigger test removes it from the prompts)")
+    p.add_argument("--lora", dest="loras", action="append", help="LoRA file to evaluate (repeatable: checkpoints, runs)")
+    p.add_argument("--weights", type=float, nargs="+", help="LoRA weights to evaluate (default 1)")
+    p.add_argument("--prompt", dest="prompts", action="append", help="the concept in its natural setting (repeatable)")
+    p.add_argument("--context-prompt", dest="context_prompts", action="append",
+                   help="the concept in a new context (repeatable)")
+    p.add_argument("--prior-prompt", dest="prior_prompts", action="append",
+                   help="a prompt without the concept: is the prior kept?")
+    p.add_argument("--trigger", help="trigger word (the trigger test removes it from the prompts)")
     p.add_argument("--reference-dir", help="the training images (for CLIP-I, DINO, KID/FID)")
-    p.add_argument("--seeds", type=int, nargs="+", help="explicit seeds")
-    p.add_argument("--num-seeds", type=int, default=4, help="seeds 0..N-1 when --seeds is not given")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--sampler", default="DDIM")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="explicit seeds")
+    p.add_argument("--num-seeds", type=int, help="seeds 0..N-1 when --seeds is not given (default 4)")
+    p.add_argument("--steps", type=int, help="default 25")
+    p.add_argument("--sampler", help="default DDIM")
     p.add_argument("--cfg-scale", type=float)
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--clip-skip", type=int, default=1)
+    p.add_argument("--negative-prompt")
+    p.add_argument("--clip-skip", type=int)
     p.add_argument("--clip-model", help="CLIP id or folder ('none' to skip); default openai/clip-vit-large-patch14")
     p.add_argument("--dino-model", help="DINO id or folder ('none' to skip); default facebook/dino-vits16")
-    p.add_argument("--fid-kid", action=argparse.BooleanOptionalAction, default=None,
+    p.add_argument("--fid-kid", action=argparse.BooleanOptionalAction,
                    help="KID/FID (need torch-fidelity's Inception; default on, off with --toy)")
     p.add_argument("--inception-weights", help="local InceptionV3 weights file for KID/FID (offline)")
-    p.add_argument("--kid-subset-size", type=int)
+    p.add_argument("--kid-subset-size", type=int, default=None)
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--out", default="outputs/eval")
-    p.add_argument("--toy", action="store_true", help="the toy world: toy base, shipped toy LoRA, toy judge")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--out", dest="out_dir", help="default outputs/eval")
+    p.add_argument("--toy", action="store_true", default=False,
+                   help="the toy world: toy base, shipped toy LoRA, toy judge")
+    p.add_argument("--no-progress", action="store_true", default=False)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="offline demo: teach the toy base model a new concept, write grids and scores")

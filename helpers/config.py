@@ -11,7 +11,7 @@ import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, get_args, get_origin, get_type_hints
 
 import tomli_w
 
@@ -64,6 +64,13 @@ SAVE_PRECISIONS = ("fp16", "bf16", "float")
 SAVE_FORMATS = ("kohya", "diffusers", "both")
 ATTENTION = ("sdpa", "xformers")
 NAN_POLICIES = ("stop", "skip")
+# The closed choices of each config class, by field: validation and the notebook widgets' dropdowns.
+TRAIN_CHOICES: dict[str, tuple[str, ...]] = {
+    "family": FAMILIES, "prediction_type": PREDICTION_TYPES, "method": METHODS, "target": TARGET_PRESETS,
+    "optimizer": OPTIMIZERS, "lr_scheduler": SCHEDULERS, "mixed_precision": MIXED_PRECISIONS,
+    "save_precision": SAVE_PRECISIONS, "save_format": SAVE_FORMATS, "attention": ATTENTION,
+    "nan_policy": NAN_POLICIES,
+}
 
 
 @dataclass
@@ -165,6 +172,8 @@ class TrainConfig:
     validation_every_n_steps: int | None = None   # fixed-noise loss on a few training images
     validation_images: int = 4
 
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = TRAIN_CHOICES
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -172,17 +181,8 @@ class TrainConfig:
     def validate(self) -> None:
         """Check every field; raise ConfigError naming the first bad one."""
         _check_types(self)
-        _choice("family", self.family, FAMILIES)
-        _choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
-        _choice("method", self.method, METHODS)
-        _choice("target", self.target, TARGET_PRESETS)
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("lr_scheduler", self.lr_scheduler, SCHEDULERS)
-        _choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
-        _choice("save_precision", self.save_precision, SAVE_PRECISIONS)
-        _choice("save_format", self.save_format, SAVE_FORMATS)
-        _choice("attention", self.attention, ATTENTION)
-        _choice("nan_policy", self.nan_policy, NAN_POLICIES)
+        for name, allowed in TRAIN_CHOICES.items():
+            _choice(name, getattr(self, name), allowed)
         _number_in("clip_skip", self.clip_skip, 1, 12)
         _positive_int("clip_skip", self.clip_skip)
         for name in ("resolution", "min_bucket_reso", "max_bucket_reso"):
@@ -284,6 +284,134 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def _sampler_names() -> tuple[str, ...]:
+    from .inference import SAMPLERS  # torch only; the sampler table lives beside the code that uses it
+
+    return tuple(SAMPLERS)
+
+
+def parse_lora_spec(text: str) -> tuple[str, float]:
+    """`path` or `path:weight` (the weight defaults to 1.0), the CLI's --lora syntax."""
+    path, sep, weight = text.rpartition(":")
+    if sep and path and not (len(path) == 1 and path.isalpha()):  # keep C:\ paths whole
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+@dataclass
+class GenerateConfig:
+    """Settings of an image generation (04_inference, `python -m helpers generate`)."""
+
+    model: str = ""                       # hub id, local diffusers folder, or a single .safetensors checkpoint
+    model_config: str | None = None       # local diffusers folder giving configs for a single-file model (offline)
+    loras: list[str] = field(default_factory=list)       # LoRA files, each "path" or "path:weight"
+    embeddings: list[str] = field(default_factory=list)  # Textual Inversion files, "path" or "path=token"
+    prompts: list[str] = field(default_factory=list)
+    negative_prompt: str = ""
+    sampler: str = "Euler a"              # AUTOMATIC1111 name ("DPM++ 2M Karras", "DDIM", ...)
+    steps: int = 20
+    cfg_scale: float = 7.0
+    seed: int = 0
+    width: int | None = None              # None: the model's native size (512 SD 1.5, 1024 SDXL)
+    height: int | None = None
+    num_images: int = 1                   # per prompt; image i uses seed + i
+    clip_skip: int = 1
+    weighting: bool = False               # A1111 prompt syntax: (word:1.3), [word], BREAK, > 75 tokens
+    grid_weights: list[float] = field(default_factory=lambda: [0.0, 0.5, 0.75, 1.0])  # prompt x weight grid
+    out_dir: str = "outputs/generated"
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field; raise ConfigError naming the first bad one."""
+        _check_types(self)
+        _choice("sampler", self.sampler, _sampler_names())
+        _positive_int("steps", self.steps)
+        _number_in("cfg_scale", self.cfg_scale, 0.0, 100.0)
+        _non_negative_int("seed", self.seed)
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value is not None:
+                _positive_int(name, value)
+                _multiple_of(name, value, 8)
+        _positive_int("num_images", self.num_images)
+        _positive_int("clip_skip", self.clip_skip)
+        if any(not spec.strip() for spec in self.loras):
+            raise ConfigError("loras has an empty entry")
+        for w in self.grid_weights:
+            _number_in("grid_weights", w, -10.0, 10.0)
+
+    def lora_weights(self) -> list[tuple[str, float]]:
+        """[(path, weight)] from the "path[:weight]" entries (weight 1 when left out)."""
+        return [parse_lora_spec(spec) for spec in self.loras]
+
+    def replace(self, **changes: Any) -> "GenerateConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class EvalConfig:
+    """Settings of the evaluation protocol (05_eval, `python -m helpers evaluate`)."""
+
+    model: str = ""                       # the base model the LoRAs were trained on
+    model_config: str | None = None
+    loras: list[str] = field(default_factory=list)       # LoRA files to compare (runs, checkpoints)
+    weights: list[float] = field(default_factory=lambda: [1.0])
+    prompts: list[str] = field(default_factory=list)     # the concept in its natural setting, with the trigger
+    context_prompts: list[str] = field(default_factory=list)  # the concept somewhere new
+    prior_prompts: list[str] = field(default_factory=list)    # no concept: is the base model's prior kept?
+    trigger: str = ""                     # the trigger test removes it from the prompts
+    reference_dir: str | None = None      # the training images (CLIP-I, DINO, KID/FID)
+    num_seeds: int = 4                    # seeds 0..N-1 per prompt
+    steps: int = 25
+    sampler: str = "DDIM"
+    cfg_scale: float = 7.0
+    negative_prompt: str = ""
+    clip_skip: int = 1
+    clip_model: str | None = "openai/clip-vit-large-patch14"   # None: no CLIP-T / CLIP-I
+    dino_model: str | None = "facebook/dino-vits16"           # None: no DINO
+    fid_kid: bool = True                  # needs torch-fidelity's Inception weights (or inception_weights)
+    inception_weights: str | None = None
+    batch_size: int = 8
+    out_dir: str = "outputs/eval"
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field; raise ConfigError naming the first bad one."""
+        _check_types(self)
+        _choice("sampler", self.sampler, _sampler_names())
+        _positive_int("num_seeds", self.num_seeds)
+        _positive_int("steps", self.steps)
+        _number_in("cfg_scale", self.cfg_scale, 0.0, 100.0)
+        _positive_int("clip_skip", self.clip_skip)
+        _positive_int("batch_size", self.batch_size)
+        if not self.weights:
+            raise ConfigError("weights must list at least one LoRA weight, e.g. [1.0]")
+        for w in self.weights:
+            _number_in("weights", w, -10.0, 10.0)
+        if self.trigger and any(c.isspace() for c in self.trigger):
+            raise ConfigError(f"trigger must be one word, got {self.trigger!r}")
+
+    def replace(self, **changes: Any) -> "EvalConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 # --- type checking of values coming from TOML, the CLI or widgets ---------------------------
 
 def _allowed_types(tp: Any) -> tuple[type, ...]:
@@ -298,8 +426,19 @@ def _allowed_types(tp: Any) -> tuple[type, ...]:
     return tuple(out)
 
 
+def list_item_type(tp: Any) -> type | None:
+    """The element type of a `list[X]` (or `list[X] | None`) field, else None."""
+    if get_origin(tp) is list:
+        return get_args(tp)[0]
+    for arg in get_args(tp):
+        if get_origin(arg) is list:
+            return get_args(arg)[0]
+    return None
+
+
 _TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-               list: "a list of strings", type(None): "unset"}
+               list: "a list", type(None): "unset"}
+_LIST_WORDS = {str: "a list of strings", float: "a list of numbers", int: "a list of integers"}
 
 
 def _type_name(types: tuple[type, ...]) -> str:
@@ -314,12 +453,18 @@ def _check_types(cfg: Any) -> None:
         if float in allowed and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)  # TOML and the CLI write 1 for 1.0
             setattr(cfg, f.name, value)
+        item = list_item_type(hints[f.name])
+        words = _LIST_WORDS.get(item, _type_name(allowed)) if item else _type_name(allowed)
         if isinstance(value, bool) and bool not in allowed:
-            raise ConfigError(f"{f.name} must be {_type_name(allowed)}, got {value!r}")
+            raise ConfigError(f"{f.name} must be {words}, got {value!r}")
         if not isinstance(value, allowed):
-            raise ConfigError(f"{f.name} must be {_type_name(allowed)}, got {value!r}")
-        if isinstance(value, list) and not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{f.name} must be a list of strings, got {value!r}")
+            raise ConfigError(f"{f.name} must be {words}, got {value!r}")
+        if isinstance(value, list):
+            if item is float and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+                value = [float(v) for v in value]
+                setattr(cfg, f.name, value)
+            if not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+                raise ConfigError(f"{f.name} must be {words}, got {value!r}")
 
 
 # --- TOML --------------------------------------------------------------------------------------

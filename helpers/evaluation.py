@@ -1127,3 +1127,36 @@ def run_toy_protocol(out_dir: str | Path = "outputs/toy_eval", loras: Sequence[s
                         context_prompts=prompts["new_context"], prior_prompts=prompts["prior"], trigger=world.TRIGGER,
                         reference_images=ref_dir, seeds=seeds, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
                         out_dir=out, clip_model=clip_model, dino_model=dino_model, fid_kid=fid_kid, **kwargs)
+
+
+def run_eval_config(cfg, *, seeds: Sequence[int] | None = None, **kwargs: Any) -> ProtocolResult:
+    """run_protocol with the settings of an EvalConfig (05_eval's form, `evaluate --config`); `seeds`
+    overrides cfg.num_seeds with explicit seeds, other keywords go to run_protocol."""
+    return run_protocol(cfg.model, cfg.loras, cfg.weights, natural_prompts=cfg.prompts,
+                        context_prompts=cfg.context_prompts, prior_prompts=cfg.prior_prompts, trigger=cfg.trigger,
+                        reference_images=cfg.reference_dir, seeds=seeds or cfg.num_seeds, steps=cfg.steps,
+                        sampler=cfg.sampler, cfg_scale=cfg.cfg_scale, negative_prompt=cfg.negative_prompt,
+                        clip_skip=cfg.clip_skip, out_dir=cfg.out_dir, clip_model=cfg.clip_model,
+                        dino_model=cfg.dino_model, fid_kid=cfg.fid_kid, inception_weights=cfg.inception_weights,
+                        model_config=cfg.model_config, batch_size=cfg.batch_size, **kwargs)
+
+
+def toy_eval_config(loras: Sequence[str] | None = None, out_dir: str | Path = "outputs/toy_eval", *,
+                    reference_dir: str | Path | None = None, n_prompts: int = 4, **changes: Any):
+    """An EvalConfig for the toy world (what 05_eval uses in toy mode): the toy base model, its prompt
+    groups, the concept's images as references; CLIP/DINO/FID off (32x32 shapes; the toy judge scores
+    instead, pass `extra_scorer=toy_judge_scorer()`)."""
+    from .config import EvalConfig
+    from .toy import world
+    from .toy.pretrain import SHIPPED_DIR
+
+    prompts = toy_prompts(n_prompts)
+    if reference_dir is None:
+        reference_dir = world.write_concept_dataset(Path(out_dir) / "reference", n=24, seed=1234)
+    values = dict(model=str(SHIPPED_DIR), loras=[str(p) for p in (loras if loras is not None else [TOY_LORA])],
+                  weights=[0.5, 1.0], prompts=prompts["natural"], context_prompts=prompts["new_context"],
+                  prior_prompts=prompts["prior"], trigger=world.TRIGGER, reference_dir=str(reference_dir),
+                  steps=25, sampler="DDIM", cfg_scale=5.0, clip_model=None, dino_model=None, fid_kid=False,
+                  out_dir=str(out_dir))
+    values.update(changes)
+    return EvalConfig(**values)

@@ -277,6 +277,41 @@ def grid_prompt_x_checkpoint(pipe, prompts: list[str], lora_paths: list[str | Pa
     return _finish(cells, texts, prompts, names, title, layout or {}, "Prompt", prompts, "LoRA", names)
 
 
+def grid_trigger_test(pipe, prompts: list[str], trigger: str, lora_path: str | Path, weight: float = 1.0, *,
+                      seed: int | list[int] = 0, images_per_cell: int = 1, title: str | None = None,
+                      layout: dict[str, Any] | None = None, **generate_kwargs: Any) -> GridResult:
+    """The trigger-word test. Columns: prompts (each with the trigger); rows: the LoRA with the trigger,
+    the LoRA with the trigger removed from the prompt, and the base model with the trigger. A LoRA that
+    learned its trigger shows the concept in the first row only."""
+    from .evaluation import has_trigger, remove_trigger
+    from .inference import lora_hashes_field, lora_name
+
+    missing = [p for p in prompts if not has_trigger(p, trigger)]
+    if missing:
+        raise ValueError(f"the trigger-word test needs the trigger {trigger!r} in every prompt; missing in: "
+                         + "; ".join(missing))
+    seeds = _column_seeds(seed, len(prompts))
+    before = _active_adapters(pipe)
+    (adapter,) = _load_grid_loras(pipe, [lora_path])
+    name = lora_name(lora_path)
+    extra = {**generate_kwargs.pop("extra", {}), **lora_hashes_field([(lora_path, weight)])}
+    rows = [("LoRA, with trigger", weight, True), ("LoRA, trigger removed", weight, False),
+            ("base model, with trigger", 0.0, True)]
+    try:
+        def cell(i, row, j, prompt):
+            _, w, keep = row
+            _set_active(pipe, before + [adapter], {adapter: float(w)})
+            return {"prompt": prompt if keep else remove_trigger(prompt, trigger), "loras": [(name, float(w))],
+                    "extra": extra}
+
+        cells, texts = _run_grid(pipe, prompts, rows, cell, seeds, images_per_cell, generate_kwargs)
+    finally:
+        _unload(pipe, [adapter], before)
+    labels = [f"{label} ({name} {w:g})" if w else label for label, w, _ in rows]
+    return _finish(cells, texts, prompts, labels, title, layout or {}, "Prompt", prompts, "Trigger test",
+                   [label for label, _, _ in rows])
+
+
 def grid_sampler_x_steps(pipe, prompt: str, samplers: list[str], steps_list: list[int], *,
                          seed: int | list[int] = 0, images_per_cell: int = 1, title: str | None = None,
                          layout: dict[str, Any] | None = None, **generate_kwargs: Any) -> GridResult:

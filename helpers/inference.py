@@ -577,3 +577,43 @@ def memory_options(pipe, *, attention_slicing: bool = False, vae_slicing: bool =
             pipe.enable_model_cpu_offload()
             applied["cpu_offload"] = True
     return applied
+
+
+# ----------------------------------------------------------------------------------- from a config
+
+def apply_generate_config(base, cfg, *, memory: dict[str, bool] | None = None) -> dict[str, Any]:
+    """Load `cfg`'s LoRAs (at their weights) and embeddings into `base.pipe` and set the memory options.
+    Returns {"adapters": [...], "tokens": [...]} (the LoRA adapter names and the embeddings' tokens)."""
+    adapters = load_loras(base.pipe, cfg.lora_weights())
+    embeddings = []  # PATH or PATH=TOKEN (the token defaults to the file's stem, as in A1111)
+    for text in cfg.embeddings:
+        path, sep, token = text.rpartition("=")
+        embeddings.append((path, token) if sep and path and token else text)
+    tokens = load_embeddings(base.pipe, embeddings)
+    if memory:
+        memory_options(base.pipe, **memory)
+    return {"adapters": adapters, "tokens": tokens}
+
+
+def generate_to_folder(base, cfg, *, memory: dict[str, bool] | None = None, log=None) -> list[Path]:
+    """Everything a GenerateConfig asks for: load its LoRAs/embeddings, generate `num_images` per prompt
+    and save PNGs with A1111 parameters as `out_dir/<prompt index>_<seed>.png`. Returns the paths.
+    The LoRAs are unloaded afterwards, so `base.pipe` is the base model again (grids load their own)."""
+    loaded = apply_generate_config(base, cfg, memory=memory)
+    if loaded["tokens"] and log:
+        log("embeddings: " + ", ".join(loaded["tokens"]))
+    loras = cfg.lora_weights()
+    names = [(lora_name(p), w) for p, w in loras]
+    out = Path(cfg.out_dir)
+    paths = []
+    for pi, prompt in enumerate(cfg.prompts):
+        images, params = generate(base.pipe, prompt, negative_prompt=cfg.negative_prompt, steps=cfg.steps,
+                                  cfg_scale=cfg.cfg_scale, seed=cfg.seed, sampler=cfg.sampler, width=cfg.width,
+                                  height=cfg.height, num_images=cfg.num_images, clip_skip=cfg.clip_skip,
+                                  family=base.family, model_name=Path(cfg.model).name, loras=names,
+                                  weighting=cfg.weighting, extra=lora_hashes_field(loras))
+        for i, (image, text) in enumerate(zip(images, params)):
+            paths.append(save_png(image, out / f"{pi:03d}_{cfg.seed + i}.png", text))
+    if loaded["adapters"]:
+        base.pipe.delete_adapters(loaded["adapters"])
+    return paths

@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageColor, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
@@ -91,6 +91,8 @@ class PrepareConfig:
     min_bucket_reso: int = 256
     max_bucket_reso: int = 1024
     bucket_reso_steps: int = 64
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"crop": CROP_MODES, "image_format": IMAGE_FORMATS}
 
     def __post_init__(self) -> None:
         self.validate()

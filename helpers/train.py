@@ -85,8 +85,8 @@ def train(cfg: TrainConfig, *, base=None, on_event: Event | None = None, progres
     """Train a LoRA as `cfg` says and save it (kohya and/or diffusers layout) with its config.
 
     `base` may pass an already loaded `helpers.models.BaseModel` (notebooks reuse one); it is
-    modified in place (LoRA layers are added to it). `on_event(kind, data)` receives "log",
-    "sample", "save", "state" and "end" events for live plots. `resume=True` (or "latest", or a
+    modified in place (LoRA layers are added to it). `on_event(kind, data)` receives "start",
+    "log", "sample", "save", "state" and "end" events for live plots. `resume=True` (or "latest", or a
     state folder) continues from a saved training state; it overrides `cfg.resume`.
     Errors that stop the run (NaN loss, out of memory) raise `TrainingError` with advice.
     """
@@ -305,6 +305,8 @@ def _train(cfg: TrainConfig, base, emit: Event, progress: bool, box: dict[str, A
               f"x {accelerator.num_processes} process(es); {max_steps} steps, {num_epochs} epoch(s); "
               f"optimizer {optimizer_kind(optimizer)}, precision {accelerator.mixed_precision}, "
               f"attention {attention_used}")
+    emit("start", {"max_steps": max_steps, "start_step": global_step, "epochs": num_epochs,
+                   "samples_per_epoch": len(dataset)})
     log_path = out_dir / f"{cfg.output_name}_log.csv"
     logger = _CsvLog(log_path, keep_until=global_step if state is not None else None) if is_main else None
     val_batch = run.validation_batch(dataset) if cfg.validation_every_n_steps and is_main else None

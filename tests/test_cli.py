@@ -4,7 +4,8 @@ import argparse
 
 import pytest
 
-from helpers.__main__ import _parse_lora, build_train_config, main
+from helpers.__main__ import build_train_config, main
+from helpers.config import parse_lora_spec as _parse_lora
 from helpers.config import TrainConfig, save_config
 
 

@@ -1,0 +1,146 @@
+"""The notebook forms: widgets built from the config dataclasses, presets, validation messages, TOML."""
+
+import dataclasses
+
+import pytest
+
+pytest.importorskip("ipywidgets")
+
+from helpers.config import ConfigError, EvalConfig, GenerateConfig, TrainConfig, load_config
+from helpers.ingest import PrepareConfig
+from helpers.presets import PRESETS, default_preset, preset_values, presets_that_fit
+from helpers.widgets import caption_editor, eval_form, field_help, generate_form, prepare_form, train_form
+
+
+def test_every_field_of_every_config_has_a_widget_and_round_trips():
+    values = {
+        TrainConfig: TrainConfig(pretrained_model="m", train_data_dir="d", min_snr_gamma=5.0, vae="v",
+                                 sample_every_n_steps=10, sample_prompts=["a sks dog", "a cat, sitting"],
+                                 text_encoder_lr=5e-5, max_train_epochs=3, lr_warmup_steps=0),
+        GenerateConfig: GenerateConfig(model="m", loras=["a.safetensors:0.6", "b.safetensors"], prompts=["x", "y"],
+                                       width=640, grid_weights=[0.0, 0.25, 1.0]),
+        EvalConfig: EvalConfig(model="m", weights=[0.5, 1.0], prompts=["p"], clip_model=None, reference_dir="r"),
+        PrepareConfig: PrepareConfig(source="s", output_dir="o", crop="subject", min_size=100),
+    }
+    makers = {TrainConfig: train_form, GenerateConfig: generate_form, EvalConfig: eval_form,
+              PrepareConfig: prepare_form}
+    for cls, cfg in values.items():
+        form = makers[cls](cfg)
+        assert set(form.fields) == {f.name for f in dataclasses.fields(cls)}
+        assert form.value() == cfg, cls.__name__
+
+
+def test_a_bad_value_shows_the_configs_own_message_naming_the_field():
+    form = train_form(train_data_dir="d")
+    form.fields["learning_rate"].widget.value = -1.0
+    assert "learning_rate must be a number in (0.0, 10.0], got -1.0" in form.status.value
+    with pytest.raises(ConfigError, match="learning_rate"):
+        form.value()
+    form.fields["learning_rate"].widget.value = 1e-4
+    form.fields["min_snr_gamma"].widget.value = "five"
+    assert "min_snr_gamma must be a number or empty (unset), got &#x27;five&#x27;" in form.status.value or \
+        "min_snr_gamma must be a number or empty (unset), got 'five'" in form.status.value
+    form.fields["min_snr_gamma"].widget.value = ""
+    assert form.value().min_snr_gamma is None
+    assert "settings are valid" in form.status.value
+    form.fields["sample_every_n_steps"].widget.value = "100"
+    assert "sample_prompts must list at least one prompt" in form.status.value
+
+
+def test_presets_set_their_fields_and_switching_back_leaves_no_sdxl_setting_behind():
+    form = train_form(preset="SDXL · T4", train_data_dir="data/prepared")
+    cfg = form.value()
+    assert (cfg.family, cfg.resolution, cfg.mixed_precision, cfg.optimizer, cfg.gradient_checkpointing,
+            cfg.train_batch_size) == ("sdxl", 1024, "fp16", "adamw8bit", True, 1)
+    assert cfg.vae == "madebyollin/sdxl-vae-fp16-fix" and cfg.train_data_dir == "data/prepared"
+    form.preset_picker.value = "SD 1.5 · T4"   # what a user does in the dropdown
+    cfg = form.value()
+    assert (cfg.family, cfg.resolution, cfg.vae, cfg.max_bucket_reso) == ("sd1", 512, None, 1024)
+    assert cfg.train_data_dir == "data/prepared"   # the user's own fields stay
+    toy = train_form(preset="Toy (CPU, offline)").value()
+    assert toy.pretrained_model.endswith("helpers/toy/base") and toy.resolution == 32
+
+
+def test_every_preset_is_a_valid_train_config():
+    for name in PRESETS:
+        TrainConfig(train_data_dir="d", **preset_values(name))
+
+
+def test_which_presets_fit_a_gpu():
+    assert [p.name for p in presets_that_fit(None)] == ["Toy (CPU, offline)"]
+    t4 = {p.name for p in presets_that_fit(15.0)}
+    assert {"SD 1.5 · T4", "SDXL · T4"} <= t4 and "SDXL · A100/H100" not in t4
+    assert {"SD 1.5 · A100/H100", "SDXL · A100/H100"} <= {p.name for p in presets_that_fit(80.0)}
+    assert default_preset(15.0, "sd1") == "SD 1.5 · T4"
+    assert default_preset(80.0, "sdxl") == "SDXL · A100/H100"
+    assert default_preset(None) == "Toy (CPU, offline)"
+
+
+def test_save_writes_toml_the_cli_reads(tmp_path):
+    form = train_form(preset="SD 1.5 · T4", train_data_dir="data", output_name="mine")
+    path = tmp_path / "configs" / "train.toml"
+    cfg = form.save(path)
+    assert load_config(path) == cfg
+    assert "saved to" in form.saved_to.value
+    other = train_form()
+    other.load(path)
+    assert other.value() == cfg
+    import argparse
+
+    gen = generate_form(model="m", prompts=["a sks dog"], loras=["x.safetensors:0.7"])
+    gen.save(tmp_path / "generate.toml")
+    assert load_config(tmp_path / "generate.toml", GenerateConfig).lora_weights() == [("x.safetensors", 0.7)]
+    # the CLI runs the saved settings: `generate --config` reads the same file
+    args = argparse.Namespace(config=str(tmp_path / "generate.toml"), steps=3)
+    from helpers.__main__ import _config_from_args
+
+    assert _config_from_args(GenerateConfig, args) == load_config(tmp_path / "generate.toml", GenerateConfig).replace(
+        steps=3)
+
+
+def test_a_form_refuses_settings_it_does_not_have():
+    with pytest.raises(ConfigError, match="no setting"):
+        train_form(not_a_field=1)
+
+
+def test_field_help_comes_from_the_dataclass_comments():
+    helps = field_help(TrainConfig)
+    assert helps["rank"].startswith("kohya: network_dim")
+    assert field_help(GenerateConfig)["sampler"].startswith("AUTOMATIC1111 name")
+
+
+def test_caption_editor_edits_saves_and_undoes(tmp_path):
+    from PIL import Image
+
+    from helpers import captions as C
+
+    for i in range(5):
+        Image.new("RGB", (16, 16), (i * 40, 0, 0)).save(tmp_path / f"img{i}.png")
+        (tmp_path / f"img{i}.txt").write_text(f"sks, red, tag{i}\n")
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("*.txt")}
+    editor = caption_editor(tmp_path, page_size=2)
+    assert len(editor.grid.children) == 2 and "page 1 of 3" in editor.status.value
+    editor.filter.value = "tag4"
+    assert editor.visible() == ["img4.png"]
+    box = editor.grid.children[0].children[1].children[1]
+    box.value = "sks, blue, tag4"   # typing in the box
+    assert "<b>1</b> unsaved" in editor.status.value
+    entry = editor.save()
+    assert entry is not None and (tmp_path / "img4.txt").read_text().strip() == "sks, blue, tag4"
+    assert editor.save() is None
+    C.undo(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("*.txt")} == before
+
+
+def test_generate_and_eval_configs_validate():
+    with pytest.raises(ConfigError, match="sampler must be one of"):
+        GenerateConfig(sampler="Euler b")
+    with pytest.raises(ConfigError, match="width must be a multiple of 8"):
+        GenerateConfig(width=500)
+    with pytest.raises(ConfigError, match="grid_weights must be a list of numbers"):
+        GenerateConfig(grid_weights=["a"])
+    with pytest.raises(ConfigError, match="weights must list at least one"):
+        EvalConfig(weights=[])
+    assert GenerateConfig(grid_weights=[0, 1]).grid_weights == [0.0, 1.0]
+    assert GenerateConfig(loras=["C:\\x.safetensors", "y.safetensors:-0.5"]).lora_weights() == [
+        ("C:\\x.safetensors", 1.0), ("y.safetensors", -0.5)]

@@ -1,0 +1,75 @@
+"""Execute the five notebooks top to bottom on the toy model (HELPERS_TOY=1), headless, in one shared
+project folder; optionally write each executed notebook as HTML.
+
+    python tools/run_notebooks.py --html docs/notebooks     # the rendered copies in the repository
+    python tools/run_notebooks.py --project /tmp/p           # just run them (what the tests do)
+
+A cell that raises stops the run with the notebook's name and the cell's error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ["01_dataset", "02_tagging", "03_train_lora", "04_inference", "05_eval"]
+
+
+def execute(name: str, project_dir: Path, *, timeout: int = 600, kernel: str = "python3"):
+    """Run one notebook in a kernel started in notebooks/ with the toy switch on; returns the executed
+    notebook. Raises nbclient's CellExecutionError (with the cell's traceback) if a cell fails."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+    env = {"HELPERS_TOY": "1", "HELPERS_PROJECT_DIR": str(project_dir), "HF_HUB_OFFLINE": "1",
+           "MPLBACKEND": "Agg", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the kernel inherits this process's environment
+    try:
+        client = NotebookClient(nb, timeout=timeout, kernel_name=kernel,
+                                resources={"metadata": {"path": str(ROOT / "notebooks")}})
+        client.execute()
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return nb
+
+
+def to_html(nb, path: Path, title: str) -> Path:
+    """The executed notebook as one self-contained HTML page (images embedded)."""
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb, resources={"metadata": {"name": title}})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(body, encoding="utf-8")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--project", help="project folder (default: a temporary one)")
+    p.add_argument("--html", help="write <name>.html of each executed notebook into this folder")
+    p.add_argument("--only", nargs="+", choices=NOTEBOOKS, help="run only these (they need the earlier ones' files)")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        project = Path(args.project or Path(tmp) / "project").resolve()
+        for name in args.only or NOTEBOOKS:
+            t0 = time.perf_counter()
+            nb = execute(name, project)
+            print(f"{name}: ran in {time.perf_counter() - t0:.1f} s")
+            if args.html:
+                print("  ", to_html(nb, Path(args.html) / f"{name}.html", name))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
