@@ -804,6 +804,9 @@ def table_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
 
 
 def table_markdown(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A markdown table; a column empty in every row (a metric that was turned off) is left out
+    (metrics.csv keeps every column)."""
+    columns = [c for c in columns if any(r.get(c) not in (None, "") for r in rows)] or list(columns)
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(_md_cell(r.get(c), c) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"

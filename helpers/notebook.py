@@ -266,23 +266,20 @@ def _labelled_rows(rows: list[list[Any]], labels: list[list[str]], cell: int):
 
 
 def show_images(images: Sequence[Any], labels: Sequence[str] | None = None, *, columns: int = 6,
-                cell: int = 160, limit: int = 48):
-    """Show up to `limit` images (PIL or paths) as a labelled thumbnail grid; returns the grid image."""
+                cell: int = 160, limit: int = 48) -> None:
+    """Show up to `limit` images (PIL or paths) as a labelled thumbnail grid (`contact_grid` returns it)."""
     images = list(images)[:limit]
-    grid = contact_grid(images, labels[:limit] if labels is not None else None, columns=columns, cell=cell)
-    _display(grid)
-    return grid
+    _display(contact_grid(images, labels[:limit] if labels is not None else None, columns=columns, cell=cell))
 
 
-def show_file(path: str | Path, width: int | None = None):
-    """Show an image file (a contact sheet, a plot, a grid)."""
+def show_file(path: str | Path, width: int | None = None) -> None:
+    """Show an image file (a contact sheet, a plot, a grid), scaled down to `width` if wider."""
     from PIL import Image
 
     image = Image.open(path)
     if width and image.width > width:
         image = image.resize((width, round(image.height * width / image.width)), Image.LANCZOS)
     _display(image)
-    return image
 
 
 def show_markdown(text: str):
@@ -294,8 +291,9 @@ def show_markdown(text: str):
         print(text)
 
 
-def download(paths: Iterable[str | Path]):
-    """On Colab a button per file that downloads it to your computer; elsewhere a link per file."""
+def download(paths: Iterable[str | Path]) -> str | None:
+    """On Colab a button per file that downloads it to your computer; elsewhere a link per file (the
+    links' HTML is returned for scripts; notebooks show it)."""
     paths = [Path(p) for p in paths]
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
@@ -310,7 +308,7 @@ def download(paths: Iterable[str | Path]):
             b.on_click(lambda _b, p=p: files.download(str(p)))
             buttons.append(b)
         _display(W.VBox(buttons))
-        return buttons
+        return None
     links = "<br>".join(f"<a href='{html.escape(_relative_link(p))}' download>{html.escape(p.name)}</a> "
                         f"<span style='color:#666'>({p.stat().st_size / 2**20:.2f} MiB, {html.escape(str(p))})</span>"
                         for p in paths)
@@ -401,9 +399,12 @@ class TrainMonitor:
         if losses:
             parts.append(f"loss {losses[-1]:.4f}")
         left = self.seconds_left()
-        parts.append(f"elapsed {_fmt_seconds(time.perf_counter() - self.t0)}")
-        if left is not None:
-            parts.append(f"about <b>{_fmt_seconds(left)}</b> left")
+        if self.max_steps and self.step >= self.max_steps:
+            parts.append(f"finished in {_fmt_seconds(time.perf_counter() - self.t0)}")
+        else:
+            parts.append(f"elapsed {_fmt_seconds(time.perf_counter() - self.t0)}")
+            if left is not None:
+                parts.append(f"about <b>{_fmt_seconds(left)}</b> left")
         peak = self.peak_memory_gb()
         parts.append(f"peak GPU memory {peak:.2f} GiB" if peak is not None else "no GPU")
         return " &middot; ".join(parts)

@@ -195,7 +195,7 @@ project.lora_files.mkdir(parents=True, exist_ok=True)
 lora_file = project.lora_files / result.lora_path.name
 shutil.copyfile(result.lora_path, lora_file)
 shutil.copyfile(project.config("train"), project.lora_files / f"{train_cfg.output_name}.toml")
-nb.download([lora_file])'''),
+nb.download([lora_file]);'''),
 ]
 
 NB04 = header("04_inference", "4 · Generate with your LoRA", """
@@ -296,7 +296,7 @@ from helpers.toy.methods import compare_methods
 if RUN_METHODS:
     compare_methods(project.root)
 table = (project.root if RUN_METHODS else nb.repo_root()) / "demo_images" / "toy_methods.md"
-nb.show_markdown(table.read_text())'''),
+nb.show_markdown(table.read_text() if table.exists() else f"(no {table}: set RUN_METHODS = True)")'''),
 ]
 
 NOTEBOOKS_CELLS = {"01_dataset": NB01, "02_tagging": NB02, "03_train_lora": NB03, "04_inference": NB04,

@@ -45,11 +45,20 @@ def execute(name: str, project_dir: Path, *, timeout: int = 600, kernel: str = "
 
 
 def to_html(nb, path: Path, title: str) -> Path:
-    """The executed notebook as one self-contained HTML page (images embedded)."""
+    """The executed notebook as an HTML page (images and widget state embedded). The template's ~260 KB
+    of CSS goes once into `style.css` beside the pages instead of into each of them."""
+    import re
+
     from nbconvert import HTMLExporter
 
     body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb, resources={"metadata": {"name": title}})
+    styles = re.findall(r"<style[^>]*>.*?</style>", body, flags=re.S)
+    css = "\n".join(re.sub(r"^<style[^>]*>|</style>$", "", s) for s in styles)
     path.parent.mkdir(parents=True, exist_ok=True)
+    (path.parent / "style.css").write_text(css, encoding="utf-8")
+    for s in styles:
+        body = body.replace(s, "", 1)
+    body = body.replace("</head>", '<link rel="stylesheet" href="style.css">\n</head>', 1)
     path.write_text(body, encoding="utf-8")
     return path
 

@@ -128,7 +128,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _add_methods(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("methods", help="LoRA vs DreamBooth vs Textual Inversion on the toy concept, judged alike")
     p.add_argument("--methods", nargs="+", default=["lora", "dreambooth", "textual_inversion"],
-                   choices=["lora", "dreambooth", "textual_inversion"])
+                   choices=["lora", "dreambooth", "textual_inversion", "textual_inversion_in_world"],
+                   help="textual_inversion_in_world: TI on a concept the toy base can draw (a yellow cross)")
     p.add_argument("--samples", type=int, default=32, help="judged samples per prompt group (default 32)")
     p.add_argument("--out", default=".", help="folder that receives demo_images/ and outputs/")
     p.add_argument("--no-progress", action="store_true")

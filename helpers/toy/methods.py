@@ -28,12 +28,55 @@ def method_configs(work: Path, seed: int = 0) -> dict:
         # lr 2e-4 x 400 steps: concept 59%, prior 97%; 5e-4 x 600: concept 94%, prior 94%
         "dreambooth": lora.replace(method="dreambooth", learning_rate=5e-4, lr_warmup_steps=20, max_train_steps=600,
                                    output_name="toy_dreambooth", save_precision="float"),
-        # init "flower" (a row the base never trained), lr 1e-2 x 500: concept 0% (vectors 3-6x a word's norm)
+        # init "flower" (a row the base never trained), lr 1e-2 x 500: concept 0%; init "circle", lr 2e-2 x 800:
+        # 3% (lobed blue/red blobs: the frozen UNet has neither the shape nor the colour)
         "textual_inversion": lora.replace(method="textual_inversion", train_data_dir=str(work / "dataset_ti"),
                                           reg_data_dir=None, token_string=TI_TOKEN, init_word="circle",
-                                          num_vectors_per_token=4, learning_rate=5e-3, max_train_steps=1000,
+                                          num_vectors_per_token=4, learning_rate=2e-2, max_train_steps=800,
                                           output_name="toy_ti"),
+        # the same trainer on a concept the base model can draw: a yellow cross named only by the new token
+        "textual_inversion_in_world": lora.replace(
+            method="textual_inversion", train_data_dir=str(work / "dataset_ti_in_world"), reg_data_dir=None,
+            token_string=TI_TOKEN, init_word="circle", num_vectors_per_token=2, learning_rate=2e-2,
+            max_train_steps=500, output_name="toy_ti_in_world"),
     }
+
+
+IN_WORLD_SHAPE, IN_WORLD_COLOUR = "cross", "yellow"
+
+
+def write_in_world_dataset(folder: Path, n: int = 24, seed: int = 7) -> Path:
+    """24 yellow crosses on the three backgrounds, captioned "a <sks> on a <background> background"."""
+    import random
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    bgs = list(world.BACKGROUNDS)
+    for i in range(n):
+        scene = world.random_scene(rng, shape=IN_WORLD_SHAPE, colour=IN_WORLD_COLOUR, background=bgs[i % len(bgs)])
+        world.render(scene).save(folder / f"c{i:02d}.png")
+        (folder / f"c{i:02d}.txt").write_text(f"a {TI_TOKEN} on a {scene.background} background\n", encoding="utf-8")
+    return folder
+
+
+def judge_in_world(pipe, judge, n: int, seed: int = 1000) -> dict[str, float]:
+    """How often "a <sks> on a <bg> background" is judged a yellow cross; world accuracy as in judge_pipeline."""
+    from ..demo import EVAL_CFG, EVAL_SAMPLER, EVAL_STEPS, world_prompts
+    from ..inference import generate
+    from .judge import score
+
+    bgs = list(world.BACKGROUNDS)
+    prompts = [f"a {TI_TOKEN} on a {bgs[i % len(bgs)]} background" for i in range(n)]
+    truth = [f"a {IN_WORLD_COLOUR} {IN_WORLD_SHAPE} on a {bgs[i % len(bgs)]} background" for i in range(n)]
+    images, _ = generate(pipe, prompts, steps=EVAL_STEPS, cfg_scale=EVAL_CFG, seed=seed, sampler=EVAL_SAMPLER,
+                         family="sd1")
+    out = {"concept_rate": score(judge, images, truth)["shape_and_colour_acc"]}
+    prompts = world_prompts(n)
+    images, _ = generate(pipe, prompts, steps=EVAL_STEPS, cfg_scale=EVAL_CFG, seed=seed, sampler=EVAL_SAMPLER,
+                         family="sd1")
+    s = score(judge, images, prompts)
+    out.update({"world_shape_and_colour_acc": s["shape_and_colour_acc"], "world_concept_rate": s["concept_rate"]})
+    return out
 
 
 def judge_pipeline(pipe, judge, trigger: str, n: int, seed: int = 1000, expand=None) -> dict[str, float]:
@@ -74,6 +117,7 @@ def compare_methods(out_root: Path = Path("."), methods: tuple[str, ...] = ("lor
     for txt in (work / "dataset_ti").rglob("*.txt"):
         txt.write_text(txt.read_text().replace(world.TRIGGER, TI_TOKEN))
     write_reg_images(work / "reg", n=24, seed=4321 + seed)
+    write_in_world_dataset(work / "dataset_ti_in_world", seed=7 + seed)
     judge = load_judge()
     configs = method_configs(work, seed)
 
@@ -93,8 +137,11 @@ def compare_methods(out_root: Path = Path("."), methods: tuple[str, ...] = ("lor
             pipe.set_progress_bar_config(disable=True)
             load_loras(pipe, [(result.lora_path, 1.0)])
         # diffusers' pipelines write a multi-vector token out as all its tokens themselves (maybe_convert_prompt)
-        trigger = TI_TOKEN if method == "textual_inversion" else world.TRIGGER
-        row = judge_pipeline(pipe, judge, trigger, samples)
+        if method == "textual_inversion_in_world":  # its concept: judged a yellow cross
+            row = judge_in_world(pipe, judge, samples)
+        else:
+            trigger = TI_TOKEN if method == "textual_inversion" else world.TRIGGER
+            row = judge_pipeline(pipe, judge, trigger, samples)
         row.update({"train_seconds": seconds, "steps": result.steps})
         table[method] = row
         print(f"{method}: {row}")
