@@ -120,6 +120,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_tag(args: argparse.Namespace) -> int:
     from . import captions as C
+    from .config import TagConfig
+    from .tagging import run_tag_config
 
     folder = Path(args.folder)
     if not folder.is_dir():
@@ -128,50 +130,24 @@ def cmd_tag(args: argparse.Namespace) -> int:
         entry = C.undo(folder)
         print(f"restored the captions saved in {entry.name}")
         return 0
-    if args.captioner:
-        from .tagging import caption_folder, load_captioner
-
-        options = {}
-        if args.captioner == "wd14":
-            options = {"general_threshold": args.general_threshold, "character_threshold": args.character_threshold,
-                       "blacklist": args.blacklist or ()}
-        elif args.task:
-            options = {"task": args.task}
-        captioner = load_captioner(args.captioner, args.model, device=args.device, **options)
-        result = caption_folder(folder, captioner, batch_size=args.batch_size, mode=args.mode,
-                                extension=args.extension, progress=not args.no_progress)
+    cfg = _config_from_args(TagConfig, args)
+    run = run_tag_config(folder, cfg, device=args.device, progress=not args.no_progress, note="python -m helpers tag")
+    if run.captioned is not None:
+        result = run.captioned
         print(f"captioned {len(result)} image(s), skipped {len(result.skipped)}, failed {len(result.failed)}")
         for name, why in result.failed.items():
             print(f"  failed: {name}: {why}")
-    edited = caps = C.load_captions(folder, args.extension)
-    if args.remove:
-        edited = C.remove_tags(edited, patterns=args.remove)
-    for rule in args.replace or []:
-        old, sep, new = rule.partition("=")
-        if not sep:
-            raise ValueError(f"--replace expects OLD=NEW, got {rule!r}")
-        edited = C.replace_tags(edited, {old: new})
-    if args.dedupe:
-        edited = C.deduplicate_tags(edited)
-    if args.trigger or args.class_word:
-        edited = C.add_trigger(edited, args.trigger, class_word=args.class_word) if args.trigger else \
-            C.add_class_word(edited, args.class_word)
-    if args.sort:
-        edited = C.sort_by_frequency(edited, keep_tokens=args.keep_tokens)
-    if args.max_tags:
-        edited = C.limit_tags(edited, args.max_tags, keep_tokens=args.keep_tokens)
-    if edited is not caps:
-        entry = C.save_captions(edited, folder, note="python -m helpers tag")
-        print("captions unchanged" if entry is None else f"captions saved (undo: python -m helpers tag {folder} --undo)")
-    table = C.tag_frequency(edited)
-    print(f"{len(edited)} caption(s), {len(table)} distinct tag(s); most frequent:")
+    if run.entry is not None:
+        print(f"captions saved (undo: python -m helpers tag {folder} --undo)")
+    table = C.tag_frequency(run.captions)
+    print(f"{len(run.captions)} caption(s), {len(table)} distinct tag(s); most frequent:")
     for tag, count in table[:args.top]:
         print(f"  {count:5d}  {tag}")
     if args.tokenizer:
         from transformers import CLIPTokenizer
 
         tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer, subfolder=args.tokenizer_subfolder or None)
-        long = C.check_token_lengths(edited, tokenizer)
+        long = C.check_token_lengths(run.captions, tokenizer)
         print(f"{len(long)} caption(s) longer than CLIP's 77 tokens" + (":" if long else ""))
         for name, n in long:
             print(f"  {n:4d} tokens  {name}")
@@ -234,32 +210,37 @@ def main(argv: list[str] | None = None) -> int:
     _add_config_flags(p, PrepareConfig)
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("tag", help="caption images (BLIP, Florence-2, WD14) and edit the captions of a whole folder")
+    S = argparse.SUPPRESS  # unset flags leave the --config file's (or TagConfig's) value alone
+    p = sub.add_parser("tag", help="caption images (BLIP, Florence-2, WD14) and edit the captions of a whole folder",
+                       argument_default=S)
     p.add_argument("folder", help="folder of images with .txt captions (a prepared copy)")
-    p.add_argument("--captioner", choices=["blip", "florence2", "wd14"], help="write captions with this model first")
+    p.add_argument("--config", default=None, help="TOML file with a TagConfig (02_tagging writes one)")
+    p.add_argument("--captioner", choices=["none", "blip", "florence2", "wd14"],
+                   help="write captions with this model first")
     p.add_argument("--model", help="hub id or local folder of the captioner (default: its standard model)")
-    p.add_argument("--mode", default="skip", choices=["skip", "overwrite", "append", "prepend"],
+    p.add_argument("--mode", choices=["skip", "overwrite", "append", "prepend"],
                    help="what to do with images that already have a caption (default skip)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int)
     p.add_argument("--device", default="auto")
     p.add_argument("--task", help="Florence-2 task: <CAPTION>, <DETAILED_CAPTION>, <MORE_DETAILED_CAPTION>")
-    p.add_argument("--general-threshold", type=float, default=0.35, help="WD14 general tags")
-    p.add_argument("--character-threshold", type=float, default=0.85, help="WD14 character tags")
+    p.add_argument("--general-threshold", type=float, help="WD14 general tags (default 0.35)")
+    p.add_argument("--character-threshold", type=float, help="WD14 character tags (default 0.85)")
     p.add_argument("--blacklist", nargs="+", help="WD14 tags never written")
-    p.add_argument("--extension", default=".txt")
-    p.add_argument("--trigger", default="", help="trigger word, put first (keep_tokens=1 keeps it in place)")
-    p.add_argument("--class-word", default="", help="class word, put after the trigger")
+    p.add_argument("--extension")
+    p.add_argument("--trigger", help="trigger word, put first (keep_tokens=1 keeps it in place)")
+    p.add_argument("--class-word", help="class word, put after the trigger")
     p.add_argument("--remove", nargs="+", help="tags to remove (glob patterns allowed: 'watermark*')")
     p.add_argument("--replace", action="append", help="OLD=NEW (repeatable)")
     p.add_argument("--dedupe", action="store_true", help="remove repeated tags within a caption")
     p.add_argument("--sort", action="store_true", help="sort tags by frequency across the set")
-    p.add_argument("--max-tags", type=int, default=0, help="keep at most N tags per caption")
-    p.add_argument("--keep-tokens", type=int, default=1, help="leading tags that sort/limit leave in place")
-    p.add_argument("--undo", action="store_true", help="restore the captions as they were before the last change")
+    p.add_argument("--max-tags", type=int, help="keep at most N tags per caption")
+    p.add_argument("--keep-tokens", type=int, help="leading tags that sort/limit leave in place (default 1)")
+    p.add_argument("--undo", action="store_true", default=False,
+                   help="restore the captions as they were before the last change")
     p.add_argument("--top", type=int, default=20, help="tags shown in the frequency table")
-    p.add_argument("--tokenizer", help="CLIP tokenizer (model id or folder) to check the 77-token limit")
+    p.add_argument("--tokenizer", default=None, help="CLIP tokenizer (model id or folder) to check the 77-token limit")
     p.add_argument("--tokenizer-subfolder", default="tokenizer")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", default=False)
     p.set_defaults(func=cmd_tag)
 
     p = sub.add_parser("train", help="train a LoRA from a TOML config and/or flags")
@@ -268,7 +249,6 @@ def main(argv: list[str] | None = None) -> int:
     _add_config_flags(p, TrainConfig)
     p.set_defaults(func=cmd_train)
 
-    S = argparse.SUPPRESS  # unset flags leave the --config file's (or the dataclass's) value alone
     p = sub.add_parser("generate", help="generate images with a base model and LoRAs", argument_default=S)
     p.add_argument("--config", default=None, help="TOML file with a GenerateConfig (04_inference writes one)")
     p.add_argument("--model", help="hub id, diffusers folder or .safetensors checkpoint")

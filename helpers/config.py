@@ -301,6 +301,63 @@ def parse_lora_spec(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
+CAPTIONERS = ("none", "blip", "florence2", "wd14")
+CAPTION_MODES = ("skip", "overwrite", "append", "prepend")
+
+
+@dataclass
+class TagConfig:
+    """Captioning and whole-set caption edits (02_tagging, `python -m helpers tag`), applied in this order:
+    caption, remove, replace, dedupe, trigger/class word, sort, limit."""
+
+    captioner: str = "none"               # none (keep the captions you have) | blip | florence2 | wd14
+    model: str | None = None              # hub id or local folder of the captioner (None: its standard model)
+    mode: str = "skip"                    # images that already have a caption: skip | overwrite | append | prepend
+    batch_size: int = 8
+    task: str | None = None               # Florence-2: <CAPTION> | <DETAILED_CAPTION> | <MORE_DETAILED_CAPTION>
+    general_threshold: float = 0.35       # WD14: general tags at or above this confidence
+    character_threshold: float = 0.85     # WD14: character tags
+    blacklist: list[str] = field(default_factory=list)   # WD14 tags never written
+    extension: str = ".txt"
+    remove: list[str] = field(default_factory=list)      # tags to remove; globs allowed ("watermark*")
+    replace: list[str] = field(default_factory=list)     # "old=new" per entry
+    dedupe: bool = False                  # remove repeated tags within a caption
+    trigger: str = ""                     # put first in every caption (keep_tokens=1 keeps it in place)
+    class_word: str = ""                  # put after the trigger
+    sort: bool = False                    # sort tags by frequency across the set
+    max_tags: int = 0                     # keep at most N tags per caption (0: no limit)
+    keep_tokens: int = 1                  # leading tags that sort and max_tags leave in place
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"captioner": CAPTIONERS, "mode": CAPTION_MODES}
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field; raise ConfigError naming the first bad one."""
+        _check_types(self)
+        for name, allowed in self.CHOICES.items():
+            _choice(name, getattr(self, name), allowed)
+        _positive_int("batch_size", self.batch_size)
+        _number_in("general_threshold", self.general_threshold, 0.0, 1.0)
+        _number_in("character_threshold", self.character_threshold, 0.0, 1.0)
+        _non_negative_int("max_tags", self.max_tags)
+        _non_negative_int("keep_tokens", self.keep_tokens)
+        if not self.extension.startswith("."):
+            raise ConfigError(f"extension must start with '.', got {self.extension!r}")
+        for rule in self.replace:
+            if "=" not in rule or not rule.partition("=")[0].strip():
+                raise ConfigError(f"replace entries must read OLD=NEW, got {rule!r}")
+        if self.class_word and not self.trigger and "," in self.class_word:
+            raise ConfigError(f"class_word must be one tag, got {self.class_word!r}")
+
+    def replace_map(self) -> dict[str, str]:
+        return {old.strip(): new.strip() for old, _, new in (r.partition("=") for r in self.replace)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 @dataclass
 class GenerateConfig:
     """Settings of an image generation (04_inference, `python -m helpers generate`)."""

@@ -628,3 +628,54 @@ def caption_folder(folder: str | os.PathLike, captioner: Captioner, *, batch_siz
         print(f"{len(result.failed)} image(s) not captioned (see result.failed): "
               + "; ".join(f"{k}: {v}" for k, v in list(result.failed.items())[:5]), flush=True)
     return result
+
+
+# ----------------------------------------------------------------------------------- from a config
+
+@dataclass
+class TagRun:
+    """What `run_tag_config` did: the captioning result (None without a captioner), the edited captions,
+    and the history entry of the save (None when nothing changed; `captions.undo` restores it)."""
+
+    captioned: CaptionResult | None
+    captions: Any
+    entry: Path | None
+
+
+def run_tag_config(folder: str | os.PathLike, cfg, *, device: str = "auto", progress: bool = True,
+                   note: str = "") -> TagRun:
+    """Caption `folder` with cfg.captioner (unless "none"), then apply cfg's edits in order (remove, replace,
+    dedupe, trigger/class word, sort, limit) and save the changed captions (undoable)."""
+    from . import captions as C
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no such folder: {folder}")
+    captioned = None
+    if cfg.captioner != "none":
+        options: dict[str, Any] = {}
+        if cfg.captioner == "wd14":
+            options = {"general_threshold": cfg.general_threshold, "character_threshold": cfg.character_threshold,
+                       "blacklist": tuple(cfg.blacklist)}
+        elif cfg.task:
+            options = {"task": cfg.task}
+        captioner = load_captioner(cfg.captioner, cfg.model, device=device, **options)
+        captioned = caption_folder(folder, captioner, batch_size=cfg.batch_size, mode=cfg.mode,
+                                   extension=cfg.extension, progress=progress)
+    edited = caps = C.load_captions(folder, cfg.extension)
+    if cfg.remove:
+        edited = C.remove_tags(edited, patterns=cfg.remove)
+    if cfg.replace:
+        edited = C.replace_tags(edited, cfg.replace_map())
+    if cfg.dedupe:
+        edited = C.deduplicate_tags(edited)
+    if cfg.trigger:
+        edited = C.add_trigger(edited, cfg.trigger, class_word=cfg.class_word)
+    elif cfg.class_word:
+        edited = C.add_class_word(edited, cfg.class_word)
+    if cfg.sort:
+        edited = C.sort_by_frequency(edited, keep_tokens=cfg.keep_tokens)
+    if cfg.max_tags:
+        edited = C.limit_tags(edited, cfg.max_tags, keep_tokens=cfg.keep_tokens)
+    entry = C.save_captions(edited, folder, note=note or "tag") if edited is not caps else None
+    return TagRun(captioned, edited, entry)

@@ -18,7 +18,8 @@ import re
 from pathlib import Path
 from typing import Any, Callable, get_type_hints
 
-from .config import ConfigError, EvalConfig, GenerateConfig, TrainConfig, list_item_type, load_config, save_config
+from .config import (ConfigError, EvalConfig, GenerateConfig, TagConfig, TrainConfig, list_item_type, load_config,
+                     save_config)
 
 # The groups a form shows open, in order; fields not named here go into "Advanced".
 TRAIN_GROUPS: dict[str, list[str]] = {
@@ -283,6 +284,18 @@ def prepare_form(value=None, **overrides: Any) -> ConfigForm:
                "SDXL (1024)": lambda: {"resolution": 1024, "min_bucket_reso": 512, "max_bucket_reso": 2048}}
     return ConfigForm(PrepareConfig, value, groups=groups, presets=presets, title="Dataset preparation",
                       **overrides)
+
+
+def tag_form(value: TagConfig | None = None, **overrides: Any) -> ConfigForm:
+    """The captioning and tag-editing settings (02_tagging)."""
+    groups = {"Captioner": ["captioner", "model", "mode", "task", "batch_size"],
+              "WD14": ["general_threshold", "character_threshold", "blacklist"],
+              "Edits": ["trigger", "class_word", "remove", "replace", "dedupe", "sort", "max_tags", "keep_tokens"]}
+    presets = {"photos: Florence-2 sentences": lambda: {"captioner": "florence2", "task": "<DETAILED_CAPTION>"},
+               "photos: BLIP sentences": lambda: {"captioner": "blip", "task": None},
+               "anime/illustration: WD14 tags": lambda: {"captioner": "wd14", "task": None, "dedupe": True},
+               "keep my captions": lambda: {"captioner": "none", "task": None}}
+    return ConfigForm(TagConfig, value, groups=groups, presets=presets, title="Captions and tags", **overrides)
 
 
 def generate_form(value: GenerateConfig | None = None, **overrides: Any) -> ConfigForm:

@@ -118,7 +118,7 @@ def test_the_five_notebooks_run_top_to_bottom_on_the_toy_model(tmp_path):
     pytest.importorskip("ipykernel")
     from safetensors.torch import load_file
 
-    from helpers.config import EvalConfig, GenerateConfig, TrainConfig, load_config
+    from helpers.config import EvalConfig, GenerateConfig, TagConfig, TrainConfig, load_config
     from helpers.ingest import PrepareConfig
 
     run = _tool("run_notebooks")
@@ -133,6 +133,7 @@ def test_the_five_notebooks_run_top_to_bottom_on_the_toy_model(tmp_path):
     assert "Prepared 24 images" in texts["01_dataset"]
     assert (project / "prepared" / "manifest.json").is_file()
     assert load_config(project / "configs" / "prepare.toml", PrepareConfig).resolution == 32
+    assert load_config(project / "configs" / "tag.toml", TagConfig).captioner == "none"
     assert "done: 30 steps" in texts["03_train_lora"]
     lora = load_file(project / "lora_files" / "project.safetensors")
     assert any(k.startswith("lora_unet_") and k.endswith(".lora_down.weight") for k in lora)

@@ -6,10 +6,11 @@ import pytest
 
 pytest.importorskip("ipywidgets")
 
-from helpers.config import ConfigError, EvalConfig, GenerateConfig, TrainConfig, load_config
+from helpers.config import ConfigError, EvalConfig, GenerateConfig, TagConfig, TrainConfig, load_config
 from helpers.ingest import PrepareConfig
 from helpers.presets import PRESETS, default_preset, preset_values, presets_that_fit
-from helpers.widgets import caption_editor, eval_form, field_help, generate_form, prepare_form, train_form
+from helpers.widgets import (caption_editor, eval_form, field_help, generate_form, prepare_form, tag_form,
+                             train_form)
 
 
 def test_every_field_of_every_config_has_a_widget_and_round_trips():
@@ -21,9 +22,11 @@ def test_every_field_of_every_config_has_a_widget_and_round_trips():
                                        width=640, grid_weights=[0.0, 0.25, 1.0]),
         EvalConfig: EvalConfig(model="m", weights=[0.5, 1.0], prompts=["p"], clip_model=None, reference_dir="r"),
         PrepareConfig: PrepareConfig(source="s", output_dir="o", crop="subject", min_size=100),
+        TagConfig: TagConfig(captioner="wd14", blacklist=["bad"], remove=["watermark*"], replace=["a=b", "c d=e"],
+                             trigger="sks", max_tags=20),
     }
     makers = {TrainConfig: train_form, GenerateConfig: generate_form, EvalConfig: eval_form,
-              PrepareConfig: prepare_form}
+              PrepareConfig: prepare_form, TagConfig: tag_form}
     for cls, cfg in values.items():
         form = makers[cls](cfg)
         assert set(form.fields) == {f.name for f in dataclasses.fields(cls)}
@@ -144,3 +147,16 @@ def test_generate_and_eval_configs_validate():
     assert GenerateConfig(grid_weights=[0, 1]).grid_weights == [0.0, 1.0]
     assert GenerateConfig(loras=["C:\\x.safetensors", "y.safetensors:-0.5"]).lora_weights() == [
         ("C:\\x.safetensors", 1.0), ("y.safetensors", -0.5)]
+
+
+def test_tag_config_runs_the_same_edits_as_the_cli(tmp_path):
+    from helpers.tagging import run_tag_config
+
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "a.txt").write_text("1girl, watermark, red_hair, 1girl\n")
+    with pytest.raises(ConfigError, match="replace entries must read OLD=NEW"):
+        TagConfig(replace=["red_hair"])
+    cfg = tag_form(remove=["water*"], replace=["red_hair=red hair"], dedupe=True, trigger="sks").value()
+    run = run_tag_config(tmp_path, cfg)
+    assert (tmp_path / "a.txt").read_text().strip() == "sks, 1girl, red hair" and run.entry is not None
+    assert run_tag_config(tmp_path, cfg).entry is None   # nothing left to change

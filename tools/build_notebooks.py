@@ -106,36 +106,30 @@ any caption by hand. Every change can be undone.
 **What it needs.** The prepared set from `01_dataset`. A GPU makes captioning fast but is not required.
 
 **Next:** `03_train_lora`.""") + [
-    ("md", "## 1. Caption the images\n`wd14` writes booru tags (best for anime/illustration), `blip` and "
-           "`florence2` write sentences (photos). `keep` uses the captions your images came with."),
-    ("code", '''CAPTIONER = "keep" if TOY else "florence2"   # blip | florence2 | wd14 | keep
-MODE = "skip"                                  # skip images that have a caption | overwrite | append
-if CAPTIONER != "keep":
-    from helpers.tagging import caption_folder, load_captioner
-    captioner = load_captioner(CAPTIONER)
-    result = caption_folder(project.prepared, captioner, mode=MODE)
-    print(f"captioned {len(result)}, skipped {len(result.skipped)}, failed {len(result.failed)}")'''),
-    ("md", "## 2. Trigger word and tag edits\nThe trigger is a rare word that will call up your concept; it goes "
-           "first in every caption (train with `keep_tokens=1` if you shuffle tags)."),
+    ("md", "## 1. Settings\n`wd14` writes booru tags (anime, illustration), `blip` and `florence2` write sentences "
+           "(photos), `none` keeps the captions your images came with. The trigger is a rare word that will call "
+           "up your concept; it goes first in every caption (train with `keep_tokens=1` if you shuffle tags)."),
+    ("code", '''from helpers import widgets
+# the toy captions already read "a sks flower on a ... background": keep them, no trigger to add
+tag_form = widgets.tag_form(captioner="none" if TOY else "florence2", task=None if TOY else "<DETAILED_CAPTION>",
+                            trigger="" if TOY else "sks", remove=[] if TOY else ["watermark*", "signature"])
+tag_form.show()'''),
+    ("md", "## 2. Caption and edit\nEvery save keeps the previous captions: `C.undo(project.prepared)` restores them."),
     ("code", '''from helpers import captions as C
-TRIGGER = "" if TOY else "sks"   # the toy captions already read "a sks flower on a ... background"
-CLASS_WORD = ""                   # what it is: "woman", "dog", "style"
-REMOVE = []                       # tags to remove, globs allowed: ["watermark*", "signature"]
-REPLACE = {}                      # {"old tag": "new tag"}
-caps = C.load_captions(project.prepared)
-edited = C.replace_tags(C.remove_tags(caps, patterns=REMOVE), REPLACE)
-if TRIGGER:
-    edited = C.add_trigger(edited, TRIGGER, class_word=CLASS_WORD)
-entry = C.save_captions(edited, project.prepared, note="02_tagging")
-print("captions unchanged" if entry is None else "captions saved (undo: C.undo(project.prepared))")'''),
+from helpers.tagging import run_tag_config
+tag_cfg = tag_form.save(project.config("tag"))
+run = run_tag_config(project.prepared, tag_cfg, note="02_tagging")
+if run.captioned is not None:
+    print(f"captioned {len(run.captioned)}, skipped {len(run.captioned.skipped)}, failed {len(run.captioned.failed)}")
+print("captions unchanged" if run.entry is None else "captions saved (undo: C.undo(project.prepared))")
+edited = run.captions'''),
     ("md", "## 3. Tag frequency\nTags on nearly every image get tied to the trigger; rare tags stay promptable."),
     ("code", '''plot = C.plot_tag_frequency(edited, project.reports / "tag_frequency.png", top_n=30)
 nb.show_file(plot, width=800)
 for tag, count in C.tag_frequency(edited)[:15]:
     print(f"{count:4d}  {tag}")'''),
     ("md", "## 4. Edit captions by hand\nType in any box, then press **save captions** (undoable)."),
-    ("code", '''from helpers import widgets
-editor = widgets.caption_editor(project.prepared)
+    ("code", '''editor = widgets.caption_editor(project.prepared)
 editor.show()'''),
     ("md", "## 5. Check caption lengths\nCLIP reads 77 tokens; the trainer cuts longer captions."),
     ("code", '''from transformers import CLIPTokenizer
