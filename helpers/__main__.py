@@ -158,29 +158,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .config import EvalConfig
     from .evaluation import run_eval_config, run_toy_protocol
 
-    def model_or_none(value):
-        return None if value is None or value.lower() == "none" else value
-
-    extra = dict(seeds=args.seeds, kid_subset_size=args.kid_subset_size, device=args.device,
-                 progress=not args.no_progress)
+    given = vars(args)  # only the flags the user set (SUPPRESS defaults), plus the non-config ones
+    for name in ("clip_model", "dino_model"):  # 'none' turns a metric off
+        if isinstance(given.get(name), str) and given[name].lower() == "none":
+            given[name] = None
+    extra = dict(kid_subset_size=args.kid_subset_size, device=args.device, progress=not args.no_progress)
     if args.toy:
-        given = vars(args)
-        common = {k: given[k] for k in ("weights", "steps", "sampler", "cfg_scale", "batch_size", "fid_kid")
-                  if k in given}
-        result = run_toy_protocol(loras=given.get("loras"), clip_model=model_or_none(given.get("clip_model")),
-                                  dino_model=model_or_none(given.get("dino_model")),
-                                  seeds=args.seeds or given.get("num_seeds", 4),
-                                  out_dir=given.get("out_dir", "outputs/toy_eval"),
-                                  kid_subset_size=args.kid_subset_size, device=args.device,
-                                  progress=not args.no_progress, **common)
+        toy = {k: given[k] for k in ("weights", "steps", "sampler", "cfg_scale", "batch_size", "fid_kid", "loras",
+                                     "clip_model", "dino_model", "out_dir") if k in given}
+        result = run_toy_protocol(seeds=args.seeds or given.get("num_seeds", 4), **toy, **extra)
     else:
-        for name in ("clip_model", "dino_model"):
-            if isinstance(getattr(args, name, None), str) and getattr(args, name).lower() == "none":
-                setattr(args, name, None)
         cfg = _config_from_args(EvalConfig, args)
         if not cfg.model or not cfg.prompts:
             raise ValueError("evaluate needs --model and at least one --prompt (or --toy for the toy world)")
-        result = run_eval_config(cfg, **extra)
+        result = run_eval_config(cfg, seeds=args.seeds, **extra)
     print(open(result.markdown_path, encoding="utf-8").read())
     print(f"report: {result.report_path} and {result.html_path}")
     return 0

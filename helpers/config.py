@@ -73,8 +73,28 @@ TRAIN_CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+class ConfigBase:
+    """What every settings dataclass shares: validated on construction, copied with changes, dumped as a dict.
+    Subclasses define `validate()` and may list closed choices per field in CHOICES (the widgets' dropdowns)."""
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        raise NotImplementedError
+
+    def replace(self, **changes: Any):
+        """A copy with some fields changed (validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(ConfigBase):
     """Every setting of a LoRA training run. Field names follow kohya sd-scripts where one exists."""
 
     # --- base model ---
@@ -174,14 +194,11 @@ class TrainConfig:
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = TRAIN_CHOICES
 
-    def __post_init__(self) -> None:
-        self.validate()
-
     # -- validation ------------------------------------------------------------------------
     def validate(self) -> None:
         """Check every field; raise ConfigError naming the first bad one."""
         _check_types(self)
-        for name, allowed in TRAIN_CHOICES.items():
+        for name, allowed in self.CHOICES.items():
             _choice(name, getattr(self, name), allowed)
         _number_in("clip_skip", self.clip_skip, 1, 12)
         _positive_int("clip_skip", self.clip_skip)
@@ -276,13 +293,6 @@ class TrainConfig:
         """The new token vectors' learning rate (falls back to the UNet's)."""
         return self.learning_rate if self.embedding_lr is None else self.embedding_lr
 
-    def replace(self, **changes: Any) -> "TrainConfig":
-        """A copy with some fields changed (validated)."""
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 def _sampler_names() -> tuple[str, ...]:
     from .inference import SAMPLERS  # torch only; the sampler table lives beside the code that uses it
@@ -306,7 +316,7 @@ CAPTION_MODES = ("skip", "overwrite", "append", "prepend")
 
 
 @dataclass
-class TagConfig:
+class TagConfig(ConfigBase):
     """Captioning and whole-set caption edits (02_tagging, `python -m helpers tag`), applied in this order:
     caption, remove, replace, dedupe, trigger/class word, sort, limit."""
 
@@ -330,9 +340,6 @@ class TagConfig:
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"captioner": CAPTIONERS, "mode": CAPTION_MODES}
 
-    def __post_init__(self) -> None:
-        self.validate()
-
     def validate(self) -> None:
         """Check every field; raise ConfigError naming the first bad one."""
         _check_types(self)
@@ -354,12 +361,9 @@ class TagConfig:
     def replace_map(self) -> dict[str, str]:
         return {old.strip(): new.strip() for old, _, new in (r.partition("=") for r in self.replace)}
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(ConfigBase):
     """Settings of an image generation (04_inference, `python -m helpers generate`)."""
 
     model: str = ""                       # hub id, local diffusers folder, or a single .safetensors checkpoint
@@ -379,11 +383,6 @@ class GenerateConfig:
     weighting: bool = False               # A1111 prompt syntax: (word:1.3), [word], BREAK, > 75 tokens
     grid_weights: list[float] = field(default_factory=lambda: [0.0, 0.5, 0.75, 1.0])  # prompt x weight grid
     out_dir: str = "outputs/generated"
-
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {}
-
-    def __post_init__(self) -> None:
-        self.validate()
 
     def validate(self) -> None:
         """Check every field; raise ConfigError naming the first bad one."""
@@ -408,15 +407,9 @@ class GenerateConfig:
         """[(path, weight)] from the "path[:weight]" entries (weight 1 when left out)."""
         return [parse_lora_spec(spec) for spec in self.loras]
 
-    def replace(self, **changes: Any) -> "GenerateConfig":
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 @dataclass
-class EvalConfig:
+class EvalConfig(ConfigBase):
     """Settings of the evaluation protocol (05_eval, `python -m helpers evaluate`)."""
 
     model: str = ""                       # the base model the LoRAs were trained on
@@ -441,11 +434,6 @@ class EvalConfig:
     batch_size: int = 8
     out_dir: str = "outputs/eval"
 
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {}
-
-    def __post_init__(self) -> None:
-        self.validate()
-
     def validate(self) -> None:
         """Check every field; raise ConfigError naming the first bad one."""
         _check_types(self)
@@ -461,12 +449,6 @@ class EvalConfig:
             _number_in("weights", w, -10.0, 10.0)
         if self.trigger and any(c.isspace() for c in self.trigger):
             raise ConfigError(f"trigger must be one word, got {self.trigger!r}")
-
-    def replace(self, **changes: Any) -> "EvalConfig":
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 # --- type checking of values coming from TOML, the CLI or widgets ---------------------------

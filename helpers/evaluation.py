@@ -1114,38 +1114,33 @@ def run_toy_protocol(out_dir: str | Path = "outputs/toy_eval", loras: Sequence[s
                      steps: int = 25, cfg_scale: float = 5.0, sampler: str = "DDIM", n_reference: int = 24,
                      clip_model: Any = None, dino_model: Any = None, fid_kid: bool = False,
                      **kwargs: Any) -> ProtocolResult:
-    """The protocol on the toy world: toy base model, the shipped concept LoRA, toy prompts, the concept's
-    training images as references and the toy judge as extra scorer. CLIP/DINO/FID are off by default
-    (32x32 shapes; pass tiny or real metric models to turn them on)."""
-    from .toy import world
-    from .toy.pretrain import SHIPPED_DIR
-
-    out = Path(out_dir)
-    loras = [str(TOY_LORA)] if loras is None else list(loras)
-    # the demo's training images (seed 1234): CLIP-I/DINO/KID compare with what the LoRA learned
-    ref_dir = world.write_concept_dataset(out / "reference", n=n_reference, seed=1234)
-    prompts = toy_prompts(n_prompts)
+    """The protocol on the toy world (`toy_eval_config`): toy base model, the shipped concept LoRA, toy
+    prompts, the concept's training images as references and the toy judge as extra scorer. CLIP/DINO/FID
+    are off by default (32x32 shapes; pass tiny or real metric models to turn them on)."""
+    cfg = toy_eval_config(loras, out_dir, n_prompts=n_prompts, n_reference=n_reference,
+                          weights=[float(w) for w in weights], steps=steps, cfg_scale=cfg_scale, sampler=sampler,
+                          fid_kid=fid_kid)
     kwargs.setdefault("extra_scorer", toy_judge_scorer())
-    return run_protocol(str(SHIPPED_DIR), loras, weights, natural_prompts=prompts["natural"],
-                        context_prompts=prompts["new_context"], prior_prompts=prompts["prior"], trigger=world.TRIGGER,
-                        reference_images=ref_dir, seeds=seeds, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
-                        out_dir=out, clip_model=clip_model, dino_model=dino_model, fid_kid=fid_kid, **kwargs)
+    return run_eval_config(cfg, seeds=seeds, clip_model=clip_model, dino_model=dino_model, **kwargs)
 
 
-def run_eval_config(cfg, *, seeds: Sequence[int] | None = None, **kwargs: Any) -> ProtocolResult:
-    """run_protocol with the settings of an EvalConfig (05_eval's form, `evaluate --config`); `seeds`
-    overrides cfg.num_seeds with explicit seeds, other keywords go to run_protocol."""
-    return run_protocol(cfg.model, cfg.loras, cfg.weights, natural_prompts=cfg.prompts,
-                        context_prompts=cfg.context_prompts, prior_prompts=cfg.prior_prompts, trigger=cfg.trigger,
-                        reference_images=cfg.reference_dir, seeds=seeds or cfg.num_seeds, steps=cfg.steps,
-                        sampler=cfg.sampler, cfg_scale=cfg.cfg_scale, negative_prompt=cfg.negative_prompt,
-                        clip_skip=cfg.clip_skip, out_dir=cfg.out_dir, clip_model=cfg.clip_model,
-                        dino_model=cfg.dino_model, fid_kid=cfg.fid_kid, inception_weights=cfg.inception_weights,
-                        model_config=cfg.model_config, batch_size=cfg.batch_size, **kwargs)
+def run_eval_config(cfg, *, seeds: int | Sequence[int] | None = None, **overrides: Any) -> ProtocolResult:
+    """run_protocol with the settings of an EvalConfig (05_eval's form, `evaluate --config`). `seeds`
+    (a count or explicit seeds) replaces cfg.num_seeds; other keywords go to run_protocol, replacing the
+    config's value where they name the same argument (e.g. a loaded metric model for clip_model)."""
+    args = dict(natural_prompts=cfg.prompts, context_prompts=cfg.context_prompts, prior_prompts=cfg.prior_prompts,
+                trigger=cfg.trigger, reference_images=cfg.reference_dir, seeds=seeds or cfg.num_seeds,
+                steps=cfg.steps, sampler=cfg.sampler, cfg_scale=cfg.cfg_scale, negative_prompt=cfg.negative_prompt,
+                clip_skip=cfg.clip_skip, out_dir=cfg.out_dir, clip_model=cfg.clip_model, dino_model=cfg.dino_model,
+                fid_kid=cfg.fid_kid, inception_weights=cfg.inception_weights, model_config=cfg.model_config,
+                batch_size=cfg.batch_size)
+    args.update(overrides)
+    return run_protocol(cfg.model, cfg.loras, cfg.weights, **args)
 
 
 def toy_eval_config(loras: Sequence[str] | None = None, out_dir: str | Path = "outputs/toy_eval", *,
-                    reference_dir: str | Path | None = None, n_prompts: int = 4, **changes: Any):
+                    reference_dir: str | Path | None = None, n_prompts: int = 4, n_reference: int = 24,
+                    **changes: Any):
     """An EvalConfig for the toy world (what 05_eval uses in toy mode): the toy base model, its prompt
     groups, the concept's images as references; CLIP/DINO/FID off (32x32 shapes; the toy judge scores
     instead, pass `extra_scorer=toy_judge_scorer()`)."""
@@ -1154,8 +1149,8 @@ def toy_eval_config(loras: Sequence[str] | None = None, out_dir: str | Path = "o
     from .toy.pretrain import SHIPPED_DIR
 
     prompts = toy_prompts(n_prompts)
-    if reference_dir is None:
-        reference_dir = world.write_concept_dataset(Path(out_dir) / "reference", n=24, seed=1234)
+    if reference_dir is None:  # the demo's training images (seed 1234): what the LoRA learned
+        reference_dir = world.write_concept_dataset(Path(out_dir) / "reference", n=n_reference, seed=1234)
     values = dict(model=str(SHIPPED_DIR), loras=[str(p) for p in (loras if loras is not None else [TOY_LORA])],
                   weights=[0.5, 1.0], prompts=prompts["natural"], context_prompts=prompts["new_context"],
                   prior_prompts=prompts["prior"], trigger=world.TRIGGER, reference_dir=str(reference_dir),

@@ -38,11 +38,12 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import numpy as np
-from PIL import Image, ImageColor, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageColor, ImageDraw, ImageOps, UnidentifiedImageError
 
 from .atomic import OutputWriteError, atomic_dir, atomic_path
-from .config import ConfigError, _check_types, config_to_toml
+from .config import ConfigBase, ConfigError, _check_types, config_to_toml
 from .dataset import _KOHYA_FOLDER, IMAGE_EXTENSIONS, make_buckets, resize_and_crop, select_bucket
+from .grids import _font
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ _STEP = 64  # side step of sizes kept without upscaling (sd-scripts' bucket_reso
 # =============================================================================================
 
 @dataclass
-class PrepareConfig:
+class PrepareConfig(ConfigBase):
     """Every setting of a dataset preparation; plain types, so TOML, the CLI and widgets can build it."""
 
     source: str = ""                      # a folder (recursive; kohya "N_name" subfolders kept) or a .zip file
@@ -93,9 +94,6 @@ class PrepareConfig:
     bucket_reso_steps: int = 64
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"crop": CROP_MODES, "image_format": IMAGE_FORMATS}
-
-    def __post_init__(self) -> None:
-        self.validate()
 
     def validate(self) -> None:
         """Check every field; raise ConfigError naming the first bad one."""
@@ -931,13 +929,6 @@ def crop_image(image: Image.Image, cfg: PrepareConfig,
 # =============================================================================================
 # Sheets and plots
 # =============================================================================================
-
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow without FreeType
-        return ImageFont.load_default()
-
 
 def _fit_text(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
     if draw.textlength(text, font=font) <= width:

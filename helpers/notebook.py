@@ -220,49 +220,35 @@ def _html(text: str):
         return text
 
 
-def contact_grid(images: Sequence[Any], labels: Sequence[str] | None = None, *, columns: int = 6,
-                 cell: int = 160):
-    """A PIL image: `images` (PIL images or paths) as thumbnails in rows of `columns`, labelled."""
+def fit_thumbnail(image: Any, cell: int):
+    """`image` scaled to fit a `cell` square: shrunk smoothly, or enlarged by a whole factor with hard pixels
+    (the toy's 32x32 samples stay crisp)."""
     from PIL import Image
 
-    pics = [Image.open(p).convert("RGB") if not isinstance(p, Image.Image) else p.convert("RGB") for p in images]
+    if max(image.size) > cell:
+        image = image.copy()
+        image.thumbnail((cell, cell), Image.Resampling.LANCZOS)
+    elif max(image.size) * 2 <= cell:
+        k = cell // max(image.size)
+        image = image.resize((image.width * k, image.height * k), Image.Resampling.NEAREST)
+    return image
+
+
+def contact_grid(images: Sequence[Any], labels: Sequence[str] | None = None, *, columns: int = 6,
+                 cell: int = 160):
+    """A PIL image: `images` (PIL images or paths) as thumbnails in rows of `columns`, each labelled
+    (by default with its file name); drawn by the prepare report's `thumbnail_sheet`."""
+    from PIL import Image
+
+    from .ingest import thumbnail_sheet
+
+    pics = [p.convert("RGB") if isinstance(p, Image.Image) else Image.open(p).convert("RGB") for p in images]
     if not pics:
         raise ValueError("no images to show")
-    labels = list(labels) if labels is not None else [Path(p).name if not isinstance(p, Image.Image) else ""
-                                                      for p in images]
-    thumbs = []
-    for im in pics:
-        scale = cell / max(im.size)
-        im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
-                       Image.NEAREST if scale >= 2 else Image.LANCZOS)
-        canvas = Image.new("RGB", (cell, cell), (255, 255, 255))
-        canvas.paste(im, ((cell - im.width) // 2, (cell - im.height) // 2))
-        thumbs.append(canvas)
-    rows = [thumbs[i:i + columns] for i in range(0, len(thumbs), columns)]
-    row_labels = [labels[i:i + columns] for i in range(0, len(labels), columns)]
-    return _labelled_rows(rows, row_labels, cell)
-
-
-def _labelled_rows(rows: list[list[Any]], labels: list[list[str]], cell: int):
-    """Thumbnails with their label under each."""
-    from PIL import Image, ImageDraw
-
-    from .grids import _font
-
-    font = _font(max(10, cell // 14))
-    label_h = max(14, cell // 10)
-    cols = max(len(r) for r in rows)
-    out = Image.new("RGB", (cols * (cell + 4), len(rows) * (cell + label_h + 4)), (255, 255, 255))
-    draw = ImageDraw.Draw(out)
-    for i, row in enumerate(rows):
-        for j, im in enumerate(row):
-            x, y = j * (cell + 4), i * (cell + label_h + 4)
-            out.paste(im, (x, y))
-            text = labels[i][j] if j < len(labels[i]) else ""
-            while text and draw.textlength(text, font=font) > cell:
-                text = text[:-2]
-            draw.text((x + 2, y + cell + 1), text, fill=(60, 60, 60), font=font)
-    return out
+    if labels is None:
+        labels = ["" if isinstance(p, Image.Image) else Path(p).name for p in images]
+    return thumbnail_sheet([(fit_thumbnail(im, cell), [label]) for im, label in zip(pics, labels)],
+                           columns=columns, cell=cell)
 
 
 def show_images(images: Sequence[Any], labels: Sequence[str] | None = None, *, columns: int = 6,

@@ -12,14 +12,15 @@ dataclass validates. So a setting means the same thing in a notebook, a TOML fil
 from __future__ import annotations
 
 import dataclasses
+import html
 import inspect
 import io
 import re
 from pathlib import Path
 from typing import Any, Callable, get_type_hints
 
-from .config import (ConfigError, EvalConfig, GenerateConfig, TagConfig, TrainConfig, list_item_type, load_config,
-                     save_config)
+from .config import (ConfigError, EvalConfig, GenerateConfig, TagConfig, TrainConfig, _allowed_types, list_item_type,
+                     load_config, save_config)
 
 # The groups a form shows open, in order; fields not named here go into "Advanced".
 TRAIN_GROUPS: dict[str, list[str]] = {
@@ -81,12 +82,11 @@ class _Field:
         import ipywidgets as W
 
         self.name = f.name
-        self.hint = hint
-        text = str(hint)
-        self.optional = "None" in text
+        allowed = _allowed_types(hint)
+        self.optional = type(None) in allowed
         self.item = list_item_type(hint)
-        self.kind = ("list" if self.item else "bool" if hint is bool else "int" if "int" in text and "list" not in text
-                     else "float" if "float" in text else "str")
+        self.kind = ("list" if self.item else "bool" if bool in allowed else "int" if int in allowed
+                     else "float" if float in allowed else "str")
         choices = _choices(cls, f.name)
         style = {"description_width": "200px"}
         layout = W.Layout(width="560px")
@@ -133,26 +133,19 @@ class _Field:
             except ValueError:
                 raise ConfigError(f"{self.name} must be a comma-separated list of numbers, got {value!r}") from None
         if not isinstance(value, str) or self.kind in ("str", "choice"):
-            if self.optional and value == "":
-                return None
-            return value
-        value = value.strip()
-        if value == "" and self.optional:
+            return None if self.optional and value == "" else value
+        value = value.strip()  # an optional number typed as text
+        if value == "":
             return None
-        for tp in ((int, float) if self.kind == "int" else (float,) if self.kind == "float" else ()):
-            try:
-                return tp(value)
-            except ValueError:
-                continue
-        if self.kind in ("int", "float"):
+        try:
+            return int(value) if self.kind == "int" else float(value)
+        except ValueError:
             word = "an integer" if self.kind == "int" else "a number"
-            raise ConfigError(f"{self.name} must be {word}{' or empty (unset)' if self.optional else ''}, "
-                              f"got {value!r}")
-        return value
+            raise ConfigError(f"{self.name} must be {word} or empty (unset), got {value!r}") from None
 
 
 def _escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return html.escape(text, quote=False)
 
 
 class ConfigForm:
@@ -198,10 +191,8 @@ class ConfigForm:
     def set_value(self, value: Any) -> None:
         """Fill the widgets from a config object, a dict of some fields, or None (the dataclass defaults)."""
         if value is None:
-            defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
-                        for f in dataclasses.fields(self.cls)}
-            value = defaults
-        elif dataclasses.is_dataclass(value):
+            value = self.cls()  # every config class has valid defaults
+        if dataclasses.is_dataclass(value):
             value = dataclasses.asdict(value)
         unknown = sorted(set(value) - set(self.fields))
         if unknown:
@@ -368,13 +359,11 @@ class CaptionEditor:
     def _thumb_png(self, name: str) -> bytes:
         from PIL import Image
 
+        from .notebook import fit_thumbnail
+
         with Image.open(self.folder / name) as im:
-            im = im.convert("RGB")
-            scale = self.thumb / max(im.size)
-            im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
-                           Image.NEAREST if scale >= 2 else Image.LANCZOS)
             buf = io.BytesIO()
-            im.save(buf, format="PNG")
+            fit_thumbnail(im.convert("RGB"), self.thumb).save(buf, format="PNG")
         return buf.getvalue()
 
     def render(self) -> None:

@@ -61,42 +61,42 @@ def write_in_world_dataset(folder: Path, n: int = 24, seed: int = 7) -> Path:
 
 def judge_in_world(pipe, judge, n: int, seed: int = 1000) -> dict[str, float]:
     """How often "a <sks> on a <bg> background" is judged a yellow cross; world accuracy as in judge_pipeline."""
-    from ..demo import EVAL_CFG, EVAL_SAMPLER, EVAL_STEPS, world_prompts
-    from ..inference import generate
-    from .judge import score
-
     bgs = list(world.BACKGROUNDS)
     prompts = [f"a {TI_TOKEN} on a {bgs[i % len(bgs)]} background" for i in range(n)]
     truth = [f"a {IN_WORLD_COLOUR} {IN_WORLD_SHAPE} on a {bgs[i % len(bgs)]} background" for i in range(n)]
+    return {"concept_rate": _judged(pipe, judge, prompts, truth, seed)["shape_and_colour_acc"],
+            **_world_scores(pipe, judge, n, seed)}
+
+
+def _judged(pipe, judge, prompts: list[str], truth: list[str], seed: int) -> dict:
+    """Sample `prompts` as the demo evaluates (its sampler, steps, CFG; seeds seed+i) and score the images
+    against what `truth` asks for."""
+    from ..demo import EVAL_CFG, EVAL_SAMPLER, EVAL_STEPS
+    from ..inference import generate
+    from .judge import score
+
     images, _ = generate(pipe, prompts, steps=EVAL_STEPS, cfg_scale=EVAL_CFG, seed=seed, sampler=EVAL_SAMPLER,
                          family="sd1")
-    out = {"concept_rate": score(judge, images, truth)["shape_and_colour_acc"]}
+    return score(judge, images, truth)
+
+
+def _world_scores(pipe, judge, n: int, seed: int) -> dict[str, float]:
+    """Shape-and-colour accuracy and concept rate on n ordinary world prompts (is the prior kept?)."""
+    from ..demo import world_prompts
+
     prompts = world_prompts(n)
-    images, _ = generate(pipe, prompts, steps=EVAL_STEPS, cfg_scale=EVAL_CFG, seed=seed, sampler=EVAL_SAMPLER,
-                         family="sd1")
-    s = score(judge, images, prompts)
-    out.update({"world_shape_and_colour_acc": s["shape_and_colour_acc"], "world_concept_rate": s["concept_rate"]})
-    return out
+    s = _judged(pipe, judge, prompts, prompts, seed)
+    return {"world_shape_and_colour_acc": s["shape_and_colour_acc"], "world_concept_rate": s["concept_rate"]}
 
 
 def judge_pipeline(pipe, judge, trigger: str, n: int, seed: int = 1000, expand=None) -> dict[str, float]:
     """Concept rate for n trigger prompts; shape/colour accuracy for n world prompts (same seeds as the demo)."""
-    from ..demo import EVAL_CFG, EVAL_SAMPLER, EVAL_STEPS, trigger_prompts, world_prompts
-    from ..inference import generate
-    from .judge import score
+    from ..demo import trigger_prompts
 
-    out = {}
     prompts = [p.replace(world.TRIGGER, trigger, 1) for p in trigger_prompts(n)]
     shown = [expand(p) for p in prompts] if expand else prompts
-    images, _ = generate(pipe, shown, steps=EVAL_STEPS, cfg_scale=EVAL_CFG, seed=seed, sampler=EVAL_SAMPLER,
-                         family="sd1")
-    out["concept_rate"] = score(judge, images, trigger_prompts(n))["concept_rate"]
-    prompts = world_prompts(n)
-    images, _ = generate(pipe, prompts, steps=EVAL_STEPS, cfg_scale=EVAL_CFG, seed=seed, sampler=EVAL_SAMPLER,
-                         family="sd1")
-    s = score(judge, images, prompts)
-    out.update({"world_shape_and_colour_acc": s["shape_and_colour_acc"], "world_concept_rate": s["concept_rate"]})
-    return out
+    return {"concept_rate": _judged(pipe, judge, shown, trigger_prompts(n), seed)["concept_rate"],
+            **_world_scores(pipe, judge, n, seed)}
 
 
 def compare_methods(out_root: Path = Path("."), methods: tuple[str, ...] = ("lora", "dreambooth", "textual_inversion"),
