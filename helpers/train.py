@@ -319,6 +319,21 @@ def _train(cfg: TrainConfig, base, emit: Event, progress: bool, box: dict[str, A
     bar = tqdm(total=max_steps, initial=global_step, disable=not (progress and is_main), desc="training", unit="step")
     last_log_step, t_last = global_step, time.perf_counter()
     nan_in_row = 0
+    # nan_policy "stop" never syncs per step: the first bad step is kept on the device and read when a log,
+    # sample or save is due (a save never writes weights a NaN has touched). "skip" must decide before each update.
+    check_every_step = cfg.nan_policy == "skip"
+    first_bad = torch.zeros((), dtype=torch.long, device=accelerator.device)
+
+    def raise_if_nan() -> None:
+        """Stop with advice if any process saw a NaN/inf loss since the start (one sync; all ranks call it)."""
+        if check_every_step:
+            return
+        steps = accelerator.gather(first_bad.reshape(1)) if accelerator.num_processes > 1 else first_bad.reshape(1)
+        bad = [int(s) for s in steps.tolist() if s > 0]
+        if bad:
+            raise TrainingError(nan_message(
+                min(bad), precision=accelerator.mixed_precision, learning_rate=cfg.learning_rate,
+                optimizer=cfg.optimizer, family=base.family, vae=cfg.vae, last_saved=box["last_saved"], skipped=0))
 
     def save_training_state(epoch_to_continue: int, batch_in_epoch: int) -> None:
         """Every process sends its RNG states to rank 0, which writes the state folder and prunes old ones."""
@@ -372,7 +387,10 @@ def _train(cfg: TrainConfig, base, emit: Event, progress: bool, box: dict[str, A
             batch_in_epoch += 1
             with accelerator.accumulate(*models):
                 loss = run.loss(unet, batch, prediction_type, noise_gen)
-                if _all_finite(loss, accelerator):
+                if not check_every_step:
+                    bad_now = (~torch.isfinite(loss.detach())) & (first_bad == 0)
+                    first_bad = torch.where(bad_now, global_step + 1, first_bad)
+                if not check_every_step or _all_finite(loss, accelerator):
                     nan_in_row = 0
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and embeddings is not None and accelerator.num_processes > 1:
@@ -387,11 +405,11 @@ def _train(cfg: TrainConfig, base, emit: Event, progress: bool, box: dict[str, A
                 else:
                     nan_in_row += 1
                     result.skipped_steps += 1
-                    if cfg.nan_policy == "stop" or nan_in_row >= MAX_NAN_SKIPS:
+                    if nan_in_row >= MAX_NAN_SKIPS:
                         raise TrainingError(nan_message(
                             global_step + 1, precision=accelerator.mixed_precision, learning_rate=cfg.learning_rate,
                             optimizer=cfg.optimizer, family=base.family, vae=cfg.vae, last_saved=box["last_saved"],
-                            skipped=nan_in_row if cfg.nan_policy == "skip" else 0))
+                            skipped=nan_in_row))
                     optimizer.zero_grad(set_to_none=True)  # drop this window's gradients, no update
                     if is_main:
                         print(f"step {global_step + 1}: loss is NaN/inf, step skipped ({nan_in_row} in a row)")
@@ -403,6 +421,11 @@ def _train(cfg: TrainConfig, base, emit: Event, progress: bool, box: dict[str, A
 
             validate = bool(cfg.validation_every_n_steps) and global_step % cfg.validation_every_n_steps == 0
             logged = global_step % cfg.log_every_n_steps == 0 or global_step == max_steps or validate
+            sample_due = bool(cfg.sample_every_n_steps) and global_step % cfg.sample_every_n_steps == 0
+            save_due = (bool(cfg.save_every_n_steps) and global_step % cfg.save_every_n_steps == 0
+                        and global_step < max_steps)
+            if logged or sample_due or save_due or state_due():
+                raise_if_nan()
             if logged:
                 now = time.perf_counter()
                 count = max(loss_count, 1)
@@ -422,11 +445,11 @@ def _train(cfg: TrainConfig, base, emit: Event, progress: bool, box: dict[str, A
                     logger.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
                 emit("log", record)
-            if is_main and cfg.sample_every_n_steps and global_step % cfg.sample_every_n_steps == 0:
+            if is_main and sample_due:
                 paths = run.sample(accelerator.unwrap_model(unet), global_step)
                 result.samples += paths
                 emit("sample", {"step": global_step, "paths": paths})
-            if cfg.save_every_n_steps and global_step % cfg.save_every_n_steps == 0 and global_step < max_steps:
+            if save_due:
                 saved = run.save(unet, trained_tes, f"{cfg.output_name}-step{global_step:06d}",
                                  global_step, epoch + 1, dataset, emit)
                 result.saved += saved
@@ -441,6 +464,7 @@ def _train(cfg: TrainConfig, base, emit: Event, progress: bool, box: dict[str, A
             if global_step >= max_steps:
                 break
         result.epochs = epoch + 1
+        raise_if_nan()
         if (cfg.save_every_n_epochs and (epoch + 1) % cfg.save_every_n_epochs == 0
                 and global_step < max_steps):
             saved = run.save(unet, trained_tes, f"{cfg.output_name}-{epoch + 1:06d}",
@@ -450,6 +474,7 @@ def _train(cfg: TrainConfig, base, emit: Event, progress: bool, box: dict[str, A
         if state_at_epoch_end:
             save_training_state(epoch + 1, 0)
     bar.close()
+    raise_if_nan()
 
     # --- 6. the final LoRA ------------------------------------------------------------------------
     result.steps = global_step

@@ -206,6 +206,57 @@ def test_nan_policy_skip_skips_a_bad_step_and_stops_after_five(tiny_sd15_dir, co
         train(cfg.replace(output_dir=str(tmp_path / "b")), progress=False)
 
 
+def test_nan_found_between_logs_names_its_step_and_saves_nothing_after_it(tiny_sd15_dir, concept_dir, tmp_path,
+                                                                            monkeypatch):
+    """nan_policy="stop" reads the loss back only when a log or save is due: a NaN at step 2 is found at the
+    log of step 4, the message names step 2, and no LoRA is written from the poisoned weights."""
+    from helpers import train as train_mod
+
+    real_loss = train_mod._Run.loss
+    calls = {"n": 0}
+
+    def nan_at_two(self, *args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(self, *args, **kwargs)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(train_mod._Run, "loss", nan_at_two)
+    events = []
+    cfg = make_cfg(tiny_sd15_dir, concept_dir, tmp_path, cache_latents=True, max_train_steps=8, log_every_n_steps=4,
+                   save_state_every_n_steps=None, save_every_n_steps=4)
+    with pytest.raises(TrainingError, match="The loss became NaN or infinite at step 2"):
+        train(cfg, progress=False, on_event=lambda kind, data: events.append((kind, data.get("step"))))
+    assert calls["n"] == 4  # ran on to the check at step 4, no further
+    assert not any(kind in ("log", "save") for kind, _ in events)
+    assert not list(tmp_path.glob("*.safetensors"))
+
+
+def test_stop_policy_reads_nothing_back_between_logs(tiny_sd15_dir, concept_dir, tmp_path, monkeypatch):
+    """No host-device sync per step: the number of tensor reads (.item, .tolist, bool, float, int) does not grow
+    with the number of steps between two logs. Adam's step counters are left out: torch keeps them on the CPU
+    (the foreach Adam used on CPU), and the fused Adam used on CUDA keeps them on the GPU and never reads them."""
+    import traceback
+
+    reads = {"n": 0}
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, **k):
+            if not any("torch/optim" in f.filename.replace(os.sep, "/") for f in traceback.extract_stack(limit=5)):
+                reads["n"] += 1
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    counts = []
+    for steps in (3, 6):  # both within the first epoch (6 steps)
+        reads["n"] = 0
+        cfg = make_cfg(tiny_sd15_dir, concept_dir, tmp_path / str(steps), cache_latents=True, max_train_steps=steps,
+                       log_every_n_steps=100, save_state_every_n_steps=None, flip_aug=False)
+        train(cfg, progress=False)
+        counts.append(reads["n"])
+    assert counts[0] == counts[1], counts
+
+
 def test_nan_message_for_fp16_names_bf16_and_the_fp16_vae():
     text = nan_message(120, precision="fp16", learning_rate=1e-4, optimizer="adamw", family="sdxl", vae=None,
                        last_saved=None)
