@@ -236,7 +236,7 @@ class StepOptions:
     adamw_impl: str = "auto"      # auto (build_optimizer's choice: fused on CUDA) | fused | foreach | forloop
     compile: bool = False
     cached_text: bool = False
-    step_syncs: bool = True       # each script's own per-step read-back (ours: the finite check; ref: loss log)
+    step_syncs: bool = True       # the reference's per-step loss read-back for logging (ours has none)
 
 
 @dataclass
@@ -246,7 +246,7 @@ class Prepared:
     step: Callable[[], torch.Tensor]
     accelerator: Any
     info: dict[str, Any] = field(default_factory=dict)
-    counters: dict[str, int] = field(default_factory=dict)
+    counters: dict[str, Any] = field(default_factory=dict)  # device tensors allowed: read once, after timing
 
 
 def _accelerator(precision: str, device: torch.device):
@@ -293,7 +293,7 @@ def prepare_ours(spec: ModelSpec, setting: Setting, preset: str, rank: int, devi
     from helpers.lora_targets import unet_target_modules
     from helpers.models import set_attention
     from helpers.optim import build_optimizer, build_scheduler, optimizer_kind
-    from helpers.train import _all_finite, _Run
+    from helpers.train import _Run
 
     acc, weight_dtype = _accelerator(setting.precision, device)
     ckpt = _gradient_checkpointing(setting, spec.family)
@@ -350,21 +350,19 @@ def prepare_ours(spec: ModelSpec, setting: Setting, preset: str, rank: int, devi
     model = torch.compile(unet) if opts.compile else unet
     gen = torch.Generator(device=acc.device).manual_seed(cfg.seed)
     prediction_type = sched.config.prediction_type
-    counters = {"nonfinite_steps": 0}
+    # as the trainer does under nan_policy="stop": a bad loss is counted on the device, never read per step
+    counters = {"nonfinite_steps": torch.zeros((), dtype=torch.long, device=acc.device)}
 
     def step() -> torch.Tensor:
         with acc.accumulate(unet):
             loss = run.loss(model, batch, prediction_type, gen)
-            if not opts.step_syncs or _all_finite(loss, acc):
-                acc.backward(loss)
-                if acc.sync_gradients and cfg.max_grad_norm > 0:
-                    acc.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            else:
-                counters["nonfinite_steps"] += 1
-                optimizer.zero_grad(set_to_none=True)
+            counters["nonfinite_steps"] += (~torch.isfinite(loss.detach())).long()
+            acc.backward(loss)
+            if acc.sync_gradients and cfg.max_grad_norm > 0:
+                acc.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
     info = {"precision": acc.mixed_precision, "gradient_checkpointing": ckpt, "optimizer": kind,
@@ -533,7 +531,7 @@ def run_row(spec: ModelSpec, setting: Setting, preset: str, impl: str, args, dev
         prepared = builder(spec, setting, preset, args.rank, device, opts)
         row.update(prepared.info)
         timing = time_step(prepared, args.warmup, args.steps)
-        row.update(prepared.counters)
+        row.update({k: int(v) for k, v in prepared.counters.items()})
         sec = timing["seconds"] / args.steps
         row.update({
             "status": "ok",
@@ -627,7 +625,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="ours: torch.compile the UNet (compile time reported)")
     p.add_argument("--cached-text", action="store_true", help="ours: text embeddings computed once, not per step")
     p.add_argument("--no-step-syncs", action="store_true",
-                   help="drop each script's own per-step read-back (ours: NaN check; reference: loss logging)")
+                   help="drop the reference's per-step loss read-back (ours reads nothing back per step)")
     p.add_argument("--no-reference", action="store_true", help="time our step only")
     p.add_argument("--peak-tflops", type=float, default=None, help="GPU peak for MFU when the name is not known")
     p.add_argument("--json", type=Path, default=None, help="write the rows and run info here")
