@@ -64,12 +64,13 @@ SAVE_PRECISIONS = ("fp16", "bf16", "float")
 SAVE_FORMATS = ("kohya", "diffusers", "both")
 ATTENTION = ("sdpa", "xformers")
 NAN_POLICIES = ("stop", "skip")
+COMPILE_BACKENDS = ("inductor", "cudagraphs", "aot_eager")  # torch.compile backends (aot_eager: no codegen)
 # The closed choices of each config class, by field: validation and the notebook widgets' dropdowns.
 TRAIN_CHOICES: dict[str, tuple[str, ...]] = {
     "family": FAMILIES, "prediction_type": PREDICTION_TYPES, "method": METHODS, "target": TARGET_PRESETS,
     "optimizer": OPTIMIZERS, "lr_scheduler": SCHEDULERS, "mixed_precision": MIXED_PRECISIONS,
     "save_precision": SAVE_PRECISIONS, "save_format": SAVE_FORMATS, "attention": ATTENTION,
-    "nan_policy": NAN_POLICIES,
+    "nan_policy": NAN_POLICIES, "compile_backend": COMPILE_BACKENDS,
 }
 
 
@@ -160,6 +161,9 @@ class TrainConfig(ConfigBase):
     mixed_precision: str = "auto"         # auto: fp16 on T4-class GPUs, bf16 on Ampere+, no on CPU
     gradient_checkpointing: bool = False
     attention: str = "sdpa"
+    channels_last: bool = False           # UNet convolutions in channels-last layout (often faster on tensor cores)
+    torch_compile: bool = False           # torch.compile the UNet: a slow first step, then faster (fixed shapes)
+    compile_backend: str = "inductor"     # torch.compile backend (inductor generates fused kernels)
     min_snr_gamma: float | None = None    # 5.0 is the paper's value
     noise_offset: float = 0.0
     prior_loss_weight: float = 1.0

@@ -189,6 +189,10 @@ def _train(cfg: TrainConfig, base, emit: Event, progress: bool, box: dict[str, A
         unet.enable_gradient_checkpointing()
         for te in trained_tes:
             te.gradient_checkpointing_enable()
+    if cfg.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if cfg.torch_compile:  # in place: the module, its parameter names and every save stay as they are
+        unet.compile(backend=cfg.compile_backend)
 
     # --- 3. data: buckets, captions, class images, optional latent cache ------------------------
     items = load_image_folder(cfg.train_data_dir, caption_extension=cfg.caption_extension,
