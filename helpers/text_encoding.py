@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .transfer import to_device
+
 
 @dataclass
 class PromptEmbeds:
@@ -40,7 +42,7 @@ def encode_prompts(family: str, tokenizers: list, text_encoders: list[torch.nn.M
     device = device or text_encoders[0].device
     if family != "sdxl":
         te = text_encoders[0]
-        ids = tokenize(tokenizers[0], captions).to(device)
+        ids = to_device(tokenize(tokenizers[0], captions), device)
         if clip_skip == 1:
             return PromptEmbeds(te(ids)[0])
         out = te(ids, output_hidden_states=True)
@@ -48,7 +50,7 @@ def encode_prompts(family: str, tokenizers: list, text_encoders: list[torch.nn.M
 
     hidden, pooled = [], None
     for tok, te in zip(tokenizers, text_encoders):
-        ids = tokenize(tok, captions).to(device)
+        ids = to_device(tokenize(tok, captions), device)
         out = te(ids, output_hidden_states=True)
         hidden.append(out.hidden_states[-(clip_skip + 1)])
         if getattr(out, "text_embeds", None) is not None:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError, TrainConfig, save_config
 from .text_encoding import encode_prompts, sdxl_time_ids
+from .transfer import to_device
 from .train_errors import TrainingError, nan_message, oom_advice
 
 MAX_NAN_SKIPS = 5  # nan_policy="skip": this many bad steps in a row stop the run
@@ -123,6 +124,7 @@ def _train(cfg: TrainConfig, base, emit: Event, progress: bool, box: dict[str, A
     # accelerate keeps its settings in a process-wide singleton: a notebook that trains twice with other
     # precision settings would fail. Reset those settings, keep the distributed state (PartialState).
     from accelerate.state import AcceleratorState
+    from accelerate.utils import DataLoaderConfiguration
 
     AcceleratorState._reset_state()
     accelerator = Accelerator(
@@ -131,6 +133,8 @@ def _train(cfg: TrainConfig, base, emit: Event, progress: bool, box: dict[str, A
         cpu=device_type == "cpu" and not torch.backends.mps.is_available(),
         mixed_precision=resolve_mixed_precision(cfg.mixed_precision, device_type),
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        # batches come from pinned memory (see the loader below): copy them to the GPU without waiting
+        dataloader_config=DataLoaderConfiguration(non_blocking=device_type == "cuda"),
     )
     is_main = accelerator.is_main_process
     out_dir = Path(cfg.output_dir)
@@ -528,7 +532,7 @@ class _Run:
         kwargs: dict[str, Any] = {"encoder_hidden_states": emb.hidden}
         if self.base.family == "sdxl":
             time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"])
-            kwargs["added_cond_kwargs"] = {"text_embeds": emb.pooled, "time_ids": time_ids.to(self.device)}
+            kwargs["added_cond_kwargs"] = {"text_embeds": emb.pooled, "time_ids": to_device(time_ids, self.device)}
         return kwargs
 
     def latents_of(self, batch: dict) -> torch.Tensor:
@@ -560,7 +564,8 @@ class _Run:
             target = noise
         pred = unet(noisy.to(self.weight_dtype), timesteps, **self.condition(batch)).sample
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        is_class = batch.get("is_class", torch.zeros(b, dtype=torch.bool)).to(self.device)
+        is_class = (to_device(batch["is_class"], self.device) if "is_class" in batch
+                    else torch.zeros(b, dtype=torch.bool, device=self.device))
         weights = loss_weights(timesteps, self.alphas_cumprod, is_class, prediction_type=prediction_type,
                                min_snr_gamma=cfg.min_snr_gamma, prior_loss_weight=cfg.prior_loss_weight)
         return (per_sample * weights).mean()

@@ -59,3 +59,27 @@ def test_torch_compile_trains_the_same_lora(tiny_sd15_dir, concept_dir, tmp_path
     assert lora_c.keys() == lora.keys()  # no "_orig_mod." in the names: the file is the same LoRA
     for k in lora:
         torch.testing.assert_close(lora_c[k], lora[k], rtol=1e-3, atol=1e-4)
+
+
+def test_to_device_leaves_cpu_tensors_and_moves_to_other_devices():
+    from helpers.transfer import to_device
+
+    t = torch.arange(6).reshape(2, 3)
+    assert to_device(t, "cpu") is t
+    moved = to_device(t, "meta")
+    assert moved.device.type == "meta" and moved.shape == t.shape
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_to_device_copies_to_the_gpu_without_a_sync():
+    from helpers.transfer import to_device
+
+    ids = torch.randint(0, 1000, (8, 77))
+    torch.cuda.set_sync_debug_mode("error")  # any host-device synchronisation raises
+    try:
+        on_gpu = to_device(ids, "cuda")
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            ids.to("cuda")  # the plain pageable copy does synchronise: the check is live
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(on_gpu.cpu(), ids)
