@@ -494,6 +494,24 @@ def time_step(prepared: Prepared, warmup: int, steps: int) -> dict[str, Any]:
     return out
 
 
+def count_syncs(prepared: Prepared, steps: int = 3) -> float | None:
+    """Host-device synchronisations per step, counted by CUDA's sync debug mode over `steps` more steps
+    (None on CPU). fp16 has GradScaler's inf check in it; ours should have nothing else."""
+    if prepared.accelerator.device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                prepared.step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    return sum("synchroniz" in str(w.message) for w in caught) / steps
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------------
@@ -531,6 +549,7 @@ def run_row(spec: ModelSpec, setting: Setting, preset: str, impl: str, args, dev
         prepared = builder(spec, setting, preset, args.rank, device, opts)
         row.update(prepared.info)
         timing = time_step(prepared, args.warmup, args.steps)
+        row["syncs_per_step"] = count_syncs(prepared)
         row.update({k: int(v) for k, v in prepared.counters.items()})
         sec = timing["seconds"] / args.steps
         row.update({
@@ -590,7 +609,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             ("optim", "optimizer", ""), ("img/s", "images_per_s", ".2f"), ("ms/step", "ms_per_step", ".1f"),
             ("alloc GB", "peak_mem_allocated_gb", ".2f"), ("resv GB", "peak_mem_reserved_gb", ".2f"),
             ("GFLOP/step", "flops_per_step", ""), ("TFLOP/s", "tflops_per_s", ".1f"), ("MFU", "mfu", ".1%"),
-            ("ours/ref", "ratio", ".2f"), ("status", "status", "")]
+            ("ours/ref", "ratio", ".2f"), ("syncs", "syncs_per_step", ".1f"), ("status", "status", "")]
     cells = []
     for r in rows:
         line = []
