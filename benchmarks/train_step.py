@@ -68,7 +68,7 @@ PEAK_TFLOPS: dict[str, float] = {"T4": 65.0, "A100": 312.0, "L4": 121.0, "H100":
 PEAK_TFLOPS_H100_PCIE = 756.0  # the PCIe card is slower than the SXM one the table gives
 
 CAPTION = "a photo of sks dog on a red background, painting style"
-PRESETS = ("attention", "full")
+PRESETS = ("attention", "full", "dreambooth")  # LoRA target presets; dreambooth: the whole UNet trained
 
 
 @dataclass(frozen=True)
@@ -192,7 +192,10 @@ def count_step_flops(spec: ModelSpec, preset: str, rank: int, batch: int, encode
     unet, tes = build_models(spec, "meta", torch.float32)
     for m in [unet, *tes]:
         m.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=unet_target_modules(unet, preset)))
+    if preset == "dreambooth":  # every UNet weight gets a gradient
+        unet.requires_grad_(True)
+    else:
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=unet_target_modules(unet, preset)))
     size = spec.latent_size
     latents = torch.zeros(batch, unet.config.in_channels, size, size, device="meta")
     timesteps = torch.zeros(batch, dtype=torch.long, device="meta")
@@ -297,15 +300,20 @@ def prepare_ours(spec: ModelSpec, setting: Setting, preset: str, rank: int, devi
 
     acc, weight_dtype = _accelerator(setting.precision, device)
     ckpt = _gradient_checkpointing(setting, spec.family)
+    dreambooth = preset == "dreambooth"
     cfg = TrainConfig(pretrained_model="benchmark", train_data_dir="benchmark", rank=rank, alpha=float(rank),
-                      target=preset, optimizer=setting.optimizer, train_batch_size=setting.batch,
+                      method="dreambooth" if dreambooth else "lora", target="full" if dreambooth else preset,
+                      optimizer=setting.optimizer, train_batch_size=setting.batch,
                       mixed_precision=setting.precision, gradient_checkpointing=ckpt, attention="sdpa")
     unet, tes = build_models(spec, acc.device, weight_dtype)
     for m in [unet, *tes]:
         m.requires_grad_(False)
     attention = set_attention(unet, cfg.attention)
-    unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
-                                init_lora_weights=True, target_modules=unet_target_modules(unet, cfg.target)))
+    if dreambooth:  # as the trainer: every weight trained, fp32 master copies, the forward in the compute dtype
+        unet.requires_grad_(True)
+    else:
+        unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
+                                    init_lora_weights=True, target_modules=unet_target_modules(unet, cfg.target)))
     for p in unet.parameters():
         if p.requires_grad:
             p.data = p.data.float()
@@ -631,7 +639,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="tiny test models (CPU smoke check; numbers mean nothing)")
     p.add_argument("--families", default="sd1,sdxl", help="comma list of sd1, sdxl")
     p.add_argument("--settings", default="t4,a100", help="comma list of " + ", ".join(SETTINGS))
-    p.add_argument("--presets", default="attention,full", help="comma list of LoRA presets")
+    p.add_argument("--presets", default="attention,full",
+                   help="comma list of LoRA presets, and/or dreambooth (full UNet; no reference step)")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--steps", type=int, default=10, help="timed steps per row")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; 1 with --tiny)")
@@ -688,7 +697,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for family in args.families:
             for setting in settings.values():
                 for preset in args.presets:
-                    for impl in impls:
+                    for impl in (["ours"] if preset == "dreambooth" else impls):
                         row = run_row(specs[family], setting, preset, impl, args, device, flops_cache, peak)
                         rows.append(row)
                         print(f"{row['model']} {setting.name} {preset} {impl}: {row.get('status')}"

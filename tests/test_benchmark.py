@@ -104,6 +104,25 @@ def test_meta_flops_match_published_sd15(bench, full_specs):
     with_text = bench.count_step_flops(full_specs["sd1"], "attention", 16, 1)
     assert lora < with_text < 1.05 * lora
     assert bench.count_step_flops(full_specs["sd1"], "attention", 16, 2) == 2 * with_text
+    # DreamBooth: weight gradients everywhere, so forward + backward is about 3 forwards
+    dreambooth = bench.count_step_flops(full_specs["sd1"], "dreambooth", 16, 1, encode_text=False)
+    assert dreambooth == pytest.approx(3 * 803e9, rel=0.10)
+
+
+def test_dreambooth_row_trains_the_whole_unet_with_no_reference(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--steps", "1", "--families", "sd1",
+                           "--settings", "t4", "--presets", "full,dreambooth", "--json", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {(r["preset"], r["impl"]): r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {("full", "ours"), ("full", "reference"), ("dreambooth", "ours")}
+    db, lora = rows[("dreambooth", "ours")], rows[("full", "ours")]
+    assert db["status"] == "ok" and db["ratio"] is None
+    assert db["trainable_params"] > 50 * lora["trainable_params"]  # the whole tiny UNet (1.7M) vs its LoRA
+    assert db["flops_per_step"] > lora["flops_per_step"]
 
 
 def test_meta_flops_match_published_sdxl(bench):

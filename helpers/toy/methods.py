@@ -29,7 +29,8 @@ def method_configs(work: Path, seed: int = 0) -> dict:
         "dreambooth": lora.replace(method="dreambooth", learning_rate=5e-4, lr_warmup_steps=20, max_train_steps=600,
                                    output_name="toy_dreambooth", save_precision="float"),
         # init "flower" (a row the base never trained), lr 1e-2 x 500: concept 0%; init "circle", lr 2e-2 x 800:
-        # 3% (lobed blue/red blobs: the frozen UNet has neither the shape nor the colour)
+        # 3%; 4 vectors lr 3e-3 x 2000 and 8 vectors lr 5e-3 x 2000: 0%. Even 15 free input vectors per
+        # background reach only 34% (tools/ti_reach.py): the toy text encoder cannot express the flower
         "textual_inversion": lora.replace(method="textual_inversion", train_data_dir=str(work / "dataset_ti"),
                                           reg_data_dir=None, token_string=TI_TOKEN, init_word="circle",
                                           num_vectors_per_token=4, learning_rate=2e-2, max_train_steps=800,
