@@ -321,6 +321,8 @@ def prepare_ours(spec: ModelSpec, setting: Setting, preset: str, rank: int, devi
         unet.enable_gradient_checkpointing()
     if opts.channels_last:
         unet.to(memory_format=torch.channels_last)
+    if opts.compile:  # as the trainer: in place, before accelerate wraps it
+        unet.compile()
     params = [p for p in unet.parameters() if p.requires_grad]
     groups = [{"params": params, "lr": cfg.learning_rate}]
     if opts.adamw_impl != "auto" and cfg.optimizer == "adamw":
@@ -355,7 +357,6 @@ def prepare_ours(spec: ModelSpec, setting: Setting, preset: str, rank: int, devi
 
         run_cls = _CachedTextRun
     run = run_cls(cfg, acc, SimpleNamespace(family=spec.family), sched, spec.tokenizers, tes, no_vae, weight_dtype)
-    model = torch.compile(unet) if opts.compile else unet
     gen = torch.Generator(device=acc.device).manual_seed(cfg.seed)
     prediction_type = sched.config.prediction_type
     # as the trainer does under nan_policy="stop": a bad loss is counted on the device, never read per step
@@ -363,7 +364,7 @@ def prepare_ours(spec: ModelSpec, setting: Setting, preset: str, rank: int, devi
 
     def step() -> torch.Tensor:
         with acc.accumulate(unet):
-            loss = run.loss(model, batch, prediction_type, gen)
+            loss = run.loss(unet, batch, prediction_type, gen)
             counters["nonfinite_steps"] += (~torch.isfinite(loss.detach())).long()
             acc.backward(loss)
             if acc.sync_gradients and cfg.max_grad_norm > 0:

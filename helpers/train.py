@@ -395,10 +395,13 @@ def _train(cfg: TrainConfig, base, emit: Event, progress: bool, box: dict[str, A
             batch_in_epoch += 1
             with accelerator.accumulate(*models):
                 loss = run.loss(unet, batch, prediction_type, noise_gen)
-                if not check_every_step:
-                    bad_now = (~torch.isfinite(loss.detach())) & (first_bad == 0)
-                    first_bad = torch.where(bad_now, global_step + 1, first_bad)
-                if not check_every_step or _all_finite(loss, accelerator):
+                if check_every_step:
+                    finite = _all_finite(loss, accelerator)
+                else:  # noted on the device; raise_if_nan reads it when a log or save is due
+                    first_bad = torch.where(~torch.isfinite(loss.detach()) & (first_bad == 0), global_step + 1,
+                                            first_bad)
+                    finite = True
+                if finite:
                     nan_in_row = 0
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and embeddings is not None and accelerator.num_processes > 1:
@@ -472,9 +475,10 @@ def _train(cfg: TrainConfig, base, emit: Event, progress: bool, box: dict[str, A
             if global_step >= max_steps:
                 break
         result.epochs = epoch + 1
-        raise_if_nan()
-        if (cfg.save_every_n_epochs and (epoch + 1) % cfg.save_every_n_epochs == 0
-                and global_step < max_steps):
+        epoch_save_due = (bool(cfg.save_every_n_epochs) and (epoch + 1) % cfg.save_every_n_epochs == 0
+                          and global_step < max_steps)
+        if epoch_save_due:  # (a state at the epoch's end was checked at its step, as state_due)
+            raise_if_nan()
             saved = run.save(unet, trained_tes, f"{cfg.output_name}-{epoch + 1:06d}",
                              global_step, epoch + 1, dataset, emit)
             result.saved += saved
