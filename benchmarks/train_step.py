@@ -186,7 +186,7 @@ def count_step_flops(spec: ModelSpec, preset: str, rank: int, batch: int, encode
     from peft import LoraConfig
     from torch.utils.flop_counter import FlopCounterMode
 
-    from helpers.lora_targets import unet_target_modules
+    from helpers.lora_targets import inject_lora, unet_target_modules
     from helpers.text_encoding import encode_prompts
 
     unet, tes = build_models(spec, "meta", torch.float32)
@@ -195,7 +195,7 @@ def count_step_flops(spec: ModelSpec, preset: str, rank: int, batch: int, encode
     if preset == "dreambooth":  # every UNet weight gets a gradient
         unet.requires_grad_(True)
     else:
-        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=unet_target_modules(unet, preset)))
+        inject_lora(unet, LoraConfig(r=rank, lora_alpha=rank, target_modules=unet_target_modules(unet, preset)))
     size = spec.latent_size
     latents = torch.zeros(batch, unet.config.in_channels, size, size, device="meta")
     timesteps = torch.zeros(batch, dtype=torch.long, device="meta")
@@ -293,7 +293,7 @@ def prepare_ours(spec: ModelSpec, setting: Setting, preset: str, rank: int, devi
     from peft import LoraConfig
 
     from helpers.config import TrainConfig
-    from helpers.lora_targets import unet_target_modules
+    from helpers.lora_targets import inject_lora, unet_target_modules
     from helpers.models import set_attention
     from helpers.optim import build_optimizer, build_scheduler, optimizer_kind
     from helpers.train import _Run
@@ -312,7 +312,7 @@ def prepare_ours(spec: ModelSpec, setting: Setting, preset: str, rank: int, devi
     if dreambooth:  # as the trainer: every weight trained, fp32 master copies, the forward in the compute dtype
         unet.requires_grad_(True)
     else:
-        unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
+        inject_lora(unet, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
                                     init_lora_weights=True, target_modules=unet_target_modules(unet, cfg.target)))
     for p in unet.parameters():
         if p.requires_grad:
@@ -390,7 +390,7 @@ def prepare_reference(spec: ModelSpec, setting: Setting, preset: str, rank: int,
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
 
-    from helpers.lora_targets import unet_target_modules
+    from helpers.lora_targets import inject_lora, unet_target_modules
     from helpers.text_encoding import tokenize
 
     acc, weight_dtype = _accelerator(setting.precision, device)
@@ -398,7 +398,7 @@ def prepare_reference(spec: ModelSpec, setting: Setting, preset: str, rank: int,
     unet, tes = build_models(spec, acc.device, weight_dtype)
     for m in [unet, *tes]:
         m.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+    inject_lora(unet, LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                 target_modules=unet_target_modules(unet, preset)))
     if acc.mixed_precision == "fp16":
         cast_training_params(unet, dtype=torch.float32)

@@ -1,0 +1,3 @@
+"""SD LoRA helpers: from a folder of images to a Stable Diffusion LoRA that works."""
+
+__version__ = "0.1.0"

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePosixPath
 
 from .atomic import atomic_dir, write_bytes, write_text
-from .dataset import IMAGE_EXTENSIONS
+from .dataset import IMAGE_EXTENSIONS, CaptionDecodeError, read_caption_file
 
 HISTORY_DIR = ".caption_history"
 MANIFEST = "manifest.json"
@@ -241,13 +241,10 @@ def tag_key(tag: str) -> str:
 
 
 def _read_caption_file(path: Path) -> str:
-    data = path.read_bytes()
     try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise CaptionReadError(
-            f"caption file {path} is not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 1]!r}); re-save it as "
-            "UTF-8 (e.g. open it in a text editor and save with UTF-8 encoding) or delete it") from e
+        return read_caption_file(path)
+    except CaptionDecodeError as e:
+        raise CaptionReadError(f"caption file {path}: {e}; re-save it as UTF-8 text or delete it") from e
 
 
 class CaptionSet(Mapping[str, tuple[str, ...]]):
@@ -314,7 +311,8 @@ class CaptionSet(Mapping[str, tuple[str, ...]]):
 def load_captions(folder: str | Path, extension: str = ".txt") -> CaptionSet:
     """Load the captions of every image of a set (`list_images` conventions); no caption file = empty caption.
 
-    Raises `CaptionReadError` naming every caption file that is not valid UTF-8 (a BOM is accepted).
+    Raises `CaptionReadError` naming every caption file that holds no text; a caption in another encoding
+    than UTF-8 (cp1252, Latin-1) is read with a warning (`dataset.decode_caption`).
     """
     folder = Path(folder)
     extension = _norm_extension(extension)

@@ -42,7 +42,8 @@ from PIL import Image, ImageColor, ImageDraw, ImageOps, UnidentifiedImageError
 
 from .atomic import OutputWriteError, atomic_dir, atomic_path
 from .config import ConfigBase, ConfigError, _check_types, config_to_toml
-from .dataset import _KOHYA_FOLDER, IMAGE_EXTENSIONS, make_buckets, resize_and_crop, select_bucket
+from .dataset import (_KOHYA_FOLDER, IMAGE_EXTENSIONS, CaptionDecodeError, decode_caption, make_buckets,
+                      resize_and_crop, select_bucket)
 from .grids import _font
 
 logger = logging.getLogger(__name__)
@@ -582,19 +583,13 @@ def decode_image(data: bytes, *, max_pixels: int = 100_000_000,
     return _Decoded(image=im, size=im.size, mode=mode, format=fmt, flags=flags)
 
 
-def read_caption(data: bytes) -> str:
-    """Caption text from file bytes: UTF-8 (BOM allowed) or UTF-16 with a BOM; raise `RejectedInput` otherwise."""
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        try:
-            return data.decode("utf-16")
-        except UnicodeDecodeError as e:
-            raise RejectedInput(f"caption file is not valid UTF-16 ({e.reason} at byte {e.start})") from None
+def read_caption(data: bytes) -> tuple[str, str | None]:
+    """Caption text from file bytes and a note when it was not UTF-8 (`dataset.decode_caption`); raise
+    `RejectedInput` when the file holds no text."""
     try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        bad = data[e.start:e.start + 1].hex()
-        raise RejectedInput(f"caption file is not valid UTF-8 (byte 0x{bad} at position {e.start}); the image is "
-                            f"kept without a caption: re-save the caption as UTF-8") from None
+        return decode_caption(data)
+    except CaptionDecodeError as e:
+        raise RejectedInput(f"{e}; the image is kept without a caption") from None
 
 
 # =============================================================================================
@@ -1370,7 +1365,10 @@ def prepare_from_config(cfg: PrepareConfig, *, overwrite: bool = False, progress
 
                 if cap is not None:
                     try:
-                        text = read_caption(cap.read())
+                        text, note = read_caption(cap.read())
+                        if note:  # kept, written out as UTF-8; the report lists it
+                            rec.flags.append("caption_not_utf8")
+                            warnings.warn(f"caption {cap.rel}: {note}", UserWarning, stacklevel=2)
                         rec.caption = text.strip()
                         rec.caption_source = cap.rel
                         with atomic_path(target.with_suffix(cfg.caption_extension), fsync=False) as t:

@@ -7,7 +7,6 @@ and inference (diffusers' multi-adapter API), so every path converts through the
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import hashlib
 import json
@@ -22,8 +21,9 @@ from pathlib import Path
 
 import torch
 
+from . import __version__
 from .atomic import atomic_dir, save_safetensors
-from .lora_targets import base_layer, model_module_names
+from .lora_targets import base_layer, inject_lora, model_module_names
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -174,13 +174,15 @@ def to_kohya_state_dict(weights: LoraWeights, family: str, unet_config: Mapping 
     return sd
 
 
-def _package_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("sd-lora-helpers")
-    except Exception:  # not installed as a distribution (running from a checkout)
-        return "unknown"
+def model_name_for_metadata(source: str | None) -> str:
+    """What a file's metadata may say of the base model: a hub id as it is, a local file or folder by its
+    base name only (as sd-scripts writes `ss_sd_model_name`), so no user's folder path travels with a LoRA."""
+    if not source:
+        return ""
+    text = str(source).rstrip("/\\")
+    looks_local = Path(text).exists() or Path(text).is_absolute() or text.startswith((".", "~")) or "\\" in text \
+        or text.count("/") != 1
+    return re.split(r"[/\\]", text)[-1] if looks_local else text
 
 
 def kohya_metadata(*, family: str, rank: int, alpha: float, output_name: str,
@@ -240,7 +242,7 @@ def kohya_metadata(*, family: str, rank: int, alpha: float, output_name: str,
         "modelspec.resolution": f"{reso[0]}x{reso[1]}",
         "modelspec.date": datetime.datetime.fromtimestamp(int(ts)).isoformat(),
         "modelspec.prediction_type": "v" if v_pred else "epsilon",
-        "modelspec.implementation_version": f"sd-lora-helpers/{_package_version()}",
+        "modelspec.implementation_version": f"sd-lora-helpers/{__version__}",
     }
     if clip_skip is not None:
         meta["modelspec.encoder_layer"] = str(clip_skip)
@@ -671,37 +673,20 @@ def apply_lora(pipe, weights: LoraWeights, adapter_name: str, scale: float = 1.0
         modules = weights.get(comp) or {}
         if not modules:
             continue
-        sd = to_diffusers_state_dict({comp: modules})
         cfg = peft_adapter_config(modules, text_encoder=comp != "unet")
-        meta = {f"{comp}.{k}": v for k, v in cfg.items()}
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # intended: many adapters
             if comp == "unet":
-                cls.load_lora_into_unet(sd, network_alphas=None, unet=comps[comp], adapter_name=adapter_name,
-                                        metadata=meta, _pipeline=pipe)
-            else:
-                with _quiet_bogus_load_report(comps[comp], adapter_name):
-                    cls.load_lora_into_text_encoder(sd, network_alphas=None, text_encoder=comps[comp], prefix=comp,
-                                                    adapter_name=adapter_name, metadata=meta, _pipeline=pipe)
+                cls.load_lora_into_unet(to_diffusers_state_dict({comp: modules}), network_alphas=None,
+                                        unet=comps[comp], adapter_name=adapter_name,
+                                        metadata={f"{comp}.{k}": v for k, v in cfg.items()}, _pipeline=pipe)
+            else:  # peft directly: no transformers version coupling (see lora_targets.inject_lora)
+                from peft import LoraConfig
+
+                te = comps[comp]
+                inject_lora(te, LoraConfig(**cfg), adapter_name, {n: (m.down, m.up) for n, m in modules.items()})
+                te.to(device=te.device, dtype=te.dtype)
     _activate(pipe, previously_active + [adapter_name], adapter_name, scale)
-
-
-@contextlib.contextmanager
-def _quiet_bogus_load_report(text_encoder: torch.nn.Module, adapter_name: str):
-    """transformers 5.23's load_adapter counts a key as an adapter key when the adapter name occurs
-    anywhere in it, so a name like "a" makes it print every base weight as MISSING ("newly
-    initialized") although nothing is touched. Silence that report only in that case."""
-    if not any(adapter_name in n for n, _ in text_encoder.named_parameters()):
-        yield
-        return
-    from transformers.utils import logging as hf_logging
-
-    before = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(before)
 
 
 def _activate(pipe, names: list[str], new_adapter: str, scale: float) -> None:

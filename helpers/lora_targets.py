@@ -86,3 +86,43 @@ def text_encoder_target_modules(text_encoder: torch.nn.Module, preset: str) -> l
     if preset == "full":
         return _targets_in(text_encoder, TEXT_ENCODER_CONTAINERS, None)
     return _targets_in(text_encoder, TEXT_ATTENTION_CONTAINERS, TEXT_ATTENTION_LEAVES)
+
+
+def inject_lora(model: torch.nn.Module, config, adapter_name: str = "default",
+                weights: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+    """Add LoRA layers to `model` with peft itself, and optionally fill them (`weights`: module name ->
+    (down, up)); the adapter is recorded where diffusers' pipeline methods look for it (`set_adapters`,
+    `get_list_adapters`, `delete_adapters`, `unload_lora_weights`).
+
+    peft is called directly rather than through transformers' or diffusers' `add_adapter`/`load_adapter`:
+    those wrappers check peft's version against their own minimum (transformers 5.24 wants a peft that
+    is not released), which ties every text-encoder LoRA to their release cycle.
+    """
+    import warnings
+
+    from peft import inject_adapter_in_model
+
+    configs = dict(getattr(model, "peft_config", None) or {})
+    if adapter_name in configs:
+        raise ValueError(f"adapter name {adapter_name!r} is already on this model")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # intended: several adapters
+        inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    configs[adapter_name] = config
+    model.peft_config = configs
+    model._hf_peft_config_loaded = True
+    if weights is None:
+        return
+    by_short_name = {name.removeprefix("text_model."): name for name in model_module_names(model)}
+    with torch.no_grad():
+        for name, (down, up) in weights.items():
+            full = by_short_name.get(name.removeprefix("text_model."))
+            layer = model.get_submodule(full) if full else None
+            if layer is None or adapter_name not in getattr(layer, "lora_A", {}):
+                raise ValueError(f"LoRA module {name!r} has no layer in this {type(model).__name__}")
+            a, b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+            if a.shape != down.shape or b.shape != up.shape:
+                raise ValueError(f"LoRA module {name!r}: expected down {list(a.shape)} and up {list(b.shape)}, "
+                                 f"got {list(down.shape)} and {list(up.shape)}")
+            a.copy_(down)
+            b.copy_(up)

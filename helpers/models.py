@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
+from .precision import decide_precision, normalize_precision, precision_dtype
+
 if TYPE_CHECKING:  # heavy imports stay lazy: importing this module must be cheap and GPU-free
     from diffusers import DDPMScheduler, DiffusionPipeline
 
@@ -83,54 +85,16 @@ def normalize_prediction_type(prediction_type: str) -> str:
     return _PREDICTION_ALIASES[key]
 
 
-def pick_dtype(device: str | torch.device, mixed_precision: str = "auto") -> torch.dtype:
-    """The dtype for frozen weights on `device`: "auto" picks bf16 on Ampere+ GPUs, fp16 on older
-    GPUs (T4, V100) and fp32 on CPU/MPS; "fp16"/"bf16"/"fp32"/"no" are explicit (fp16 needs CUDA)."""
-    if isinstance(mixed_precision, torch.dtype):
-        mixed_precision = _DTYPE_NAMES.get(mixed_precision, str(mixed_precision))
-    mp = str(mixed_precision).strip().lower()
-    mp = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32", "float": "fp32",
-          "none": "no", "full": "fp32"}.get(mp, mp)
-    if mp not in ("auto", "fp16", "bf16", "fp32", "no"):
-        raise ValueError(f"mixed_precision must be 'auto', 'fp16', 'bf16' or 'no'/'fp32', got {mixed_precision!r}")
-    dev = torch.device(device)
-    is_cuda = dev.type == "cuda"
-    if is_cuda and not torch.cuda.is_available():
-        _warn_once("cuda-missing", f"device {str(device)!r} asked for, but no CUDA GPU is visible; choosing the "
-                                   "dtype as for CPU (on Colab: Runtime > Change runtime type > GPU).")
-        is_cuda = False
-    if mp in ("fp32", "no"):
-        return torch.float32
-    if mp == "bf16":
-        if is_cuda and _cuda_capability(dev) < (8, 0):
-            _warn_once("bf16-emulated", "bf16 on a GPU older than Ampere (compute capability < 8.0, e.g. T4/V100) "
-                                        "is emulated and slow; mixed_precision='fp16' is the usual choice there.")
-        return torch.bfloat16
-    if mp == "fp16":
-        if is_cuda or dev.type == "mps":
-            return torch.float16
-        _warn_once("fp16-cpu", "mixed_precision='fp16' needs a CUDA GPU; on CPU the model is loaded in fp32 "
-                               "instead (use 'bf16' for half-size weights on CPU).")
-        return torch.float32
-    # auto
-    if is_cuda:
-        return torch.bfloat16 if _cuda_capability(dev) >= (8, 0) else torch.float16
-    return torch.float32
-
-
-def _cuda_capability(dev: torch.device) -> tuple[int, int]:
-    index = dev.index if dev.index is not None else torch.cuda.current_device()
-    major, minor = torch.cuda.get_device_capability(index)
-    return int(major), int(minor)
+def pick_dtype(device: str | torch.device, mixed_precision: str | torch.dtype = "auto") -> torch.dtype:
+    """The dtype for frozen weights on `device`, as `helpers.precision.decide_precision` decides it:
+    "auto" is bf16 on Ampere+ GPUs, fp16 on older GPUs (T4, V100) and fp32 on CPU/MPS."""
+    return precision_dtype(decide_precision(mixed_precision, device))
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None, device: str) -> torch.dtype:
     if dtype is None:
         return torch.float32
-    if isinstance(dtype, torch.dtype):
-        if dtype not in _DTYPE_NAMES:
-            raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
-        return pick_dtype(device, _DTYPE_NAMES[dtype])
+    normalize_precision(dtype)  # a clear error for anything but float16, bfloat16, float32 and their names
     return pick_dtype(device, dtype)
 
 

@@ -57,18 +57,52 @@ def torch_constraints() -> list[str]:
     return pins
 
 
-def setup(*, drive: bool = False, requirements: str | Path = "requirements.txt", quiet: bool = True) -> str:
-    """On Colab: install the requirements with the installed torch pinned, and mount Google Drive if
-    `drive`. Elsewhere: nothing (install with the README's commands). Returns what was done."""
+# The notebook host's own packages: the lock's [notebook] section also pins the IPython kernel stack it was
+# tested with, but on Colab the kernel is Colab's and must stay; only the widget packages are installed.
+COLAB_NOTEBOOK_PACKAGES = ("ipywidgets", "widgetsnbextension", "jupyterlab-widgets")
+
+
+def lock_sections(lock: str | Path) -> dict[str, list[str]]:
+    """{section: ["name==version", ...]} of requirements.lock (sections `# [runtime]`, `# [notebook]`, `# [test]`)."""
+    import re
+
+    sections: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in Path(lock).read_text(encoding="utf-8").splitlines():
+        head = re.fullmatch(r"# \[(\w+)\]", line.strip())
+        if head:
+            current = sections.setdefault(head.group(1), [])
+        elif line.strip() and not line.startswith("#") and current is not None:
+            current.append(line.strip())
+    return sections
+
+
+def colab_requirements(lock: str | Path) -> list[str]:
+    """The pins the Colab setup installs: the lock's [runtime] section and the widget packages, never the
+    torch family (Colab's CUDA build stays) nor the Jupyter kernel stack."""
+    sections = lock_sections(lock)
+    if "runtime" not in sections:
+        raise ValueError(f"{lock} has no '# [runtime]' section: it was not written by tools/lock.py")
+    keep = set(COLAB_NOTEBOOK_PACKAGES)
+    pins = list(sections["runtime"]) + [p for p in sections.get("notebook", []) if p.split("==")[0] in keep]
+    return [p for p in pins if p.split("==")[0] not in ("torch", "torchvision", "torchaudio", "triton")]
+
+
+def setup(*, drive: bool = False, lock: str | Path = "requirements.lock", quiet: bool = True) -> str:
+    """On Colab: install the tested versions (`colab_requirements` of the lock) with the installed torch pinned,
+    and mount Google Drive if `drive`. Elsewhere: nothing (README's `make demo` sets up a venv). Returns what
+    was done."""
     if not in_colab():
-        return "not on Colab: nothing installed (see README for a local install)"
+        return "not on Colab: nothing installed (README: `make demo` or `make test` set up a local venv)"
+    pins = Path("/tmp/helpers_colab_requirements.txt")
+    pins.write_text("\n".join(colab_requirements(lock)) + "\n")
     constraints = Path("/tmp/helpers_torch_constraints.txt")
     constraints.write_text("\n".join(torch_constraints()) + "\n")
-    cmd = [sys.executable, "-m", "pip", "install", "-r", str(requirements), "-c", str(constraints)]
+    cmd = [sys.executable, "-m", "pip", "install", "-r", str(pins), "-c", str(constraints)]
     if quiet:
         cmd.append("-q")
     subprocess.run(cmd, check=True)
-    done = f"installed {requirements} (torch kept: {', '.join(torch_constraints()) or 'none'})"
+    done = f"installed {lock}'s tested versions (torch kept: {', '.join(torch_constraints()) or 'none'})"
     if drive:
         from google.colab import drive as gdrive  # type: ignore[import-not-found]
 
@@ -162,7 +196,7 @@ def project(name: str = "my_lora", *, on_drive: bool | None = None) -> Project:
 class GpuInfo:
     name: str
     total_gb: float
-    bf16: bool
+    bf16: bool                  # bf16 in hardware (compute capability >= 8.0), not emulated
     capability: tuple[int, int]
 
 
@@ -172,13 +206,26 @@ def gpu_info() -> GpuInfo | None:
 
     if not torch.cuda.is_available():
         return None
+    from .precision import native_bf16
+
     props = torch.cuda.get_device_properties(0)
-    return GpuInfo(props.name, props.total_memory / 2**30, torch.cuda.is_bf16_supported(),
-                   (props.major, props.minor))
+    capability = (props.major, props.minor)
+    return GpuInfo(props.name, props.total_memory / 2**30, native_bf16(capability), capability)
+
+
+def preset_for_gpu(family: str = "sd1", info: GpuInfo | None | str = "detect") -> str:
+    """The preset a notebook starts from on this GPU: the largest of `family` that fits its memory and runs
+    in its native precision (`presets.default_preset`); the toy preset without a GPU."""
+    from .presets import default_preset
+
+    if info == "detect":
+        info = gpu_info()
+    return default_preset(info.total_gb if info else None, family, info.capability if info else None)
 
 
 def gpu_report(info: GpuInfo | None | str = "detect") -> str:
     """Which GPU, how much memory, which precision, and which training presets fit it."""
+    from .precision import auto_precision
     from .presets import presets_that_fit
 
     if info == "detect":
@@ -187,9 +234,11 @@ def gpu_report(info: GpuInfo | None | str = "detect") -> str:
         fits = presets_that_fit(None)
         return ("No CUDA GPU. Training SD 1.5 or SDXL on a CPU is far too slow; on Colab choose "
                 "Runtime > Change runtime type > T4 GPU.\nPresets that run here: " + ", ".join(p.name for p in fits))
+    auto = auto_precision(info.capability)
     lines = [f"GPU: {info.name}, {info.total_gb:.1f} GiB, compute capability {info.capability[0]}.{info.capability[1]}",
-             "precision: bf16 and fp16" if info.bf16 else "precision: fp16 (no bf16 on this GPU: use fp16 presets)"]
-    fits = presets_that_fit(info.total_gb)
+             f"precision: {auto} (mixed_precision='auto'); " + (
+                 "fp16 works too" if auto == "bf16" else "no bf16 in hardware on this GPU (emulated, slow): use fp16 presets")]
+    fits = presets_that_fit(info.total_gb, info.capability)
     lines.append("presets that fit: " + ", ".join(f"{p.name} (~{p.gpu_gb:g} GiB)" for p in fits if p.gpu_gb))
     return "\n".join(lines)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .precision import native_bf16, normalize_precision
+
 SD15_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SDXL_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 SDXL_FP16_VAE = "madebyollin/sdxl-vae-fp16-fix"  # the SDXL VAE overflows in fp16; this one does not
@@ -73,16 +75,23 @@ def preset_values(name: str) -> dict[str, Any]:
     return toy_preset_values() if PRESETS[name].family == "toy" else dict(PRESETS[name].values)
 
 
-def presets_that_fit(gpu_gb: float | None) -> list[Preset]:
-    """Presets whose memory budget fits a GPU of `gpu_gb` GiB (None: no GPU, only the toy preset)."""
+def runs_natively(preset: Preset, capability: tuple[int, int] | None) -> bool:
+    """Whether the GPU of `capability` computes in the preset's precision in hardware (bf16 needs sm80+)."""
+    precision = normalize_precision(preset.values.get("mixed_precision", "auto"))
+    return precision != "bf16" or capability is None or native_bf16(capability)
+
+
+def presets_that_fit(gpu_gb: float | None, capability: tuple[int, int] | None = None) -> list[Preset]:
+    """Presets whose memory budget fits a GPU of `gpu_gb` GiB (None: no GPU, only the toy preset) and,
+    when the GPU's compute capability is given, whose precision it runs natively (no bf16 on a T4/V100)."""
     if not gpu_gb:
         return [p for p in PRESETS.values() if p.gpu_gb == 0]
-    return [p for p in PRESETS.values() if p.gpu_gb <= gpu_gb * 0.95]
+    return [p for p in PRESETS.values() if p.gpu_gb <= gpu_gb * 0.95 and runs_natively(p, capability)]
 
 
-def default_preset(gpu_gb: float | None, family: str = "sd1") -> str:
+def default_preset(gpu_gb: float | None, family: str = "sd1", capability: tuple[int, int] | None = None) -> str:
     """The preset a notebook starts from: the largest one of `family` that fits, else the toy one."""
-    fits = [p for p in presets_that_fit(gpu_gb) if p.family == family]
+    fits = [p for p in presets_that_fit(gpu_gb, capability) if p.family == family]
     if not fits:
         return "Toy (CPU, offline)"
     return max(fits, key=lambda p: p.gpu_gb).name

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import ConfigError, TrainConfig, save_config
+from .lora_io import model_name_for_metadata
+from .precision import accelerate_precision, decide_precision
 from .text_encoding import encode_prompts, sdxl_time_ids
 from .transfer import to_device
 from .train_errors import TrainingError, nan_message, oom_advice
@@ -50,19 +52,9 @@ class TrainResult:
 
 
 def resolve_mixed_precision(requested: str, device_type: str) -> str:
-    """accelerate's mixed_precision value for `requested` on this device ("no" | "fp16" | "bf16").
-
-    fp16 autocast is a silent no-op on CPU in accelerate, so asking for it there warns and trains in fp32.
-    """
-    if requested == "auto":
-        if device_type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "no"
-    if requested == "fp16" and device_type != "cuda":
-        warnings.warn("mixed_precision='fp16' needs a CUDA GPU; training in fp32 on this device instead "
-                      "(use 'bf16' for reduced precision on CPU).", RuntimeWarning, stacklevel=2)
-        return "no"
-    return requested
+    """accelerate's mixed_precision value for `requested` on this device ("no" | "fp16" | "bf16"), as
+    `helpers.precision.decide_precision` decides it (fp16 on a T4, bf16 on Ampere+, fp32 on CPU)."""
+    return accelerate_precision(decide_precision(requested, device_type))
 
 
 def check_ready(cfg: TrainConfig) -> None:
@@ -112,7 +104,7 @@ def _train(cfg: TrainConfig, base, emit: Event, progress: bool, box: dict[str, A
     from peft import LoraConfig
 
     from .dataset import BucketBatchSampler, CaptionProcessor, TrainDataset, collate, load_image_folder
-    from .lora_targets import text_encoder_target_modules, unet_target_modules
+    from .lora_targets import inject_lora, text_encoder_target_modules, unet_target_modules
     from .models import load_base, set_attention
 
     from .train_state import (capture_rng, check_config_compatible, find_resume_state, load_state,
@@ -173,9 +165,9 @@ def _train(cfg: TrainConfig, base, emit: Event, progress: bool, box: dict[str, A
 
     trained_tes = list(text_encoders) if cfg.train_text_encoder else []
     if cfg.method == "lora":
-        unet.add_adapter(lora_config(unet_target_modules(unet, cfg.target)))
+        inject_lora(unet, lora_config(unet_target_modules(unet, cfg.target)))
         for te in trained_tes:
-            te.add_adapter(lora_config(text_encoder_target_modules(te, cfg.target)))
+            inject_lora(te, lora_config(text_encoder_target_modules(te, cfg.target)))
     elif cfg.method == "dreambooth":  # every weight; fp32 master copies, the forward runs in the compute dtype
         for module in [unet, *trained_tes]:
             module.requires_grad_(True)
@@ -655,7 +647,8 @@ class _Run:
             written.append(save_embedding(
                 out / f"{emb_name}.safetensors", self.embeddings.file_tensors(self.base.family),
                 token=cfg.token_string, family=self.base.family,
-                metadata={"init_word": cfg.init_word, "step": str(step), "base_model": cfg.pretrained_model}))
+                metadata={"init_word": cfg.init_word, "step": str(step),
+                          "base_model": model_name_for_metadata(cfg.pretrained_model)}))
         if not final and cfg.save_last_n:
             self._kept.append(written)
             while len(self._kept) > cfg.save_last_n:
@@ -684,7 +677,8 @@ class _Run:
                    "ss_lr_scheduler": cfg.lr_scheduler, "ss_seed": str(cfg.seed),
                    "ss_network_dropout": str(cfg.lora_dropout), "ss_min_snr_gamma": str(cfg.min_snr_gamma),
                    "ss_noise_offset": str(cfg.noise_offset), "ss_max_train_steps": str(step),
-                   "ss_mixed_precision": self.acc.mixed_precision, "ss_sd_model_name": cfg.pretrained_model,
+                   "ss_mixed_precision": self.acc.mixed_precision, 
+                   "ss_sd_model_name": model_name_for_metadata(cfg.pretrained_model),
                    "ss_training_comment": f"helpers target={cfg.target}",
                    "ss_network_args": json.dumps({"target": cfg.target})})
         written: list[Path] = []
@@ -707,7 +701,8 @@ class _Run:
         written: list[Path] = []
         if cfg.save_format in ("kohya", "both"):
             meta = {"modelspec.title": name, "helpers.method": "dreambooth", "helpers.step": str(step),
-                    "helpers.base_model": cfg.pretrained_model, "helpers.prediction_type": self.base.prediction_type}
+                    "helpers.base_model": model_name_for_metadata(cfg.pretrained_model),
+                    "helpers.prediction_type": self.base.prediction_type}
             written.append(save_single_file(pipe, out / f"{name}.safetensors", self.base.family, dtype=dtype,
                                             metadata=meta))
         if cfg.save_format in ("diffusers", "both"):

@@ -33,6 +33,7 @@ def full_specs(bench, tmp_path_factory):
     return bench.full_size_specs(write_clip_tokenizer(tmp_path_factory.mktemp("tok")))
 
 
+@pytest.mark.slow
 def test_tiny_smoke_run_writes_every_row(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",

@@ -95,15 +95,25 @@ def test_split_tags_sentence_is_one_tag_and_lines_are_joined():
     assert split_tags("") == ()
 
 
-def test_invalid_utf8_caption_raises_naming_every_bad_file(dataset):
-    (dataset / "a.txt").write_bytes(b"caf\xe9, latin-1")
-    (dataset / SUB / "c.txt").write_bytes(b"\xff\xfe")
+def test_binary_caption_raises_naming_every_bad_file(dataset):
+    (dataset / "a.txt").write_bytes(b"\x00\x01\x02 not text")
+    (dataset / SUB / "c.txt").write_bytes(b"\xff\xfe\x00\xd8")  # a UTF-16 BOM, then a broken surrogate
     with pytest.raises(CaptionReadError) as err:
         load_captions(dataset)
     message = str(err.value)
     assert str(dataset / "a.txt") in message and str(dataset / SUB / "c.txt") in message
-    assert "UTF-8" in message
+    assert "binary data" in message and "UTF-16" in message
     assert str(dataset / "b.txt") not in message
+
+
+def test_latin1_and_cp1252_captions_are_kept_with_a_warning(dataset):
+    (dataset / "a.txt").write_bytes("caf\u00e9, cr\u00e8me \u2013 sks".encode("cp1252"))
+    (dataset / "b.txt").write_bytes(b"na\xefve, \x81odd")  # Latin-1; 0x81 is undefined in cp1252
+    with pytest.warns(UserWarning, match="not valid UTF-8") as caught:
+        cs = load_captions(dataset)
+    assert cs["a.png"] == ("caf\u00e9", "cr\u00e8me \u2013 sks")
+    assert cs["b.jpg"] == ("na\u00efve", "\ufffdodd")
+    assert any(str(dataset / "a.txt") in str(w.message) and "cp1252" in str(w.message) for w in caught)
 
 
 def test_other_caption_extension(dataset):

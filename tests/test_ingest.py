@@ -110,7 +110,9 @@ def build_corpus(root: Path) -> dict[str, str]:
     stored.save(root / "rotated.jpg", exif=exif.tobytes(), quality=95)
     Image.new("RGB", (200, 150), (10, 120, 200)).save(root / "small.png")  # above min_size, below target
     photo(6).save(root / "bad_caption.png")
-    (root / "bad_caption.txt").write_bytes(b"a red \xe9t\xe9 flower")  # latin-1, not UTF-8
+    (root / "bad_caption.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")  # binary, not text
+    photo(11).save(root / "cp1252_caption.png")
+    (root / "cp1252_caption.txt").write_bytes("a red \u00e9t\u00e9 flower \u2013 sks".encode("cp1252"))  # Notepad
     kohya = root / "10_sks flower"
     kohya.mkdir()
     photo(7).save(kohya / "flower1.png")
@@ -138,7 +140,7 @@ def build_corpus(root: Path) -> dict[str, str]:
         "text.jpg": "holds text",
         "bomb.png": "decompression bomb",
         "tiny.png": "too small: 100x80",
-        "bad_caption.txt": "not valid UTF-8",
+        "bad_caption.txt": "binary data",
         "truncated.txt": "caption of a rejected image",
         ".DS_Store": NOT_AN_IMAGE,
         "notes.pdf": NOT_AN_IMAGE,
@@ -185,7 +187,7 @@ def test_prepare_reports_every_bad_file_converts_formats_and_leaves_source_untou
     in_hidden = {f for f in before if f.startswith(".ipynb_checkpoints/")}
     assert set(before) - in_hidden == set(by_source) - {".ipynb_checkpoints/"} | consumed_captions
     ok = {r.source: r for r in report.items}
-    assert len(ok) == 16
+    assert len(ok) == 17
 
     def prepared(name: str) -> np.ndarray:
         path = out / ok[name].prepared
@@ -229,6 +231,10 @@ def test_prepare_reports_every_bad_file_converts_formats_and_leaves_source_untou
     assert ok["photo_png.png"].caption == "a photo, sks"
     assert "caption_unreadable" in ok["bad_caption.png"].flags
     assert not (out / "bad_caption.txt").exists()
+    # a cp1252 caption is kept, written out as UTF-8, and flagged
+    assert "caption_not_utf8" in ok["cp1252_caption.png"].flags
+    assert ok["cp1252_caption.png"].caption == "a red \u00e9t\u00e9 flower \u2013 sks"
+    assert (out / "cp1252_caption.txt").read_text(encoding="utf-8") == "a red \u00e9t\u00e9 flower \u2013 sks"
     assert "no_caption" in ok["photo.bmp"].flags
 
     # kohya folder kept: repeats survive into the training loader

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from helpers.lora_io import LoraModule, to_kohya_state_dict
-from helpers.lora_targets import PRESETS, text_encoder_target_modules, unet_target_modules
+from helpers.lora_targets import PRESETS, inject_lora, text_encoder_target_modules, unet_target_modules
 
 # Real configs (diffusers unet/config.json, transformers text_encoder*/config.json of the hub models).
 SD15_UNET = dict(
@@ -266,18 +266,19 @@ def test_sdxl_kohya_keys_are_sd_scripts_sgm_keys(models):
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_peft_injects_exactly_the_target_lists(models, family):
-    """The trainer passes these lists to LoraConfig(target_modules=...): peft (diffusers add_adapter /
-    transformers add_adapter) must wrap exactly those modules, on the full-size layouts."""
+    """The trainer passes these lists to LoraConfig(target_modules=...): peft (through inject_lora, as the
+    trainer calls it) must wrap exactly those modules, on the full-size layouts."""
+    from diffusers.utils.peft_utils import delete_adapter_layers
     from peft import LoraConfig
     from peft.tuners.lora import LoraLayer
 
     for comp, model in models[family].items():
         names = targets(comp, model)
-        model.add_adapter(LoraConfig(r=4, lora_alpha=2, target_modules=names), adapter_name="conformance")
+        inject_lora(model, LoraConfig(r=4, lora_alpha=2, target_modules=names), adapter_name="conformance")
         try:
             wrapped = sorted(n for n, m in model.named_modules() if isinstance(m, LoraLayer))
             assert wrapped == names, comp
             # Our target listing sees through peft's wrappers (same names on an injected model).
             assert targets(comp, model) == names
         finally:
-            model.delete_adapters("conformance") if comp == "unet" else model.delete_adapter("conformance")
+            delete_adapter_layers(model, "conformance")

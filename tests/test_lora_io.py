@@ -7,6 +7,8 @@ import ast
 import datetime
 import hashlib
 import json
+import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,6 +17,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+import helpers
 from helpers.lora_io import (
     LoraModule,
     apply_lora,
@@ -22,11 +25,12 @@ from helpers.lora_io import (
     kohya_metadata,
     kohya_module_names,
     load_lora,
+    model_name_for_metadata,
     save_lora,
     to_diffusers_state_dict,
     to_kohya_state_dict,
 )
-from helpers.lora_targets import text_encoder_target_modules, unet_target_modules
+from helpers.lora_targets import inject_lora, text_encoder_target_modules, unet_target_modules
 from helpers.tiny import build_tiny_sd15, build_tiny_sdxl, write_clip_tokenizer
 
 BUILDERS = {"sd1": build_tiny_sd15, "sdxl": build_tiny_sdxl}
@@ -76,7 +80,7 @@ def trained_lora(family: str, tok_dir) -> SimpleNamespace:
     for comp in components(family):
         model = getattr(pipe, comp)
         names = unet_target_modules(model, "full") if comp == "unet" else text_encoder_target_modules(model, "full")
-        model.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=names))
+        inject_lora(model, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=names))  # as the trainer does
         injected[comp] = (names, sorted(n for n, m in model.named_modules() if isinstance(m, LoraLayer)))
         for n, p in model.named_parameters():
             if ".lora_" in n:  # lora_B starts at zero: give every factor trained-looking values
@@ -198,6 +202,7 @@ def test_kohya_keys_and_metadata_sd1(tok_dir, tmp_path):
     assert file_meta["modelspec.sai_model_spec"] == "1.0.1"
     assert file_meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert file_meta["modelspec.implementation"] == "diffusers"
+    assert file_meta["modelspec.implementation_version"] == f"sd-lora-helpers/{helpers.__version__}"
     assert file_meta["modelspec.title"] == "sks_dog" and file_meta["modelspec.resolution"] == "512x512"
     assert file_meta["modelspec.prediction_type"] == "epsilon"
     assert datetime.datetime.fromisoformat(file_meta["modelspec.date"]) == \
@@ -423,3 +428,25 @@ def test_adapters_combine_with_set_adapters(tok_dir):
     assert max_diff(generate(half), t.image) > 1e-4
     with pytest.raises(ValueError, match="already loaded"):
         apply_lora(pipe, t.weights, "style_one")
+
+
+def test_the_version_in_files_is_the_package_version_even_from_a_checkout():
+    """A Colab checkout runs without `pip install -e .`: the version comes from the package, not from pip."""
+    pyproject = (Path(helpers.__file__).parents[1] / "pyproject.toml").read_text(encoding="utf-8")
+    assert 'version = { attr = "helpers.__version__" }' in pyproject
+    assert re.fullmatch(r"\d+\.\d+\.\d+", helpers.__version__)
+    meta = kohya_metadata(family="sd1", rank=4, alpha=2, output_name="x", resolution=512, clip_skip=None,
+                          num_train_images=1, tag_frequency={}, steps=1, epoch=1)
+    assert meta["modelspec.implementation_version"] == f"sd-lora-helpers/{helpers.__version__}"
+
+
+@pytest.mark.parametrize("source, name", [
+    ("stable-diffusion-v1-5/stable-diffusion-v1-5", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+    ("/content/drive/MyDrive/models/dreamshaper_8.safetensors", "dreamshaper_8.safetensors"),
+    ("/content/drive/MyDrive/models/sd15-diffusers/", "sd15-diffusers"),
+    ("C:\\Users\\ana\\models\\anything-v5.safetensors", "anything-v5.safetensors"),
+    ("./models/sd15", "sd15"),
+    ("model.safetensors", "model.safetensors"),
+])
+def test_metadata_names_a_local_base_model_by_its_base_name(source, name):
+    assert model_name_for_metadata(source) == name

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from helpers import models  # noqa: E402
+from helpers import models, precision  # noqa: E402
 from helpers.models import (  # noqa: E402
     FAMILIES, BaseModel, ModelLoadError, detect_family, detect_family_from_checkpoint, load_base,
     pick_dtype, read_safetensors_header, set_attention, vae_dtype_for,
@@ -181,7 +181,7 @@ class _nullctx:
 # ---------------------------------------------------------------------------------- pick_dtype
 
 def test_pick_dtype_cpu(monkeypatch):
-    monkeypatch.setattr(models, "_WARNED", set())
+    monkeypatch.setattr(precision, "_WARNED", set())
     assert pick_dtype("cpu") == torch.float32
     assert pick_dtype("cpu", "auto") == torch.float32
     assert pick_dtype("cpu", "no") == torch.float32 and pick_dtype("cpu", "fp32") == torch.float32
@@ -205,7 +205,7 @@ def test_pick_dtype_cuda(monkeypatch, capability, auto, explicit_fp16):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setattr(models, "_WARNED", set())
+    monkeypatch.setattr(precision, "_WARNED", set())
     assert pick_dtype("cuda") == auto
     assert pick_dtype(torch.device("cuda:0"), "auto") == auto
     assert pick_dtype("cuda", "fp16") == explicit_fp16
@@ -219,7 +219,7 @@ def test_pick_dtype_cuda(monkeypatch, capability, auto, explicit_fp16):
 
 def test_pick_dtype_cuda_missing(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(models, "_WARNED", set())
+    monkeypatch.setattr(precision, "_WARNED", set())
     with pytest.warns(UserWarning, match="no CUDA GPU"):
         assert pick_dtype("cuda") == torch.float32
 

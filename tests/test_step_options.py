@@ -45,6 +45,7 @@ def test_channels_last_dreambooth_saves_both_formats(tiny_sd15_dir, concept_dir,
         assert torch.equal(single.unet.state_dict()[k], v)
 
 
+@pytest.mark.slow
 def test_torch_compile_trains_the_same_lora(tiny_sd15_dir, concept_dir, tmp_path):
     # aot_eager traces forward and backward as inductor does but generates no kernels: the same wrapping,
     # names and saves in seconds (inductor on the tiny UNet takes ~3 minutes of C++ compiling on 2 cores)

@@ -89,13 +89,15 @@ def test_shipped_base_loads_through_helpers_and_follows_prompts():
     assert s["concept_rate"] <= 0.1
 
 
+@pytest.mark.slow
 @needs_base
 def test_demo_lora_learns_the_concept_and_keeps_the_prior(tmp_path):
-    """A shorter demo run (300 of 700 steps, 16 samples a cell): the concept appears with the trigger only.
-    Measured at 250 steps: concept 69%, world accuracy 100% (the full demo: see demo_images/toy_concept_scores.json)."""
+    """A shorter demo run (200 of 700 steps, 16 samples a cell): the concept appears with the trigger only.
+    Measured at 200 steps: concept 75% (base 6%), world shape and colour 94%, no flower without the trigger
+    (the full demo: see demo_images/toy_concept_scores.json)."""
     from helpers.demo import run_demo
 
-    result = run_demo(steps=300, out_root=tmp_path, samples=16, progress=False)
+    result = run_demo(steps=200, out_root=tmp_path, samples=16, progress=False)
     base, lora = result.scores["0"], result.scores["1"]
     assert lora["concept_rate"] >= 0.5, result.scores
     assert base["concept_rate"] <= 0.15, result.scores

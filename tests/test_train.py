@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 
 from helpers.config import TrainConfig
+from helpers import precision
 from helpers.train import read_log, resolve_mixed_precision, train
 
 
@@ -101,7 +102,8 @@ def test_saved_lora_reproduces_the_trained_pipeline(family, tiny_sd15_dir, tiny_
         assert np.array_equal(_images(fresh.pipe), plain)  # weight 0 is the base model
 
 
-def test_fp16_on_cpu_warns_and_trains_in_fp32():
+def test_fp16_on_cpu_warns_and_trains_in_fp32(monkeypatch):
+    monkeypatch.setattr(precision, "_WARNED", set())  # the warning is once per process
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert resolve_mixed_precision("fp16", "cpu") == "no"
@@ -121,6 +123,9 @@ def test_bf16_and_8bit_adamw_train_on_cpu(tiny_sd15_dir, concept_dir, tmp_path):
         meta = f.metadata()
         assert meta["ss_mixed_precision"] == "bf16" and meta["ss_optimizer"] == "adamw8bit"
         assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float32  # save_precision="float"
+    # the base model is named by its folder's name, as sd-scripts writes it: no local path leaves the machine
+    assert meta["ss_sd_model_name"] == Path(tiny_sd15_dir).name
+    assert not [k for k, v in meta.items() if str(Path(tiny_sd15_dir).parent) in v]
 
 
 def test_saves_every_n_steps_and_keeps_the_last_n(tiny_sd15_dir, concept_dir, tmp_path):

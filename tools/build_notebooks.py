@@ -17,7 +17,7 @@ NOTEBOOKS = ROOT / "notebooks"
 GITHUB_REPO = "sd-lora-helpers/sd-lora-helpers"   # owner/name on GitHub: the Colab badges and the setup cell
 
 SETUP = f'''# Setup. On Colab: fetch the code, install what Colab lacks (its torch is kept) and mount Google Drive
-# if USE_DRIVE. Elsewhere nothing is installed (README: install). Re-running this cell is harmless.
+# if USE_DRIVE. Elsewhere nothing is installed (README: `make demo` sets up a venv). Re-running is harmless.
 USE_DRIVE = True   # keep the project on Drive: it survives a disconnect, and training can resume from it
 import os, subprocess, sys
 if "google.colab" in sys.modules and not os.path.isdir("helpers"):
@@ -160,9 +160,7 @@ saved state (kept on Drive), and the result is the same run.
     ("md", "## 1. Settings\nStart from the preset for your GPU, then change what you like. The form checks every "
            "value; the settings are saved as TOML, so `python -m helpers train --config` can run them too."),
     ("code", '''from helpers import widgets
-from helpers.presets import default_preset
-gpu = nb.gpu_info()
-PRESET = "Toy (CPU, offline)" if TOY else default_preset(gpu.total_gb if gpu else None, family="sd1")
+PRESET = "Toy (CPU, offline)" if TOY else nb.preset_for_gpu("sd1")
 train_form = widgets.train_form(
     preset=PRESET, train_data_dir=str(project.prepared), output_dir=str(project.outputs / "run"),
     output_name=project.name, save_state_every_n_steps=100, save_every_n_steps=250, sample_every_n_steps=250,

@@ -1,0 +1,22 @@
+# Two commands on a fresh machine. Each makes .venv ready first (tools/env.sh: torch, then the lock).
+#   make demo   the toy demo: a LoRA trained on CPU, its grid and the judge's table
+#   make test   the test suite (offline, CPU)
+#   make canary the newest versions the bounds allow, in a fresh venv, against the fast tests
+.PHONY: demo test env canary lock
+
+env:
+	@bash tools/env.sh
+
+demo: env
+	HF_HUB_OFFLINE=1 .venv/bin/python -m helpers demo
+
+test: env
+	@HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -x -p no:cacheprovider; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests (exit 5): the suite is missing or deselected" >&2; fi; \
+	exit $$rc
+
+canary:
+	@bash tools/check_latest.sh
+
+lock: env
+	.venv/bin/python tools/lock.py
