@@ -123,7 +123,7 @@ def full_size_specs(tok_dir: Path) -> dict[str, ModelSpec]:
     """SD 1.5 at 512 px and SDXL at 1024 px with their real layer sizes (random weights; a stand-in tokenizer)."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from helpers.tiny import load_tiny_tokenizer
+    from helpers.toy.tiny import load_tiny_tokenizer
 
     tok = load_tiny_tokenizer(tok_dir)
     return {
@@ -135,8 +135,8 @@ def full_size_specs(tok_dir: Path) -> dict[str, ModelSpec]:
 
 
 def tiny_specs(tok_dir: Path) -> dict[str, ModelSpec]:
-    """The tiny test models of `helpers.tiny` (32 px images, 16x16 latents), as configs."""
-    from helpers.tiny import build_tiny_sd15, build_tiny_sdxl
+    """The tiny test models of `helpers.toy.tiny` (32 px images, 16x16 latents), as configs."""
+    from helpers.toy.tiny import build_tiny_sd15, build_tiny_sdxl
 
     sd = build_tiny_sd15(tok_dir)
     xl = build_tiny_sdxl(tok_dir)
@@ -186,8 +186,8 @@ def count_step_flops(spec: ModelSpec, preset: str, rank: int, batch: int, encode
     from peft import LoraConfig
     from torch.utils.flop_counter import FlopCounterMode
 
-    from helpers.lora_targets import inject_lora, unet_target_modules
-    from helpers.text_encoding import encode_prompts
+    from helpers.sd.lora_targets import inject_lora, unet_target_modules
+    from helpers.sd.text_encoding import encode_prompts
 
     unet, tes = build_models(spec, "meta", torch.float32)
     for m in [unet, *tes]:
@@ -256,7 +256,7 @@ def _accelerator(precision: str, device: torch.device):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from helpers.train import resolve_mixed_precision
+    from helpers.train.loop import resolve_mixed_precision
 
     AcceleratorState._reset_state()  # as the trainer does: a fresh precision setting per run
     with warnings.catch_warnings():
@@ -293,10 +293,10 @@ def prepare_ours(spec: ModelSpec, setting: Setting, preset: str, rank: int, devi
     from peft import LoraConfig
 
     from helpers.config import TrainConfig
-    from helpers.lora_targets import inject_lora, unet_target_modules
-    from helpers.models import set_attention
-    from helpers.optim import build_optimizer, build_scheduler, optimizer_kind
-    from helpers.train import _Run
+    from helpers.sd.lora_targets import inject_lora, unet_target_modules
+    from helpers.sd.models import set_attention
+    from helpers.train.optim import build_optimizer, build_scheduler, optimizer_kind
+    from helpers.train.loop import _Run
 
     acc, weight_dtype = _accelerator(setting.precision, device)
     ckpt = _gradient_checkpointing(setting, spec.family)
@@ -390,8 +390,8 @@ def prepare_reference(spec: ModelSpec, setting: Setting, preset: str, rank: int,
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
 
-    from helpers.lora_targets import inject_lora, unet_target_modules
-    from helpers.text_encoding import tokenize
+    from helpers.sd.lora_targets import inject_lora, unet_target_modules
+    from helpers.sd.text_encoding import tokenize
 
     acc, weight_dtype = _accelerator(setting.precision, device)
     ckpt = _gradient_checkpointing(setting, spec.family)
@@ -650,7 +650,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="gradient checkpointing in the a100 setting (auto: SDXL only)")
     p.add_argument("--channels-last", action="store_true", help="ours: UNet in channels-last memory format")
     p.add_argument("--adamw", choices=("auto", "fused", "foreach", "forloop"), default="auto",
-                   help="ours, AdamW settings: implementation (auto = helpers.optim's choice, fused on CUDA)")
+                   help="ours, AdamW settings: implementation (auto = helpers.train.optim's choice, fused on CUDA)")
     p.add_argument("--compile", action="store_true", help="ours: torch.compile the UNet (compile time reported)")
     p.add_argument("--cached-text", action="store_true", help="ours: text embeddings computed once, not per step")
     p.add_argument("--no-step-syncs", action="store_true",
@@ -689,7 +689,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         gradient_checkpointing={"auto": None, "on": True, "off": False}[args.a100_grad_ckpt])
         settings[name] = s
     with tempfile.TemporaryDirectory() as tmp:
-        from helpers.tiny import write_clip_tokenizer
+        from helpers.toy.tiny import write_clip_tokenizer
 
         tok_dir = write_clip_tokenizer(Path(tmp) / "tokenizer")
         specs = (tiny_specs if args.tiny else full_size_specs)(tok_dir)

@@ -59,7 +59,7 @@ def build_train_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import train
+    from .train.loop import train
 
     cfg = build_train_config(args)
     result = train(cfg, progress=not args.no_progress)
@@ -85,8 +85,8 @@ def _config_from_args(cls: type, args: argparse.Namespace):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .config import GenerateConfig
-    from .inference import generate_to_folder
-    from .models import load_base, pick_dtype
+    from .generate.inference import generate_to_folder
+    from .sd.models import load_base, pick_dtype
 
     cfg = _config_from_args(GenerateConfig, args)
     if not cfg.model or not cfg.prompts:
@@ -104,7 +104,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from .config import config_from_dict
-    from .ingest import PrepareConfig, prepare_from_config
+    from .config import PrepareConfig
+    from .data.prepare import prepare_from_config
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(PrepareConfig) if hasattr(args, f.name)}
     if args.config:
@@ -119,9 +120,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_tag(args: argparse.Namespace) -> int:
-    from . import captions as C
+    from .data import captions as C
     from .config import TagConfig
-    from .tagging import run_tag_config
+    from .data.tagging import run_tag_config
 
     folder = Path(args.folder)
     if not folder.is_dir():
@@ -156,7 +157,8 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .config import EvalConfig
-    from .evaluation import run_eval_config, run_toy_protocol
+    from .evaluate.protocol import run_eval_config
+    from .toy.eval import run_toy_protocol
 
     given = vars(args)  # only the flags the user set (SUPPRESS defaults), plus the non-config ones
     for name in ("clip_model", "dino_model"):  # 'none' turns a metric off
@@ -178,7 +180,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .toy.demo import run_demo
 
     run_demo(steps=args.steps, out_root=Path(args.out), samples=args.samples, progress=not args.no_progress)
     return 0
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from .ingest import PrepareConfig
+    from .config import PrepareConfig
 
     p = sub.add_parser("prepare", help="check, convert, crop and de-duplicate a folder or zip of images into a "
                                        "prepared copy (the source is never changed)")
@@ -321,8 +323,8 @@ def run_command(args: argparse.Namespace) -> int:
     FileExistsError or ModelLoadError, a stopped run TrainingError, a failed write OutputWriteError,
     each with a message a user can act on. HELPERS_DEBUG=1 shows the traceback."""
     from .atomic import OutputWriteError
-    from .models import ModelLoadError
-    from .train_errors import TrainingError
+    from .sd.models import ModelLoadError
+    from .train.errors import TrainingError
 
     try:
         return args.func(args)

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import re
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, get_args, get_origin, get_type_hints
@@ -299,7 +302,7 @@ class TrainConfig(ConfigBase):
 
 
 def _sampler_names() -> tuple[str, ...]:
-    from .inference import SAMPLERS  # torch only; the sampler table lives beside the code that uses it
+    from .sd.samplers import SAMPLERS  # torch only; the sampler table lives beside the code that uses it
 
     return tuple(SAMPLERS)
 
@@ -553,3 +556,104 @@ def load_config(path: str | Path, cls: type = TrainConfig) -> Any:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path} is not valid TOML: {e}") from None
     return config_from_dict(cls, data, source=str(path))
+
+
+CROP_MODES = ("none", "bucket", "center", "subject", "pad")
+
+
+IMAGE_FORMATS = ("png", "jpg")
+
+
+@dataclass
+class PrepareConfig(ConfigBase):
+    """Every setting of a dataset preparation; plain types, so TOML, the CLI and widgets can build it."""
+
+    source: str = ""                      # a folder (recursive; kohya "N_name" subfolders kept) or a .zip file
+    output_dir: str = ""                  # the prepared copy; never inside the source
+    resolution: int = 512                 # 512 for SD 1.5, 768 for SD 2, 1024 for SDXL
+    crop: str = "bucket"                  # none | bucket | center | subject | pad
+    min_size: int | None = None           # shorter side below this is rejected; None: resolution // 2
+    max_pixels: int = 100_000_000         # larger declared sizes are rejected as decompression bombs
+    max_side: int | None = None           # crop="none" only: cap the long side (downscale)
+    allow_upscale: bool = False           # False: images smaller than the target keep their size (flagged)
+    background: str = "#ffffff"           # transparency is flattened on it; "pad" fills with it
+    caption_extension: str = ".txt"       # caption files beside images; "" to ignore captions
+    image_format: str = "png"             # png (lossless) | jpg (quality jpeg_quality, 4:4:4)
+    jpeg_quality: int = 95
+    near_dup_threshold: int = 10          # max Hamming distance of 64-bit perceptual hashes; -1: off
+    clip_model: str | None = None         # CLIP id or folder for embedding similarity; None: off
+    clip_threshold: float = 0.95          # cosine similarity at or above which images are grouped
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"crop": CROP_MODES, "image_format": IMAGE_FORMATS}
+
+    def validate(self) -> None:
+        """Check every field; raise ConfigError naming the first bad one."""
+        _check_types(self)
+        if self.crop not in CROP_MODES:
+            raise ConfigError(f"crop must be one of {', '.join(CROP_MODES)}, got {self.crop!r}")
+        if self.image_format not in IMAGE_FORMATS:
+            raise ConfigError(f"image_format must be one of {', '.join(IMAGE_FORMATS)}, got {self.image_format!r}")
+        for name in ("resolution", "max_pixels", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.min_bucket_reso < self.bucket_reso_steps:
+            raise ConfigError(f"min_bucket_reso ({self.min_bucket_reso}) must be at least bucket_reso_steps "
+                              f"({self.bucket_reso_steps})")
+        if self.resolution % 8:
+            raise ConfigError(f"resolution must be a multiple of 8, got {self.resolution}")
+        if not self.min_bucket_reso <= self.resolution <= self.max_bucket_reso:
+            raise ConfigError(f"resolution ({self.resolution}) must lie between min_bucket_reso "
+                              f"({self.min_bucket_reso}) and max_bucket_reso ({self.max_bucket_reso})")
+        if self.min_size is not None and self.min_size < 1:
+            raise ConfigError(f"min_size must be a positive integer or None, got {self.min_size!r}")
+        if self.max_side is not None and self.max_side < 8:
+            raise ConfigError(f"max_side must be >= 8 or None, got {self.max_side!r}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ConfigError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+        if not -1 <= self.near_dup_threshold <= 64:
+            raise ConfigError(f"near_dup_threshold must be in [0, 64] (bits of 64), or -1 for off, "
+                              f"got {self.near_dup_threshold}")
+        if not 0.0 < self.clip_threshold <= 1.0:
+            raise ConfigError(f"clip_threshold must be in (0, 1], got {self.clip_threshold}")
+        if self.caption_extension and not self.caption_extension.startswith("."):
+            raise ConfigError(f"caption_extension must start with '.', got {self.caption_extension!r}")
+        try:
+            parse_color(self.background)
+        except ValueError as e:
+            raise ConfigError(f"background: {e}") from None
+
+    @property
+    def effective_min_size(self) -> int:
+        """min_size, or half the resolution when unset (below that an image needs > 2x upscaling)."""
+        return self.min_size if self.min_size is not None else self.resolution // 2
+
+    @property
+    def background_rgb(self) -> tuple[int, int, int]:
+        return parse_color(self.background)
+
+
+def parse_color(value: str | Sequence[int]) -> tuple[int, int, int]:
+    """An RGB triple from "white", "#rrggbb", "#rgb", "r,g,b" or a 3-sequence of 0-255 ints."""
+    from PIL import ImageColor
+
+    if isinstance(value, str):
+        text = value.strip()
+        if re.fullmatch(r"\d+\s*,\s*\d+\s*,\s*\d+", text):
+            value = [int(v) for v in text.split(",")]
+        else:
+            try:
+                rgb = ImageColor.getrgb(text)
+            except ValueError:
+                raise ValueError(f"not a colour: {value!r} (use a name like 'white', '#rrggbb' or 'r,g,b')") from None
+            return tuple(int(c) for c in rgb[:3])  # type: ignore[return-value]
+    values = list(value)
+    if len(values) != 3 or not all(isinstance(v, numbers.Integral) and 0 <= v <= 255 for v in values):
+        raise ValueError(f"not an RGB colour: {value!r} (three integers 0-255)")
+    return (int(values[0]), int(values[1]), int(values[2]))
+
+
+def _color_text(rgb: tuple[int, int, int]) -> str:
+    return "#{:02x}{:02x}{:02x}".format(*rgb)

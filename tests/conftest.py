@@ -10,14 +10,14 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_sd15_dir(tmp_path_factory):
-    from helpers.tiny import save_tiny_model
+    from helpers.toy.tiny import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny_sd15", "sd15")
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl_dir(tmp_path_factory):
-    from helpers.tiny import save_tiny_model
+    from helpers.toy.tiny import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny_sdxl", "sdxl")
 

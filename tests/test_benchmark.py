@@ -28,7 +28,7 @@ def bench():
 
 @pytest.fixture(scope="module")
 def full_specs(bench, tmp_path_factory):
-    from helpers.tiny import write_clip_tokenizer
+    from helpers.toy.tiny import write_clip_tokenizer
 
     return bench.full_size_specs(write_clip_tokenizer(tmp_path_factory.mktemp("tok")))
 

@@ -1,4 +1,4 @@
-"""Tests for helpers.captions: loading a set, every tag operation with exact results, saving through the
+"""Tests for helpers.data.captions: loading a set, every tag operation with exact results, saving through the
 history, undo restoring byte-equal files, tag frequency and its plot, and CLIP token-length checks."""
 
 from __future__ import annotations
@@ -9,31 +9,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from helpers.captions import (
-    HISTORY_DIR,
-    CaptionReadError,
-    CaptionSet,
-    add_class_word,
-    add_trigger,
-    check_token_lengths,
-    count_tokens,
-    deduplicate_tags,
-    history,
-    limit_tags,
-    list_images,
-    load_captions,
-    merge_tags,
-    normalize_tags,
-    plot_tag_frequency,
-    read_history_entry,
-    remove_tags,
-    replace_tags,
-    save_captions,
-    sort_by_frequency,
-    split_tags,
-    tag_frequency,
-    undo,
-    write_captions,
+from helpers.data.captions import (
+    HISTORY_DIR, CaptionReadError, CaptionSet, add_class_word, add_trigger, check_token_lengths, count_tokens,
+    deduplicate_tags, history, limit_tags, list_images, load_captions, merge_tags, normalize_tags,
+    plot_tag_frequency, read_history_entry, remove_tags, replace_tags, save_captions, sort_by_frequency,
+    split_tags, tag_frequency, undo, write_captions
 )
 
 SUB = "10_sks flower"
@@ -240,7 +220,7 @@ def test_tag_frequency_exact_counts_and_plot(tmp_path):
 # ----------------------------------------------------------------------------- token lengths
 
 def test_check_token_lengths_lists_exactly_the_overlong_captions(tmp_path):
-    from helpers.tiny import load_tiny_tokenizer, write_clip_tokenizer
+    from helpers.toy.tiny import load_tiny_tokenizer, write_clip_tokenizer
 
     tok = load_tiny_tokenizer(write_clip_tokenizer(tmp_path / "tok"))
     # Known words are one token, a comma is one, an unknown word is one token per character.

@@ -1,4 +1,4 @@
-"""Tests for helpers.class_images: topping a folder up to n class images, resuming without redoing
+"""Tests for helpers.train.class_images: topping a folder up to n class images, resuming without redoing
 existing ones, seed-per-index determinism, captions and A1111 parameters, and argument errors."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers.class_images import generate_class_images
-from helpers.inference import read_png_parameters
+from helpers.train.class_images import generate_class_images
+from helpers.formats.png_info import read_png_parameters
 
 PROMPT = "a photo of a flower"
 STEPS = 2
@@ -18,7 +18,7 @@ STEPS = 2
 
 @pytest.fixture(scope="module")
 def pipe(tiny_sd15_dir):
-    from helpers.models import load_base
+    from helpers.sd.models import load_base
 
     return load_base(str(tiny_sd15_dir)).pipe
 

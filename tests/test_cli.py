@@ -47,7 +47,7 @@ def test_train_then_generate_from_the_command_line(tiny_sd15_dir, concept_dir, t
     assert main(["generate", "--model", str(tiny_sd15_dir), "--lora", f"{out / 'cli.safetensors'}:0.6",
                  "--prompt", "sks flower", "--steps", "2", "--num-images", "2", "--seed", "9",
                  "--device", "cpu", "--out", str(tmp_path / "gen")]) == 0
-    from helpers.inference import read_png_parameters
+    from helpers.formats.png_info import read_png_parameters
 
     text = read_png_parameters(tmp_path / "gen" / "000_10.png")
     assert text.splitlines()[0] == "sks flower <lora:cli:0.6>"

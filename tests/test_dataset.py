@@ -1,4 +1,4 @@
-"""Tests for helpers.dataset: folders and captions, sd-scripts buckets, crops, caption augmentation,
+"""Tests for helpers.data.dataset: folders and captions, sd-scripts buckets, crops, caption augmentation,
 deterministic sampling and the latent cache (memory and disk)."""
 
 from __future__ import annotations
@@ -12,20 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers.dataset import (
-    IMAGE_EXTENSIONS,
-    BucketBatchSampler,
-    CaptionProcessor,
-    ImageItem,
-    TrainDataset,
-    bucket_table,
-    collate,
-    image_to_tensor,
-    load_image,
-    load_image_folder,
-    make_buckets,
-    resize_and_crop,
-    select_bucket,
+from helpers.data.dataset import (
+    IMAGE_EXTENSIONS, BucketBatchSampler, CaptionProcessor, ImageItem, TrainDataset, bucket_table, collate,
+    image_to_tensor, load_image, load_image_folder, make_buckets, resize_and_crop, select_bucket
 )
 
 

@@ -12,7 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import evaluation as ev
+from helpers.evaluate import protocol as ev
+from helpers.sd import prompts
+from helpers.toy import eval as toy_eval
 from helpers.toy import world
 from helpers.toy.pretrain import SHIPPED_DIR
 
@@ -40,7 +42,7 @@ def tiny_clip_dir(tmp_path_factory):
     """A tiny CLIP (CLIPModel from a CLIPConfig, CLIP tokenizer, 32 px image processor) saved as a folder."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-    from helpers.tiny import write_clip_tokenizer
+    from helpers.toy.tiny import write_clip_tokenizer
 
     folder = tmp_path_factory.mktemp("metric_models") / "tiny_clip"
     write_clip_tokenizer(folder)
@@ -242,10 +244,10 @@ def test_missing_or_offline_metric_models_fail_with_clear_messages(tmp_path, mon
 
 
 def test_trigger_removal_variants_and_seed_runs():
-    assert ev.remove_trigger("a sks flower on a gray background", "sks") == "a flower on a gray background"
-    assert ev.remove_trigger("sks, 1girl, smile", "sks") == "1girl, smile"
-    assert ev.remove_trigger("a photo of sksdog, sks", "sks") == "a photo of sksdog"
-    assert ev.has_trigger("a sks dog", "sks") and not ev.has_trigger("a sksdog", "sks")
+    assert prompts.remove_trigger("a sks flower on a gray background", "sks") == "a flower on a gray background"
+    assert prompts.remove_trigger("sks, 1girl, smile", "sks") == "1girl, smile"
+    assert prompts.remove_trigger("a photo of sksdog, sks", "sks") == "a photo of sksdog"
+    assert prompts.has_trigger("a sks dog", "sks") and not prompts.has_trigger("a sksdog", "sks")
     vs = ev._variants(["a/run-000100.safetensors", "b/run-000200.safetensors"], [0.0, 0.5, 1.0])
     assert [v.label for v in vs] == ["base", "run-000100 @ 0.5", "run-000100 @ 1", "run-000200 @ 0.5",
                                      "run-000200 @ 1"]
@@ -260,17 +262,17 @@ def test_trigger_removal_variants_and_seed_runs():
 # ----------------------------------------------------------------------------------------- the protocol
 
 
-@pytest.mark.skipif(not (SHIPPED_DIR / "model_index.json").exists() or not ev.TOY_LORA.exists(),
+@pytest.mark.skipif(not (SHIPPED_DIR / "model_index.json").exists() or not toy_eval.TOY_LORA.exists(),
                     reason="toy base model or toy LoRA missing")
 def test_protocol_on_the_toy_model_writes_the_full_report(tmp_path, tiny_clip_dir, tiny_dino_dir):
     import matplotlib
 
-    from helpers.inference import read_png_parameters
+    from helpers.formats.png_info import read_png_parameters
 
     backend = matplotlib.get_backend()
     out = tmp_path / "eval"
     with pytest.warns(ev.FIDSampleSizeWarning):
-        res = ev.run_toy_protocol(out, [str(ev.TOY_LORA)], weights=(0.5, 1.0), n_prompts=2, seeds=[0, 1], steps=4,
+        res = toy_eval.run_toy_protocol(out, [str(toy_eval.TOY_LORA)], weights=(0.5, 1.0), n_prompts=2, seeds=[0, 1], steps=4,
                                   n_reference=12, clip_model=str(tiny_clip_dir), dino_model=str(tiny_dino_dir),
                                   fid_kid=True, feature_extractor=TinyFeatures(), device="cpu", progress=False)
     assert matplotlib.get_backend() == backend

@@ -12,33 +12,21 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-from helpers import inference as inf
-from helpers.grids import (
-    grid_prompt_x_checkpoint,
-    grid_prompt_x_weight,
-    grid_sampler_x_steps,
-    image_grid,
-    save_grid,
+from helpers.generate import inference as inf
+from helpers.generate.grids import (
+    grid_prompt_x_checkpoint, grid_prompt_x_weight, grid_sampler_x_steps, image_grid, save_grid
 )
-from helpers.inference import (
-    SAMPLERS,
-    MissingPackageError,
-    a1111_parameters,
-    generate,
-    load_embeddings,
-    load_loras,
-    lora_hash,
-    memory_options,
-    parse_a1111_parameters,
-    read_png_parameters,
-    save_png,
-    set_sampler,
+from helpers.sd import samplers
+from helpers.sd.samplers import SAMPLERS, MissingPackageError, set_sampler
+from helpers.formats.png_info import (
+    a1111_parameters, lora_hash, parse_a1111_parameters, read_png_parameters, save_png
 )
-from helpers.lora_io import LoraModule, save_lora
-from helpers.lora_targets import text_encoder_target_modules, unet_target_modules
-from helpers.models import load_base
-from helpers.prompt_weighting import encode_weighted, parse_prompt_attention, weighted_chunks
-from helpers.text_encoding import encode_prompts
+from helpers.generate.inference import generate, load_embeddings, load_loras, memory_options
+from helpers.formats.lora import LoraModule, save_lora
+from helpers.sd.lora_targets import text_encoder_target_modules, unet_target_modules
+from helpers.sd.models import load_base
+from helpers.sd.prompt_weighting import encode_weighted, parse_prompt_attention, weighted_chunks
+from helpers.sd.text_encoding import encode_prompts
 
 
 # numpy 2 deprecation noise from diffusers' k-diffusion schedulers, and torchsde's float-rounding notice
@@ -219,8 +207,8 @@ def test_parse_a1111_text_as_a1111_writes_it():
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_each_sampler_builds_and_generates(name, sd15):
     cls_name, extra = SAMPLERS[name]
-    package = inf.SAMPLER_PACKAGES.get(cls_name)
-    if package and not inf._package_available(package):
+    package = samplers.SAMPLER_PACKAGES.get(cls_name)
+    if package and not samplers._package_available(package):
         with pytest.raises(MissingPackageError, match=f"pip install {package}"):
             set_sampler(sd15, name)
         return
@@ -252,7 +240,7 @@ def test_sampler_settings_do_not_leak_and_karras_is_explicit(sd15):
 
 @pytest.mark.parametrize("name", ["Euler a", "DPM++ SDE Karras"])
 def test_stochastic_samplers_reproduce_per_image_seed(name, sd15):
-    if name.startswith("DPM++ SDE") and not inf._package_available("torchsde"):
+    if name.startswith("DPM++ SDE") and not samplers._package_available("torchsde"):
         pytest.skip("torchsde not installed")
     batch, _ = generate(sd15, "a cat", steps=3, seed=20, num_images=2, sampler=name)
     again, _ = generate(sd15, "a cat", steps=3, seed=20, num_images=2, sampler=name)
@@ -264,7 +252,7 @@ def test_stochastic_samplers_reproduce_per_image_seed(name, sd15):
 
 
 def test_missing_sampler_package_names_the_pip_package(sd15, monkeypatch):
-    monkeypatch.setattr(inf, "_package_available", lambda name: name not in ("torchsde", "scipy"))
+    monkeypatch.setattr(samplers, "_package_available", lambda name: name not in ("torchsde", "scipy"))
     with pytest.raises(MissingPackageError, match="pip install torchsde") as e:
         set_sampler(sd15, "DPM++ SDE Karras")
     assert isinstance(e.value, ImportError) and isinstance(e.value, ValueError)

@@ -1,4 +1,4 @@
-"""Tests for helpers.ingest: a corpus of good and bad files built with PIL in tmp_path goes through
+"""Tests for helpers.data.prepare: a corpus of good and bad files built with PIL in tmp_path goes through
 `prepare`; every bad file is reported with its reason, conversions are right, the source is untouched,
 subject-aware crops keep an off-centre subject, duplicates are grouped, buckets are counted as
 select_bucket does, and drop_images / restore_images move files and update the manifest."""
@@ -19,23 +19,12 @@ import pytest
 from PIL import Image
 
 from helpers.config import ConfigError, config_from_dict, config_to_toml
-from helpers.dataset import load_image_folder, make_buckets, select_bucket
-from helpers.ingest import (
-    DROPPED_DIR,
-    HEIC_MISSING,
-    MANIFEST_JSON,
-    NOT_AN_IMAGE,
-    PrepareConfig,
-    clip_embeddings,
-    drop_images,
-    hamming,
-    heic_supported,
-    load_clip,
-    load_manifest,
-    perceptual_hash,
-    prepare,
-    restore_images,
-)
+from helpers.data.dataset import load_image_folder, make_buckets, select_bucket
+from helpers.data.records import DROPPED_DIR, MANIFEST_JSON, load_manifest
+from helpers.data.decode import HEIC_MISSING, NOT_AN_IMAGE, heic_supported
+from helpers.config import PrepareConfig
+from helpers.data.duplicates import clip_embeddings, hamming, load_clip, perceptual_hash
+from helpers.data.prepare import drop_images, prepare, restore_images
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

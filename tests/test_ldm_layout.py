@@ -1,4 +1,4 @@
-"""Tests for helpers.ldm_layout: diffusers names -> original (LDM/SGM) checkpoint layout.
+"""Tests for helpers.formats.checkpoint: diffusers names -> original (LDM/SGM) checkpoint layout.
 
 The oracle is diffusers' own single-file loader, which converts the other way (original ->
 diffusers) with code we did not write: full-size configs are checked on the meta device (no
@@ -19,7 +19,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
 from diffusers.loaders import single_file_utils as sfu  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
-from helpers import ldm_layout as L  # noqa: E402
+from helpers.formats import checkpoint as L  # noqa: E402
 
 # ------------------------------------------------------------------ real (full-size) configs
 
@@ -127,7 +127,7 @@ def test_unet_map_known_sgm_names():
 
 
 def test_unet_map_for_tiny_configs():
-    from helpers.tiny import build_tiny_sd15, build_tiny_sdxl, write_clip_tokenizer
+    from helpers.toy.tiny import build_tiny_sd15, build_tiny_sdxl, write_clip_tokenizer
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
@@ -221,7 +221,7 @@ def test_full_size_checkpoint_is_detected_as_its_family():
 
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
-    from helpers.tiny import save_tiny_model
+    from helpers.toy.tiny import save_tiny_model
 
     root = tmp_path_factory.mktemp("ldm_tiny")
     return {fam: save_tiny_model(root / fam, fam) for fam in ("sd15", "sdxl")}
@@ -278,7 +278,7 @@ def test_tiny_sdxl_with_distinct_widths_loads_back_exactly(tmp_path):
     """Same tiny SDXL layout, but text encoders 16 and 48 wide (as real SDXL: 768 and 1280),
     so from_single_file can tell them apart; everything, text_encoder_2 included, comes back."""
     from diffusers import StableDiffusionXLPipeline
-    from helpers.tiny import build_tiny_sdxl, write_clip_tokenizer
+    from helpers.toy.tiny import build_tiny_sdxl, write_clip_tokenizer
 
     tok = write_clip_tokenizer(tmp_path / "tok")
     pipe = build_tiny_sdxl(tok)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 
-from helpers.notebook import colab_requirements, lock_sections
+from helpers.notebook.display import colab_requirements, lock_sections
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements.lock"

@@ -13,8 +13,8 @@ import re
 import pytest
 import torch
 
-from helpers.lora_io import LoraModule, to_kohya_state_dict
-from helpers.lora_targets import PRESETS, inject_lora, text_encoder_target_modules, unet_target_modules
+from helpers.formats.lora import LoraModule, to_kohya_state_dict
+from helpers.sd.lora_targets import PRESETS, inject_lora, text_encoder_target_modules, unet_target_modules
 
 # Real configs (diffusers unet/config.json, transformers text_encoder*/config.json of the hub models).
 SD15_UNET = dict(
@@ -210,7 +210,7 @@ def test_sd1_unet_keys_map_to_original_modules_as_a1111_does(models):
     """A1111 renames SD 1.x diffusers-style keys to the LDM layout (down_blocks.i.attentions.j ->
     input_blocks.(3i+j+1).1, mid_block.attentions.0 -> middle_block.1, up_blocks.i.attentions.j ->
     output_blocks.(3i+j).1); each renamed module must exist in the original UNet."""
-    from helpers.ldm_layout import unet_key_map
+    from helpers.formats.checkpoint import unet_key_map
 
     original = {k.rsplit(".", 1)[0].replace(".", "_") for k in unet_key_map(SD15_UNET).values()}
     for key in kohya_modules("sd1", models):
@@ -238,7 +238,7 @@ def test_sd2_kohya_keys(models):
 
 
 def test_sdxl_kohya_keys_are_sd_scripts_sgm_keys(models):
-    from helpers.ldm_layout import unet_key_map
+    from helpers.formats.checkpoint import unet_key_map
 
     mods = kohya_modules("sdxl", models)
     unet_keys = {k for k in mods if k.startswith("lora_unet_")}

@@ -18,20 +18,12 @@ import safetensors.torch
 import torch
 
 import helpers
-from helpers.lora_io import (
-    LoraModule,
-    apply_lora,
-    extract_peft_lora,
-    kohya_metadata,
-    kohya_module_names,
-    load_lora,
-    model_name_for_metadata,
-    save_lora,
-    to_diffusers_state_dict,
-    to_kohya_state_dict,
+from helpers.formats.lora import (
+    LoraModule, apply_lora, extract_peft_lora, kohya_metadata, kohya_module_names, load_lora,
+    model_name_for_metadata, save_lora, to_diffusers_state_dict, to_kohya_state_dict
 )
-from helpers.lora_targets import inject_lora, text_encoder_target_modules, unet_target_modules
-from helpers.tiny import build_tiny_sd15, build_tiny_sdxl, write_clip_tokenizer
+from helpers.sd.lora_targets import inject_lora, text_encoder_target_modules, unet_target_modules
+from helpers.toy.tiny import build_tiny_sd15, build_tiny_sdxl, write_clip_tokenizer
 
 BUILDERS = {"sd1": build_tiny_sd15, "sdxl": build_tiny_sdxl}
 RANK, ALPHA = 4, 2.0  # alpha != rank, so a lost alpha shows up as a different image

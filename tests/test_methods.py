@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from helpers.config import ConfigError, TrainConfig
-from helpers.models import load_base
-from helpers.train import train
+from helpers.sd.models import load_base
+from helpers.train.loop import train
 
 TOKEN = "<sks>"
 
@@ -95,7 +95,7 @@ def test_textual_inversion_needs_the_token_in_captions_and_a_new_word(tiny_sd15_
 
 
 def test_pivotal_tuning_saves_a_lora_and_an_embedding(tiny_sd15_dir, token_data, tmp_path):
-    from helpers.lora_io import load_lora
+    from helpers.formats.lora import load_lora
 
     r = train(make_cfg(tiny_sd15_dir, token_data, tmp_path, method="lora", rank=4, token_string=TOKEN,
                        init_word="flower", embedding_lr=5e-2, max_train_steps=3), progress=False)
@@ -107,7 +107,7 @@ def test_pivotal_tuning_saves_a_lora_and_an_embedding(tiny_sd15_dir, token_data,
 
 
 def test_dreambooth_prior_loss_weight_falls_on_the_class_half_of_the_batch(tiny_sd15_dir):
-    from helpers.train import _Run
+    from helpers.train.loop import _Run
 
     base = load_base(str(tiny_sd15_dir))
     cfg = TrainConfig(pretrained_model="x", train_data_dir="x", method="dreambooth", prior_loss_weight=0.25)
@@ -132,7 +132,7 @@ def test_dreambooth_prior_loss_weight_falls_on_the_class_half_of_the_batch(tiny_
 
 def test_dreambooth_generates_class_images_and_its_single_file_reproduces_the_pipeline(tiny_sd15_dir, concept_dir,
                                                                                        tmp_path):
-    from helpers.inference import generate
+    from helpers.generate.inference import generate
 
     base = load_base(str(tiny_sd15_dir))
     cfg = make_cfg(tiny_sd15_dir, concept_dir, tmp_path, method="dreambooth", learning_rate=1e-4,

@@ -1,4 +1,4 @@
-"""Tests for helpers.models: loading base models (folders, single files, hub ids offline), family
+"""Tests for helpers.sd.models: loading base models (folders, single files, hub ids offline), family
 detection, dtype choice and attention. Tiny models only; offline; CPU."""
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from safetensors.torch import save_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from helpers import models, precision  # noqa: E402
-from helpers.models import (  # noqa: E402
-    FAMILIES, BaseModel, ModelLoadError, detect_family, detect_family_from_checkpoint, load_base,
-    pick_dtype, read_safetensors_header, set_attention, vae_dtype_for,
+from helpers.sd import models, precision  # noqa: E402
+from helpers.sd.models import (
+    FAMILIES, BaseModel, ModelLoadError, detect_family, detect_family_from_checkpoint, load_base, pick_dtype,
+    read_safetensors_header, set_attention, vae_dtype_for
 )
-from helpers.tiny import save_tiny_model  # noqa: E402
+from helpers.toy.tiny import save_tiny_model  # noqa: E402
 
-ldm_layout = pytest.importorskip("helpers.ldm_layout")
+ldm_layout = pytest.importorskip("helpers.formats.checkpoint")
 
 
 # ------------------------------------------------------------------------------------ fixtures
@@ -42,7 +42,7 @@ def _build_tiny_sd2(folder: Path) -> Path:
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from helpers.tiny import _tiny_vae, load_tiny_tokenizer, write_clip_tokenizer
+    from helpers.toy.tiny import _tiny_vae, load_tiny_tokenizer, write_clip_tokenizer
 
     torch.manual_seed(0)
     tok = load_tiny_tokenizer(write_clip_tokenizer(folder.parent / (folder.name + "_tok")))
@@ -502,7 +502,7 @@ def test_set_attention(tiny_dirs, monkeypatch):
 
 
 def test_import_is_light():
-    code = ("import sys, helpers.models; "
+    code = ("import sys, helpers.sd.models; "
             "print(sorted(m for m in ('xformers', 'bitsandbytes', 'diffusers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          cwd=str(Path(__file__).resolve().parents[1]))

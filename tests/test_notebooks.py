@@ -53,7 +53,7 @@ def test_each_notebook_opens_with_title_badge_setup_and_parameters():
 
 
 def test_setup_never_replaces_torch(monkeypatch):
-    from helpers import notebook as nb
+    from helpers.notebook import display as nb
 
     import torch
 
@@ -62,7 +62,7 @@ def test_setup_never_replaces_torch(monkeypatch):
 
 
 def test_project_folders_and_the_env_override(tmp_path, monkeypatch):
-    from helpers import notebook as nb
+    from helpers.notebook import display as nb
 
     monkeypatch.setenv(nb.PROJECT_ENV, str(tmp_path / "p"))
     project = nb.project("anything")
@@ -76,7 +76,7 @@ def test_project_folders_and_the_env_override(tmp_path, monkeypatch):
 
 
 def test_gpu_report_names_the_gpu_and_the_presets_that_fit():
-    from helpers import notebook as nb
+    from helpers.notebook import display as nb
 
     t4 = nb.GpuInfo("Tesla T4", 14.7, False, (7, 5))
     text = nb.gpu_report(t4)
@@ -86,7 +86,7 @@ def test_gpu_report_names_the_gpu_and_the_presets_that_fit():
 
 
 def test_train_monitor_reports_progress_time_left_and_plots(monkeypatch):
-    from helpers import notebook as nb
+    from helpers.notebook import display as nb
 
     clock = iter([0.0, 0.0, 10.0, 10.0, 20.0, 20.0, 20.0, 20.0, 20.0])
     monkeypatch.setattr(nb.time, "perf_counter", lambda: next(clock, 20.0))
@@ -102,7 +102,7 @@ def test_train_monitor_reports_progress_time_left_and_plots(monkeypatch):
 
 
 def test_download_gives_a_link_relative_to_the_notebooks_folder(tmp_path):
-    from helpers import notebook as nb
+    from helpers.notebook import display as nb
 
     f = tmp_path / "x.safetensors"
     f.write_bytes(b"0" * 1024)
@@ -119,7 +119,7 @@ def test_the_five_notebooks_run_top_to_bottom_on_the_toy_model(tmp_path):
     from safetensors.torch import load_file
 
     from helpers.config import EvalConfig, GenerateConfig, TagConfig, TrainConfig, load_config
-    from helpers.ingest import PrepareConfig
+    from helpers.config import PrepareConfig
 
     run = _tool("run_notebooks")
     project = tmp_path / "project"

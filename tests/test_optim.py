@@ -6,8 +6,8 @@ import warnings
 import pytest
 import torch
 
-from helpers import optim
-from helpers.optim import build_optimizer, build_scheduler, optimizer_kind
+from helpers.train import optim
+from helpers.train.optim import build_optimizer, build_scheduler, optimizer_kind
 
 
 def _fit(name: str, lr: float, steps: int = 30) -> tuple[float, float, torch.optim.Optimizer]:

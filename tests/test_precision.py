@@ -7,11 +7,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import notebook, precision
-from helpers.models import pick_dtype
-from helpers.precision import decide_precision
-from helpers.presets import default_preset, presets_that_fit
-from helpers.train import resolve_mixed_precision
+from helpers.notebook import display as notebook
+from helpers.sd import precision
+from helpers.sd.models import pick_dtype
+from helpers.sd.precision import decide_precision
+from helpers.notebook.presets import default_preset, presets_that_fit
+from helpers.train.loop import resolve_mixed_precision
 
 
 def _simulate_gpu(monkeypatch, name: str, capability: tuple[int, int], gib: float) -> None:

@@ -15,9 +15,9 @@ import torch
 from safetensors import safe_open
 
 from helpers.config import ConfigError, TrainConfig, save_config
-from helpers.train import read_log, train
-from helpers.train_errors import TrainingError, nan_message
-from helpers.train_state import list_states
+from helpers.train.loop import read_log, train
+from helpers.train.errors import TrainingError, nan_message
+from helpers.train.state import list_states
 
 REPO = Path(__file__).parents[1]
 
@@ -59,7 +59,7 @@ def uninterrupted(tiny_sd15_dir, concept_dir, tmp_path_factory):
 KILLER = textwrap.dedent("""
     import os, signal, sys
     from helpers.config import load_config
-    from helpers.train import train
+    from helpers.train.loop import train
     cfg = load_config(sys.argv[1])
     mode, at = sys.argv[2], int(sys.argv[3])
     if mode == "step":       # right after the step's log record, before its saves
@@ -162,7 +162,7 @@ def test_resume_latest_without_a_state_starts_fresh(tiny_sd15_dir, concept_dir, 
 # ---- NaN ------------------------------------------------------------------------------------------
 
 def test_nan_loss_stops_the_run_with_advice_and_keeps_the_last_state(tiny_sd15_dir, concept_dir, tmp_path):
-    from helpers.models import load_base
+    from helpers.sd.models import load_base
 
     base = load_base(str(tiny_sd15_dir))
 
@@ -183,7 +183,7 @@ def test_nan_loss_stops_the_run_with_advice_and_keeps_the_last_state(tiny_sd15_d
 
 
 def test_nan_policy_skip_skips_a_bad_step_and_stops_after_five(tiny_sd15_dir, concept_dir, tmp_path, monkeypatch):
-    from helpers import train as train_mod
+    from helpers.train import loop as train_mod
 
     real_loss = train_mod._Run.loss
     calls = {"n": 0}
@@ -210,7 +210,7 @@ def test_nan_found_between_logs_names_its_step_and_saves_nothing_after_it(tiny_s
                                                                             monkeypatch):
     """nan_policy="stop" reads the loss back only when a log or save is due: a NaN at step 2 is found at the
     log of step 4, the message names step 2, and no LoRA is written from the poisoned weights."""
-    from helpers import train as train_mod
+    from helpers.train import loop as train_mod
 
     real_loss = train_mod._Run.loss
     calls = {"n": 0}
@@ -268,7 +268,7 @@ def test_nan_message_for_fp16_names_bf16_and_the_fp16_vae():
 # ---- out of memory ------------------------------------------------------------------------------------
 
 def test_out_of_memory_gives_ordered_advice_and_keeps_the_state(tiny_sd15_dir, concept_dir, tmp_path, monkeypatch):
-    from helpers import train as train_mod
+    from helpers.train import loop as train_mod
 
     real_loss = train_mod._Run.loss
     calls = {"n": 0}
@@ -355,9 +355,9 @@ class _Evil:
 def test_malicious_pickles_are_refused_and_run_nothing(uninterrupted, tiny_sd15_dir, concept_dir, tmp_path):
     import shutil
 
-    from helpers.lora_io import load_lora
-    from helpers.models import ModelLoadError, load_base
-    from helpers.train_state import load_state
+    from helpers.formats.lora import load_lora
+    from helpers.sd.models import ModelLoadError, load_base
+    from helpers.train.state import load_state
 
     marker = tmp_path / "pwned"
     # a training state whose rng.pt was replaced (torch.save's zip format, as the real file)

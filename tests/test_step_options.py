@@ -6,8 +6,8 @@ import torch
 from safetensors.torch import load_file
 
 from helpers.config import TrainConfig
-from helpers.models import load_base
-from helpers.train import read_log, train
+from helpers.sd.models import load_base
+from helpers.train.loop import read_log, train
 
 
 def make_cfg(base_dir, data_dir, out_dir, **overrides) -> TrainConfig:
@@ -63,7 +63,7 @@ def test_torch_compile_trains_the_same_lora(tiny_sd15_dir, concept_dir, tmp_path
 
 
 def test_to_device_leaves_cpu_tensors_and_moves_to_other_devices():
-    from helpers.transfer import to_device
+    from helpers.sd.transfer import to_device
 
     t = torch.arange(6).reshape(2, 3)
     assert to_device(t, "cpu") is t
@@ -73,7 +73,7 @@ def test_to_device_leaves_cpu_tensors_and_moves_to_other_devices():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_to_device_copies_to_the_gpu_without_a_sync():
-    from helpers.transfer import to_device
+    from helpers.sd.transfer import to_device
 
     ids = torch.randint(0, 1000, (8, 77))
     torch.cuda.set_sync_debug_mode("error")  # any host-device synchronisation raises

@@ -9,8 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers.tagging import (CaptionerLoadError, Florence2Captioner, WD14Tagger, caption_folder, find_images,
-                             load_captioner, resolve_dtype, wd14_preprocess)
+from helpers.data.tagging import (
+    CaptionerLoadError, Florence2Captioner, WD14Tagger, caption_folder, find_images, load_captioner,
+    resolve_dtype, wd14_preprocess
+)
 
 RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 160, 0)
 
@@ -82,7 +84,7 @@ def test_blip_caption_folder_writes_and_skips(blip_dir, tmp_path):
         image.save(tmp_path / name)
     (tmp_path / "c.txt").write_text("my own caption", encoding="utf-8")
     # the captioner sees the images as load_image returns them (the JPEG is lossy: caption it from disk)
-    from helpers.dataset import load_image
+    from helpers.data.dataset import load_image
 
     expected = captioner.caption([load_image(tmp_path / n) for n in names[:2]])
 
@@ -279,7 +281,7 @@ def test_wd14_options(tagger_dir):
 
 
 def test_caption_folder_modes_and_reports(tagger_dir, tmp_path):
-    from helpers.captions import history, undo
+    from helpers.data.captions import history, undo
 
     tagger = load_captioner("wd14", str(tagger_dir), blacklist=["solo"])
     Image.new("RGB", (16, 16), RED).save(tmp_path / "red.png")

@@ -73,9 +73,9 @@ def test_latent_centring_is_exact():
 
 @needs_base
 def test_shipped_base_loads_through_helpers_and_follows_prompts():
-    from helpers.demo import EVAL_CFG, EVAL_SAMPLER, EVAL_STEPS, world_prompts
-    from helpers.inference import generate
-    from helpers.models import load_base
+    from helpers.toy.demo import EVAL_CFG, EVAL_SAMPLER, EVAL_STEPS, world_prompts
+    from helpers.generate.inference import generate
+    from helpers.sd.models import load_base
     from helpers.toy.judge import load_judge, score
 
     base = load_base(str(SHIPPED_DIR))
@@ -95,7 +95,7 @@ def test_demo_lora_learns_the_concept_and_keeps_the_prior(tmp_path):
     """A shorter demo run (200 of 700 steps, 16 samples a cell): the concept appears with the trigger only.
     Measured at 200 steps: concept 75% (base 6%), world shape and colour 94%, no flower without the trigger
     (the full demo: see demo_images/toy_concept_scores.json)."""
-    from helpers.demo import run_demo
+    from helpers.toy.demo import run_demo
 
     result = run_demo(steps=200, out_root=tmp_path, samples=16, progress=False)
     base, lora = result.scores["0"], result.scores["1"]
@@ -107,10 +107,11 @@ def test_demo_lora_learns_the_concept_and_keeps_the_prior(tmp_path):
     assert (tmp_path / "lora_files" / "toy_concept.toml").exists()
 
     # The written files, loaded fresh through helpers, reproduce the demo's grid pixel for pixel.
-    from helpers.demo import (EVAL_CFG, EVAL_SAMPLER, EVAL_STEPS, GRID_LEFT, GRID_PAD, GRID_TOP, GRID_ZOOM,
-                              trigger_prompts)
-    from helpers.inference import generate, load_loras
-    from helpers.models import load_base
+    from helpers.toy.demo import (
+        EVAL_CFG, EVAL_SAMPLER, EVAL_STEPS, GRID_LEFT, GRID_PAD, GRID_TOP, GRID_ZOOM, trigger_prompts
+    )
+    from helpers.generate.inference import generate, load_loras
+    from helpers.sd.models import load_base
 
     fresh = load_base(str(SHIPPED_DIR))
     load_loras(fresh.pipe, [(tmp_path / "lora_files" / "toy_concept.safetensors", 1.0)])

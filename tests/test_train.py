@@ -12,8 +12,8 @@ import torch
 from safetensors import safe_open
 
 from helpers.config import TrainConfig
-from helpers import precision
-from helpers.train import read_log, resolve_mixed_precision, train
+from helpers.sd import precision
+from helpers.train.loop import read_log, resolve_mixed_precision, train
 
 
 def make_cfg(base_dir, data_dir, out_dir, **overrides) -> TrainConfig:
@@ -68,7 +68,7 @@ def test_same_seed_gives_identical_lora_files(tiny_sd15_dir, concept_dir, tmp_pa
 
 
 def _images(pipe, seed=5):
-    from helpers.inference import generate
+    from helpers.generate.inference import generate
 
     images, _ = generate(pipe, "sks flower, on a black background", steps=4, cfg_scale=4.0, seed=seed,
                          sampler="DDIM", num_images=2)
@@ -78,8 +78,8 @@ def _images(pipe, seed=5):
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_saved_lora_reproduces_the_trained_pipeline(family, tiny_sd15_dir, tiny_sdxl_dir, concept_dir, tmp_path):
     """Train, keep the in-memory pipeline; load each saved layout into a fresh pipeline: same images."""
-    from helpers.inference import load_loras
-    from helpers.models import load_base
+    from helpers.generate.inference import load_loras
+    from helpers.sd.models import load_base
 
     base_dir = tiny_sd15_dir if family == "sd15" else tiny_sdxl_dir
     trained = load_base(str(base_dir))
@@ -135,7 +135,7 @@ def test_saves_every_n_steps_and_keeps_the_last_n(tiny_sd15_dir, concept_dir, tm
     names = sorted(p.name for p in tmp_path.glob("*.safetensors"))
     assert names == ["t-step000006.safetensors", "t-step000009.safetensors", "t.safetensors"]
     assert all(p.exists() for p in result.saved)
-    from helpers.inference import read_png_parameters
+    from helpers.formats.png_info import read_png_parameters
 
     samples = sorted((tmp_path / "samples").glob("*.png"))
     assert [p.name for p in samples] == ["t_step000006_00.png", "t_step000012_00.png"]
@@ -164,7 +164,7 @@ def test_two_process_accelerate_launch_writes_one_lora(tiny_sd15_dir, concept_di
 
 
 def test_loss_weights_min_snr_and_prior_weight():
-    from helpers.train import loss_weights
+    from helpers.train.loop import loss_weights
 
     alphas = torch.tensor([0.99, 0.5, 0.01])  # snr = 99, 1, 1/99
     t = torch.tensor([0, 1, 2])
@@ -179,7 +179,7 @@ def test_loss_weights_min_snr_and_prior_weight():
 
 
 def test_regularization_images_are_counted_and_weighted(tiny_sd15_dir, concept_dir, tmp_path):
-    from helpers.demo import write_reg_images
+    from helpers.toy.demo import write_reg_images
 
     reg = write_reg_images(tmp_path / "reg", n=4, seed=0)
     cfg = make_cfg(tiny_sd15_dir, concept_dir, tmp_path / "out", max_train_steps=4, reg_data_dir=str(reg),
@@ -196,7 +196,7 @@ def test_regularization_images_are_counted_and_weighted(tiny_sd15_dir, concept_d
 
 def test_training_twice_on_one_loaded_base_starts_from_the_plain_base(tiny_sd15_dir, concept_dir, tmp_path):
     """Notebooks reuse one BaseModel: a second run must not stack on the first run's LoRA."""
-    from helpers.models import load_base
+    from helpers.sd.models import load_base
 
     shared = load_base(str(tiny_sd15_dir))
     train(make_cfg(tiny_sd15_dir, concept_dir, tmp_path / "first", max_train_steps=3, seed=1), base=shared,

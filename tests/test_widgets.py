@@ -7,10 +7,11 @@ import pytest
 pytest.importorskip("ipywidgets")
 
 from helpers.config import ConfigError, EvalConfig, GenerateConfig, TagConfig, TrainConfig, load_config
-from helpers.ingest import PrepareConfig
-from helpers.presets import PRESETS, default_preset, preset_values, presets_that_fit
-from helpers.widgets import (caption_editor, eval_form, field_help, generate_form, prepare_form, tag_form,
-                             train_form)
+from helpers.config import PrepareConfig
+from helpers.notebook.presets import PRESETS, default_preset, preset_values, presets_that_fit
+from helpers.notebook.widgets import (
+    caption_editor, eval_form, field_help, generate_form, prepare_form, tag_form, train_form
+)
 
 
 def test_every_field_of_every_config_has_a_widget_and_round_trips():
@@ -115,7 +116,7 @@ def test_field_help_comes_from_the_dataclass_comments():
 def test_caption_editor_edits_saves_and_undoes(tmp_path):
     from PIL import Image
 
-    from helpers import captions as C
+    from helpers.data import captions as C
 
     for i in range(5):
         Image.new("RGB", (16, 16), (i * 40, 0, 0)).save(tmp_path / f"img{i}.png")
@@ -150,7 +151,7 @@ def test_generate_and_eval_configs_validate():
 
 
 def test_tag_config_runs_the_same_edits_as_the_cli(tmp_path):
-    from helpers.tagging import run_tag_config
+    from helpers.data.tagging import run_tag_config
 
     (tmp_path / "a.png").write_bytes(b"")
     (tmp_path / "a.txt").write_text("1girl, watermark, red_hair, 1girl\n")

@@ -27,7 +27,7 @@ if "google.colab" in sys.modules and not os.path.isdir("helpers"):
 if not os.path.isdir("helpers") and os.path.isdir("../helpers"):
     os.chdir("..")  # run from the repository root, so every notebook sees the same relative paths
 sys.path.insert(0, os.getcwd())
-from helpers import notebook as nb
+from helpers.notebook import display as nb
 print(nb.setup(drive=USE_DRIVE))'''
 
 PARAMETERS = '''# Parameters. PROJECT names the folder all five notebooks share (on Drive when mounted).
@@ -70,13 +70,13 @@ print(f"{len(files)} file(s) (images and captions) in {SOURCE}")'''),
     ("md", "## 2. Settings\nPick the resolution of the model you will train (512 for SD 1.5, 1024 for SDXL) and "
            "how to crop: `bucket` keeps each image's aspect ratio (sd-scripts' buckets), `center` and `subject` "
            "crop to a square (`subject` finds the subject first), `pad` letterboxes."),
-    ("code", '''from helpers import widgets
+    ("code", '''from helpers.notebook import widgets
 toy_settings = dict(resolution=32, min_bucket_reso=16, max_bucket_reso=64, bucket_reso_steps=8, min_size=16)
 prepare_form = widgets.prepare_form(source=str(SOURCE), output_dir=str(project.prepared),
                                     **(toy_settings if TOY else {}))
 prepare_form.show()'''),
     ("md", "## 3. Prepare\nRe-running replaces the prepared set (caption edits made in `02_tagging` included)."),
-    ("code", '''from helpers.ingest import prepare_from_config
+    ("code", '''from helpers.data.prepare import prepare_from_config
 prepare_cfg = prepare_form.save(project.config("prepare"))
 report = prepare_from_config(prepare_cfg, overwrite=True)
 print(report.summary())'''),
@@ -88,7 +88,7 @@ if report.bucket_plot:
     nb.show_file(report.bucket_plot, width=700)'''),
     ("md", "## 5. Duplicates\nEach group shows the suggested keeper first. Nothing is dropped until you list "
            "names in `DROP` (dropped images move to `_dropped/`; `restore_images` brings them back)."),
-    ("code", '''from helpers.ingest import drop_images
+    ("code", '''from helpers.data.prepare import drop_images
 sheets = sorted((report.output_dir / "_report" / "duplicates").glob("*.png"))
 for sheet in sheets:
     nb.show_file(sheet, width=800)
@@ -109,14 +109,14 @@ any caption by hand. Every change can be undone.
     ("md", "## 1. Settings\n`wd14` writes booru tags (anime, illustration), `blip` and `florence2` write sentences "
            "(photos), `none` keeps the captions your images came with. The trigger is a rare word that will call "
            "up your concept; it goes first in every caption (train with `keep_tokens=1` if you shuffle tags)."),
-    ("code", '''from helpers import widgets
+    ("code", '''from helpers.notebook import widgets
 # the toy captions already read "a sks flower on a ... background": keep them, no trigger to add
 tag_form = widgets.tag_form(captioner="none" if TOY else "florence2", task=None if TOY else "<DETAILED_CAPTION>",
                             trigger="" if TOY else "sks", remove=[] if TOY else ["watermark*", "signature"])
 tag_form.show()'''),
     ("md", "## 2. Caption and edit\nEvery save keeps the previous captions: `C.undo(project.prepared)` restores them."),
-    ("code", '''from helpers import captions as C
-from helpers.tagging import run_tag_config
+    ("code", '''from helpers.data import captions as C
+from helpers.data.tagging import run_tag_config
 tag_cfg = tag_form.save(project.config("tag"))
 run = run_tag_config(project.prepared, tag_cfg, note="02_tagging")
 if run.captioned is not None:
@@ -133,7 +133,7 @@ for tag, count in C.tag_frequency(edited)[:15]:
 editor.show()'''),
     ("md", "## 5. Check caption lengths\nCLIP reads 77 tokens; the trainer cuts longer captions."),
     ("code", '''from transformers import CLIPTokenizer
-from helpers.presets import SD15_MODEL
+from helpers.notebook.presets import SD15_MODEL
 if TOY:
     from helpers.toy.pretrain import SHIPPED_DIR as MODEL
 else:
@@ -159,7 +159,7 @@ saved state (kept on Drive), and the result is the same run.
     ("code", '''print(nb.gpu_report())'''),
     ("md", "## 1. Settings\nStart from the preset for your GPU, then change what you like. The form checks every "
            "value; the settings are saved as TOML, so `python -m helpers train --config` can run them too."),
-    ("code", '''from helpers import widgets
+    ("code", '''from helpers.notebook import widgets
 PRESET = "Toy (CPU, offline)" if TOY else nb.preset_for_gpu("sd1")
 train_form = widgets.train_form(
     preset=PRESET, train_data_dir=str(project.prepared), output_dir=str(project.outputs / "run"),
@@ -175,7 +175,7 @@ if TOY:  # a handful of steps, samples and states along the way
 train_form.show()'''),
     ("md", "## 2. Train\nThe curve and the samples update as it runs."),
     ("code", '''RESUME = False   # True after a disconnect: continue from the newest saved state in the output folder
-from helpers.train import train
+from helpers.train.loop import train
 train_cfg = train_form.save(project.config("train"))
 monitor = nb.TrainMonitor()
 result = train(train_cfg, on_event=monitor, resume=RESUME)
@@ -199,7 +199,7 @@ reads it back. Then three grids: prompt × LoRA weight, the trigger-word test, a
 
 **Next:** `05_eval`.""") + [
     ("md", "## 1. Settings"),
-    ("code", '''from helpers import widgets
+    ("code", '''from helpers.notebook import widgets
 from helpers.config import load_config
 train_cfg = load_config(project.config("train"))
 LORA = str(project.lora_files / f"{train_cfg.output_name}.safetensors")
@@ -215,14 +215,15 @@ gen_form = widgets.generate_form(model=train_cfg.pretrained_model, model_config=
                                  loras=[f"{LORA}:1.0"], prompts=prompts, out_dir=str(project.samples), **look)
 gen_form.show()'''),
     ("md", "## 2. Generate"),
-    ("code", '''from helpers.inference import generate_to_folder
-from helpers.models import load_base
+    ("code", '''from helpers.generate.inference import generate_to_folder
+from helpers.sd.models import load_base
 gen_cfg = gen_form.save(project.config("generate"))
 base = load_base(gen_cfg.model, config=gen_cfg.model_config)
 paths = generate_to_folder(base, gen_cfg)
 nb.show_images(paths, columns=4)'''),
     ("md", "## 3. Prompt × LoRA weight\nWeight 0 is the base model; too high a weight overcooks the concept."),
-    ("code", '''from helpers.grids import grid_prompt_x_checkpoint, grid_prompt_x_weight, grid_trigger_test, save_grid
+    ("code", '''from helpers.generate.grids import (grid_prompt_x_checkpoint, grid_prompt_x_weight, grid_trigger_test,
+                                    save_grid)
 look = dict(steps=gen_cfg.steps, sampler=gen_cfg.sampler, cfg_scale=gen_cfg.cfg_scale,
             negative_prompt=gen_cfg.negative_prompt, seed=gen_cfg.seed, layout={"zoom": 4 if TOY else 1})
 grid = grid_prompt_x_weight(base.pipe, gen_cfg.prompts, LORA, gen_cfg.grid_weights, **look)
@@ -254,9 +255,10 @@ to the trigger). It writes a table, plots, grids and an HTML report.
 the Inception network are downloaded on first use.""") + [
     ("md", "## 1. Settings\n`prompts` show the concept as in your images, `context_prompts` somewhere new, "
            "`prior_prompts` without the concept (is the base model's knowledge kept?)."),
-    ("code", '''from helpers import widgets
+    ("code", '''from helpers.notebook import widgets
 from helpers.config import load_config
-from helpers.evaluation import run_eval_config, toy_eval_config, toy_judge_scorer
+from helpers.evaluate.protocol import run_eval_config
+from helpers.toy.eval import toy_eval_config, toy_judge_scorer
 train_cfg = load_config(project.config("train"))
 LORA = str(project.lora_files / f"{train_cfg.output_name}.safetensors")
 if TOY:  # toy prompts, the toy judge instead of CLIP/DINO (32x32 shapes), a few seeds

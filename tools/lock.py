@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from helpers.notebook import lock_sections  # noqa: E402  (the Colab setup reads the lock with it)
+from helpers.notebook.display import lock_sections  # noqa: E402  (the Colab setup reads the lock with it)
 
 LOCK = ROOT / "requirements.lock"
 TORCH_VERSION = "2.13.0"        # the torch the lock is tested with (a CPU build here; Colab keeps its own)

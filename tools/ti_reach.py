@@ -28,11 +28,11 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from PIL import Image
 
-from helpers.models import load_base
+from helpers.sd.models import load_base
 from helpers.toy import world
 from helpers.toy.judge import load_judge, score
 from helpers.toy.pretrain import SHIPPED_DIR
-from helpers.train import _vae_encoder
+from helpers.train.loop import _vae_encoder
 
 MODES = ("context", "ln", "input")
 

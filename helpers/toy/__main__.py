@@ -36,7 +36,7 @@ def _add_judge(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_judge(args: argparse.Namespace) -> int:
-    from ..models import load_vae
+    from ..sd.models import load_vae
     from .judge import report_path, save_judge, save_report, train_judge
 
     out = Path(args.out)
@@ -108,9 +108,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from ..demo import evaluate_lora
-    from ..inference import load_loras
-    from ..models import load_base
+    from .demo import evaluate_lora
+    from ..generate.inference import load_loras
+    from ..sd.models import load_base
     from .judge import load_judge
 
     base = load_base(args.model)

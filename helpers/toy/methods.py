@@ -20,7 +20,7 @@ TI_TOKEN = "<sks>"  # Textual Inversion learns a new word; LoRA and DreamBooth r
 
 def method_configs(work: Path, seed: int = 0) -> dict:
     """Settings per method, tuned on the toy world (CPU budget: a few minutes each)."""
-    from ..demo import demo_config
+    from .demo import demo_config
 
     lora = demo_config(work, seed=seed)
     return {
@@ -72,8 +72,8 @@ def judge_in_world(pipe, judge, n: int, seed: int = 1000) -> dict[str, float]:
 def _judged(pipe, judge, prompts: list[str], truth: list[str], seed: int) -> dict:
     """Sample `prompts` as the demo evaluates (its sampler, steps, CFG; seeds seed+i) and score the images
     against what `truth` asks for."""
-    from ..demo import EVAL_CFG, EVAL_SAMPLER, EVAL_STEPS
-    from ..inference import generate
+    from .demo import EVAL_CFG, EVAL_SAMPLER, EVAL_STEPS
+    from ..generate.inference import generate
     from .judge import score
 
     images, _ = generate(pipe, prompts, steps=EVAL_STEPS, cfg_scale=EVAL_CFG, seed=seed, sampler=EVAL_SAMPLER,
@@ -83,7 +83,7 @@ def _judged(pipe, judge, prompts: list[str], truth: list[str], seed: int) -> dic
 
 def _world_scores(pipe, judge, n: int, seed: int) -> dict[str, float]:
     """Shape-and-colour accuracy and concept rate on n ordinary world prompts (is the prior kept?)."""
-    from ..demo import world_prompts
+    from .demo import world_prompts
 
     prompts = world_prompts(n)
     s = _judged(pipe, judge, prompts, prompts, seed)
@@ -92,7 +92,7 @@ def _world_scores(pipe, judge, n: int, seed: int) -> dict[str, float]:
 
 def judge_pipeline(pipe, judge, trigger: str, n: int, seed: int = 1000, expand=None) -> dict[str, float]:
     """Concept rate for n trigger prompts; shape/colour accuracy for n world prompts (same seeds as the demo)."""
-    from ..demo import trigger_prompts
+    from .demo import trigger_prompts
 
     prompts = [p.replace(world.TRIGGER, trigger, 1) for p in trigger_prompts(n)]
     shown = [expand(p) for p in prompts] if expand else prompts
@@ -103,10 +103,10 @@ def judge_pipeline(pipe, judge, trigger: str, n: int, seed: int = 1000, expand=N
 def compare_methods(out_root: Path = Path("."), methods: tuple[str, ...] = ("lora", "dreambooth", "textual_inversion"),
                     samples: int = 32, seed: int = 0, progress: bool = True) -> dict:
     """Train and judge each method; write and return the table."""
-    from ..demo import write_reg_images
-    from ..inference import load_loras
-    from ..models import load_base
-    from ..train import train
+    from .demo import write_reg_images
+    from ..generate.inference import load_loras
+    from ..sd.models import load_base
+    from ..train.loop import train
     from .judge import load_judge
     from .pretrain import SHIPPED_DIR
 

@@ -1,7 +1,7 @@
 """Pretrain the toy base model: an SD 1.5-architecture pipeline that has learned the toy world.
 
 `python -m helpers.toy pretrain` runs it (about 40 minutes on 2 CPU cores) and writes a diffusers
-folder of fp16 safetensors that `helpers.models.load_base` loads like any real model. The result
+folder of fp16 safetensors that `helpers.sd.models.load_base` loads like any real model. The result
 is a deterministic function of the config (seed, steps, threads): run it again to reproduce the
 shipped model.
 
@@ -62,7 +62,7 @@ def build_components(tokenizer_dir: Path, seed: int):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from ..tiny import write_clip_tokenizer
+    from .tiny import write_clip_tokenizer
 
     write_clip_tokenizer(tokenizer_dir, world.WORDS, model_max_length=16)
     tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
@@ -164,7 +164,7 @@ def train_unet(unet, text_encoder, tokenizer, scheduler_config, latents: torch.T
 
     noise_sched = DDPMScheduler.from_config(scheduler_config)
     alphas = noise_sched.alphas_cumprod
-    from ..text_encoding import tokenize
+    from ..sd.text_encoding import tokenize
 
     ids_all, empty = tokenize(tokenizer, captions), tokenize(tokenizer, [""])
     n = len(captions)  # latents holds n originals then n mirrors

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .atomic import atomic_dir
-from .config import ConfigError
+from ..atomic import atomic_dir
+from ..config import ConfigError
 
 STATE_FORMAT = "helpers-train-state"
 STATE_VERSION = 1

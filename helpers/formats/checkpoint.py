@@ -372,6 +372,6 @@ def save_single_file(pipe, path, family: str, dtype: torch.dtype = torch.float16
         if v.is_floating_point():
             v = v.to(dtype)
         tensors[k] = v.contiguous().cpu()
-    from .atomic import save_safetensors
+    from ..atomic import save_safetensors
 
     return save_safetensors(tensors, path, metadata=meta or None)

@@ -24,8 +24,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .atomic import atomic_path, write_bytes, write_text
-from .models import BaseModel, ModelLoadError, url_reachable
+from ..atomic import atomic_path, write_bytes, write_text
+from ..sd.models import BaseModel, ModelLoadError, url_reachable
+from ..sd.prompts import has_trigger, remove_trigger
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 DEFAULT_DINO = "facebook/dino-vits16"
@@ -172,14 +173,14 @@ def kid_from_features(generated: torch.Tensor, reference: torch.Tensor, *, subse
 
 def _hub_offline(source: str, local_files_only: bool | None) -> bool:
     """Whether loading `source` must stay in the local cache (False for folders: no Hub involved)."""
-    from .models import _use_local_files_only
+    from ..sd.models import _use_local_files_only
 
     return False if Path(source).expanduser().exists() else _use_local_files_only(local_files_only)
 
 
 def _from_pretrained(cls, source: str, what: str, offline: bool, **kwargs):
     """`cls.from_pretrained` for a local folder or a Hub id, with errors a user can act on."""
-    from .models import _offline_by_env
+    from ..sd.models import _offline_by_env
 
     path = Path(source).expanduser()
     if path.exists():
@@ -308,7 +309,7 @@ def inception_weights_path() -> Path:
 def load_inception(weights: str | None = None, *, device: str = "cpu") -> torch.nn.Module:
     """torchmetrics' InceptionV3 for FID/KID (torch-fidelity's weights, 2048 pool features): uint8 (B,3,H,W)
     images -> (B, 2048). The weights download once to the torch hub cache; `weights` is a local copy."""
-    from .models import _offline_by_env
+    from ..sd.models import _offline_by_env
 
     problems: list[str] = []
     inception_cls = None
@@ -452,19 +453,6 @@ def load_images(source: str | Path | Sequence[str | Path]) -> list[Image.Image]:
 
 # ------------------------------------------------------------------------------------ the protocol
 
-def remove_trigger(prompt: str, trigger: str) -> str:
-    """The prompt without the trigger word ("a sks dog" -> "a dog"; "sks, 1girl" -> "1girl")."""
-    if not trigger:
-        return prompt
-    text = re.sub(rf"(?<!\w){re.escape(trigger)}(?!\w)", " ", prompt)
-    text = re.sub(r"\s*,\s*(?:,\s*)+", ", ", text)
-    text = re.sub(r"^\s*,\s*|\s*,\s*$", "", text)
-    return re.sub(r"\s+,", ",", re.sub(r"\s+", " ", text)).strip()
-
-
-def has_trigger(prompt: str, trigger: str) -> bool:
-    return bool(trigger) and re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", prompt) is not None
-
 
 @dataclass
 class Variant:
@@ -566,7 +554,8 @@ def run_protocol(model: str | BaseModel, loras: Sequence[str] = (), weights: Seq
     """
     from tqdm.auto import tqdm
 
-    from .inference import generate, load_loras, save_png
+    from ..formats.png_info import save_png
+    from ..generate.inference import generate, load_loras
 
     natural, context, prior = list(natural_prompts), list(context_prompts), list(prior_prompts)
     if not natural:
@@ -610,7 +599,7 @@ def run_protocol(model: str | BaseModel, loras: Sequence[str] = (), weights: Seq
         extractor = feature_extractor if feature_extractor is not None else load_inception(inception_weights)
 
     # ---- sampling
-    from .models import detect_family, load_base
+    from ..sd.models import detect_family, load_base
 
     own_model = not isinstance(model, BaseModel)
     base = load_base(str(model), device=dev, dtype=dtype, config=model_config) if own_model else model
@@ -910,7 +899,7 @@ def _short(text: str, n: int = 38) -> str:
 def _write_grid(out: Path, name: str, manifest: list[dict], columns: list[tuple[str, str, str]],
                 row_prompts: list[tuple[int, str]], seeds: list[int], thumb: int) -> Path | None:
     """A labelled grid: rows = prompts, columns = (label, variant, group), cells = a strip of seeds."""
-    from .demo import labelled_grid
+    from ..drawing import labelled_grid
 
     index = {(e["variant"], e["group"], e["prompt_index"], e["seed"]): e["path"] for e in manifest}
     cells = []
@@ -1080,49 +1069,6 @@ def _report_html(settings, rows, columns, trigger_table, notes, plots, grids, gr
 
 # ------------------------------------------------------------------------------------ the toy world
 
-TOY_LORA = Path(__file__).resolve().parents[1] / "lora_files" / "toy_concept.safetensors"
-
-
-def toy_prompts(n: int = 4) -> dict[str, list[str]]:
-    """The three prompt groups on the toy world: the concept on its backgrounds, recoloured (new contexts),
-    and ordinary world scenes (the prior)."""
-    from .demo import trigger_prompts, world_prompts
-    from .toy import world
-
-    colours, bgs = list(world.COLOURS), list(world.BACKGROUNDS)
-    context = [f"a {colours[i % len(colours)]} {world.TRIGGER} {world.CONCEPT_SHAPE} on a {bgs[(i + 1) % len(bgs)]} "
-               "background" for i in range(n)]
-    return {"natural": trigger_prompts(n), "new_context": context, "prior": world_prompts(n)}
-
-
-def toy_judge_scorer(judge_path: str | Path | None = None) -> Callable[[list[Image.Image], list[str], str], dict]:
-    """An extra_scorer from the toy judge: concept rate and shape/colour/background accuracy per group."""
-    from .toy.judge import DEFAULT_PATH, load_judge, score
-
-    judge = load_judge(judge_path or DEFAULT_PATH)
-    keys = ("concept_rate", "shape_acc", "colour_acc", "shape_and_colour_acc", "background_acc")
-
-    def toy_judge(images: list[Image.Image], prompts: list[str], group: str) -> dict[str, float | None]:
-        s = score(judge, images, prompts)
-        return {f"judge_{k}": s[k] for k in keys}
-
-    return toy_judge
-
-
-def run_toy_protocol(out_dir: str | Path = "outputs/toy_eval", loras: Sequence[str] | None = None,
-                     weights: Sequence[float] = (0.5, 1.0), *, n_prompts: int = 4, seeds: int | Sequence[int] = 4,
-                     steps: int = 25, cfg_scale: float = 5.0, sampler: str = "DDIM", n_reference: int = 24,
-                     clip_model: Any = None, dino_model: Any = None, fid_kid: bool = False,
-                     **kwargs: Any) -> ProtocolResult:
-    """The protocol on the toy world (`toy_eval_config`): toy base model, the shipped concept LoRA, toy
-    prompts, the concept's training images as references and the toy judge as extra scorer. CLIP/DINO/FID
-    are off by default (32x32 shapes; pass tiny or real metric models to turn them on)."""
-    cfg = toy_eval_config(loras, out_dir, n_prompts=n_prompts, n_reference=n_reference,
-                          weights=[float(w) for w in weights], steps=steps, cfg_scale=cfg_scale, sampler=sampler,
-                          fid_kid=fid_kid)
-    kwargs.setdefault("extra_scorer", toy_judge_scorer())
-    return run_eval_config(cfg, seeds=seeds, clip_model=clip_model, dino_model=dino_model, **kwargs)
-
 
 def run_eval_config(cfg, *, seeds: int | Sequence[int] | None = None, **overrides: Any) -> ProtocolResult:
     """run_protocol with the settings of an EvalConfig (05_eval's form, `evaluate --config`). `seeds`
@@ -1138,23 +1084,3 @@ def run_eval_config(cfg, *, seeds: int | Sequence[int] | None = None, **override
     return run_protocol(cfg.model, cfg.loras, cfg.weights, **args)
 
 
-def toy_eval_config(loras: Sequence[str] | None = None, out_dir: str | Path = "outputs/toy_eval", *,
-                    reference_dir: str | Path | None = None, n_prompts: int = 4, n_reference: int = 24,
-                    **changes: Any):
-    """An EvalConfig for the toy world (what 05_eval uses in toy mode): the toy base model, its prompt
-    groups, the concept's images as references; CLIP/DINO/FID off (32x32 shapes; the toy judge scores
-    instead, pass `extra_scorer=toy_judge_scorer()`)."""
-    from .config import EvalConfig
-    from .toy import world
-    from .toy.pretrain import SHIPPED_DIR
-
-    prompts = toy_prompts(n_prompts)
-    if reference_dir is None:  # the demo's training images (seed 1234): what the LoRA learned
-        reference_dir = world.write_concept_dataset(Path(out_dir) / "reference", n=n_reference, seed=1234)
-    values = dict(model=str(SHIPPED_DIR), loras=[str(p) for p in (loras if loras is not None else [TOY_LORA])],
-                  weights=[0.5, 1.0], prompts=prompts["natural"], context_prompts=prompts["new_context"],
-                  prior_prompts=prompts["prior"], trigger=world.TRIGGER, reference_dir=str(reference_dir),
-                  steps=25, sampler="DDIM", cfg_scale=5.0, clip_model=None, dino_model=None, fid_kid=False,
-                  out_dir=str(out_dir))
-    values.update(changes)
-    return EvalConfig(**values)

@@ -2,7 +2,7 @@
 
 Every backend is a `Captioner` made by `load_captioner(kind, model)` from a Hub id or a local folder;
 `caption_folder` runs one over a folder in batches and writes the captions through
-`helpers.captions.write_captions`, so one `captions.undo(folder)` puts the previous captions back.
+`helpers.data.captions.write_captions`, so one `captions.undo(folder)` puts the previous captions back.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .models import ModelLoadError
+from ..sd.models import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: str) -> torch.dtype:
 
 def _offline() -> bool:
     """Whether the Hub must not be contacted (HF_HUB_OFFLINE=1 or no network): same rule as base models."""
-    from .models import _use_local_files_only
+    from ..sd.models import _use_local_files_only
 
     return _use_local_files_only(None)
 
@@ -105,7 +105,7 @@ def _offline_error(kind: str, repo_id: str, files: str) -> CaptionerLoadError:
 
 def _hub_file(kind: str, repo_id: str, filename: str, files: str) -> Path:
     """Download (or find in the cache) one file of a Hub repo; Hub failures become CaptionerLoadError."""
-    from .models import download_hub_file
+    from ..sd.models import download_hub_file
 
     return download_hub_file(repo_id, filename, offline=_offline(), error_cls=CaptionerLoadError,
                              offline_error=lambda: _offline_error(kind, repo_id, files),

@@ -25,7 +25,7 @@ DRIVE_ROOT = Path("/content/drive/MyDrive")
 
 def repo_root() -> Path:
     """The folder that holds `helpers/` (and demo_images/, lora_files/ of the repository)."""
-    return Path(__file__).resolve().parents[1]
+    return Path(__file__).resolve().parents[2]
 
 
 def in_colab() -> bool:
@@ -206,7 +206,7 @@ def gpu_info() -> GpuInfo | None:
 
     if not torch.cuda.is_available():
         return None
-    from .precision import native_bf16
+    from ..sd.precision import native_bf16
 
     props = torch.cuda.get_device_properties(0)
     capability = (props.major, props.minor)
@@ -225,7 +225,7 @@ def preset_for_gpu(family: str = "sd1", info: GpuInfo | None | str = "detect") -
 
 def gpu_report(info: GpuInfo | None | str = "detect") -> str:
     """Which GPU, how much memory, which precision, and which training presets fit it."""
-    from .precision import auto_precision
+    from ..sd.precision import auto_precision
     from .presets import presets_that_fit
 
     if info == "detect":
@@ -289,7 +289,7 @@ def contact_grid(images: Sequence[Any], labels: Sequence[str] | None = None, *, 
     (by default with its file name); drawn by the prepare report's `thumbnail_sheet`."""
     from PIL import Image
 
-    from .ingest import thumbnail_sheet
+    from ..data.sheets import thumbnail_sheet
 
     pics = [p.convert("RGB") if isinstance(p, Image.Image) else Image.open(p).convert("RGB") for p in images]
     if not pics:
@@ -369,7 +369,7 @@ def _fmt_seconds(s: float) -> str:
 
 
 class TrainMonitor:
-    """`on_event` callback for `helpers.train.train`: a live loss curve, the latest samples, steps done,
+    """`on_event` callback for `helpers.train.loop.train`: a live loss curve, the latest samples, steps done,
     time remaining and peak GPU memory, redrawn at most every `every_s` seconds (and at the end)."""
 
     def __init__(self, every_s: float = 2.0, smoothing: int = 10):

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .atomic import write_text
-from .dataset import IMAGE_EXTENSIONS
+from ..atomic import write_text
+from ..data.dataset import IMAGE_EXTENSIONS
 
 CLASS_IMAGE_NAME = "class_{:05d}.png"
 
@@ -50,7 +50,9 @@ def generate_class_images(pipe, class_prompt: str, out_dir: str | Path, n: int, 
     """
     from tqdm.auto import tqdm
 
-    from .inference import SAMPLERS, generate, save_png
+    from ..sd.samplers import SAMPLERS
+    from ..generate.inference import generate
+    from ..formats.png_info import save_png
 
     if isinstance(n, bool) or not isinstance(n, int):
         raise ValueError(f"n (number of class images) must be an integer, got {n!r}")

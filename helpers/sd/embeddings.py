@@ -13,7 +13,6 @@ SDXL `{"clip_l": (n, 768), "clip_g": (n, 1280)}`, with `string_to_param`-style m
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import torch
 
@@ -121,17 +120,3 @@ class NewTokenEmbeddings(torch.nn.Module):
         return {"emb_params": vecs[0]}
 
 
-def save_embedding(path: str | Path, tensors: dict[str, torch.Tensor], *, token: str, family: str,
-                   metadata: dict[str, str] | None = None) -> Path:
-    """Write an A1111-format embedding (`.safetensors`), atomically."""
-    from .atomic import save_safetensors
-
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"embeddings are saved as .safetensors, got {path.name!r}")
-    expected = set(SDXL_KEYS) if family == "sdxl" else {"emb_params"}
-    if set(tensors) != expected:
-        raise ValueError(f"a {family} embedding holds {sorted(expected)}, got {sorted(tensors)}")
-    meta = {"token": token, "family": family, "vectors": str(next(iter(tensors.values())).shape[0]),
-            **(metadata or {})}
-    return save_safetensors({k: v.contiguous() for k, v in tensors.items()}, path, metadata=meta)

@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePosixPath
 
-from .atomic import atomic_dir, write_bytes, write_text
+from ..atomic import atomic_dir, write_bytes, write_text
 from .dataset import IMAGE_EXTENSIONS, CaptionDecodeError, read_caption_file
 
 HISTORY_DIR = ".caption_history"
@@ -556,7 +556,7 @@ def plot_tag_frequency(captions: CaptionSet | list[tuple[str, int]], path: str |
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .atomic import atomic_path
+    from ..atomic import atomic_path
 
     if int(top_n) < 1:
         raise ValueError(f"top_n must be >= 1, got {top_n}")

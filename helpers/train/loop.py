@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .config import ConfigError, TrainConfig, save_config
-from .lora_io import model_name_for_metadata
-from .precision import accelerate_precision, decide_precision
-from .text_encoding import encode_prompts, sdxl_time_ids
-from .transfer import to_device
-from .train_errors import TrainingError, nan_message, oom_advice
+from ..config import ConfigError, TrainConfig, save_config
+from ..formats.lora import model_name_for_metadata
+from ..sd.precision import accelerate_precision, decide_precision
+from ..sd.text_encoding import encode_prompts, sdxl_time_ids
+from ..sd.transfer import to_device
+from .errors import TrainingError, nan_message, oom_advice
 
 MAX_NAN_SKIPS = 5  # nan_policy="skip": this many bad steps in a row stop the run
 
@@ -53,7 +53,7 @@ class TrainResult:
 
 def resolve_mixed_precision(requested: str, device_type: str) -> str:
     """accelerate's mixed_precision value for `requested` on this device ("no" | "fp16" | "bf16"), as
-    `helpers.precision.decide_precision` decides it (fp16 on a T4, bf16 on Ampere+, fp32 on CPU)."""
+    `helpers.sd.precision.decide_precision` decides it (fp16 on a T4, bf16 on Ampere+, fp32 on CPU)."""
     return accelerate_precision(decide_precision(requested, device_type))
 
 
@@ -77,7 +77,7 @@ def train(cfg: TrainConfig, *, base=None, on_event: Event | None = None, progres
           resume: bool | str | None = None) -> TrainResult:
     """Train a LoRA as `cfg` says and save it (kohya and/or diffusers layout) with its config.
 
-    `base` may pass an already loaded `helpers.models.BaseModel` (notebooks reuse one); it is
+    `base` may pass an already loaded `helpers.sd.models.BaseModel` (notebooks reuse one); it is
     modified in place (LoRA layers are added to it). `on_event(kind, data)` receives "start",
     "log", "sample", "save", "state" and "end" events for live plots. `resume=True` (or "latest", or a
     state folder) continues from a saved training state; it overrides `cfg.resume`.
@@ -103,13 +103,14 @@ def _train(cfg: TrainConfig, base, emit: Event, progress: bool, box: dict[str, A
     from accelerate.utils import set_seed
     from peft import LoraConfig
 
-    from .dataset import BucketBatchSampler, CaptionProcessor, TrainDataset, collate, load_image_folder
-    from .lora_targets import inject_lora, text_encoder_target_modules, unet_target_modules
-    from .models import load_base, set_attention
+    from ..data.dataset import BucketBatchSampler, CaptionProcessor, TrainDataset, collate, load_image_folder
+    from ..sd.lora_targets import inject_lora, text_encoder_target_modules, unet_target_modules
+    from ..sd.models import load_base, set_attention
 
-    from .train_state import (capture_rng, check_config_compatible, find_resume_state, load_state,
-                              load_trainable, prune_states, restore_rng, save_state, state_name, states_dir,
-                              trainable_tensors)
+    from .state import (
+        capture_rng, check_config_compatible, find_resume_state, load_state, load_trainable, prune_states,
+        restore_rng, save_state, state_name, states_dir, trainable_tensors
+    )
 
     check_ready(cfg)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
@@ -173,7 +174,7 @@ def _train(cfg: TrainConfig, base, emit: Event, progress: bool, box: dict[str, A
             module.requires_grad_(True)
     embeddings = None  # textual inversion, or pivotal tuning with a LoRA
     if cfg.token_string:
-        from .embeddings import NewTokenEmbeddings
+        from ..sd.embeddings import NewTokenEmbeddings
 
         embeddings = NewTokenEmbeddings(tokenizers, text_encoders, cfg.token_string, cfg.init_word,
                                         cfg.num_vectors_per_token).to(accelerator.device)
@@ -571,7 +572,7 @@ class _Run:
         """A few distinct training images (plain, raw captions), each with a fixed noise and timestep.
 
         One batch per image: images may sit in different buckets."""
-        from .dataset import collate
+        from ..data.dataset import collate
 
         first_entry: dict[int, int] = {}
         for entry, item_idx in enumerate(dataset.entries):
@@ -604,7 +605,8 @@ class _Run:
     # -- samples -----------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, unet, step: int) -> list[Path]:
-        from .inference import generate, save_png
+        from ..generate.inference import generate
+        from ..formats.png_info import save_png
 
         cfg = self.cfg
         pipe = self.base.pipe
@@ -641,7 +643,7 @@ class _Run:
         elif cfg.method == "dreambooth":
             written += self._save_checkpoint(name, step, dtype, out)
         if self.embeddings is not None:
-            from .embeddings import save_embedding
+            from ..formats.embedding import save_embedding
 
             emb_name = name if cfg.method == "textual_inversion" else f"{name}_emb"
             written.append(save_embedding(
@@ -658,7 +660,7 @@ class _Run:
         return written
 
     def _save_lora(self, unet, trained_tes, name, step, epoch, dataset, dtype, out: Path) -> list[Path]:
-        from .lora_io import extract_peft_lora, kohya_metadata, save_lora
+        from ..formats.lora import extract_peft_lora, kohya_metadata, save_lora
 
         cfg = self.cfg
         weights = {"unet": extract_peft_lora(self.acc.unwrap_model(unet))}
@@ -693,8 +695,8 @@ class _Run:
 
     def _save_checkpoint(self, name: str, step: int, dtype: torch.dtype, out: Path) -> list[Path]:
         """DreamBooth: the whole pipeline as one original-layout file (A1111, ComfyUI) and/or a diffusers folder."""
-        from .atomic import atomic_dir
-        from .ldm_layout import save_single_file
+        from ..atomic import atomic_dir
+        from ..formats.checkpoint import save_single_file
 
         cfg = self.cfg
         pipe = self.base.pipe  # its UNet (and text encoders) are the trained modules themselves
@@ -784,7 +786,7 @@ def _cast_safetensors_files(folder: Path, dtype: torch.dtype) -> None:
 
 def _check_token_in_captions(items, token: str) -> None:
     """Textual inversion learns a token from the captions that contain it: none would teach nothing."""
-    from .embeddings import token_pattern
+    from ..sd.embeddings import token_pattern
 
     pattern = token_pattern(token)
     lacking = [i for i in items if not pattern.search(i.caption)]
@@ -831,7 +833,7 @@ class _CsvLog:
         saved belong to steps that will be trained again."""
         import io
 
-        from .atomic import write_text
+        from ..atomic import write_text
 
         self.path = path
         buf = io.StringIO()

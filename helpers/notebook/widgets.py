@@ -19,8 +19,10 @@ import re
 from pathlib import Path
 from typing import Any, Callable, get_type_hints
 
-from .config import (ConfigError, EvalConfig, GenerateConfig, TagConfig, TrainConfig, _allowed_types, list_item_type,
-                     load_config, save_config)
+from ..config import (
+    ConfigError, EvalConfig, GenerateConfig, TagConfig, TrainConfig, _allowed_types, list_item_type, load_config,
+    save_config
+)
 
 # The groups a form shows open, in order; fields not named here go into "Advanced".
 TRAIN_GROUPS: dict[str, list[str]] = {
@@ -69,7 +71,7 @@ def field_help(cls: type) -> dict[str, str]:
 
 def _choices(cls: type, name: str) -> tuple[str, ...] | None:
     if name == "sampler" or name == "sample_sampler":
-        from .inference import SAMPLERS
+        from ..sd.samplers import SAMPLERS
 
         return tuple(SAMPLERS)
     return getattr(cls, "CHOICES", {}).get(name)
@@ -265,7 +267,7 @@ def train_form(value: TrainConfig | None = None, *, preset: str | None = None, *
 
 def prepare_form(value=None, **overrides: Any) -> ConfigForm:
     """The dataset preparation settings (01_dataset)."""
-    from .ingest import PrepareConfig
+    from ..config import PrepareConfig
 
     groups = {"Folders": ["source", "output_dir"],
               "Size and crop": ["resolution", "crop", "min_size", "allow_upscale", "background"],
@@ -309,7 +311,7 @@ class CaptionEditor:
     def __init__(self, folder: str | Path, *, extension: str = ".txt", page_size: int = 12, thumb: int = 128):
         import ipywidgets as W
 
-        from .captions import load_captions
+        from ..data.captions import load_captions
 
         self.folder = Path(folder)
         self.extension = extension
@@ -359,7 +361,7 @@ class CaptionEditor:
     def _thumb_png(self, name: str) -> bytes:
         from PIL import Image
 
-        from .notebook import fit_thumbnail
+        from .display import fit_thumbnail
 
         with Image.open(self.folder / name) as im:
             buf = io.BytesIO()
@@ -388,7 +390,7 @@ class CaptionEditor:
 
     def save(self) -> Path | None:
         """Write the edited captions (undoable); returns the history entry, or None when nothing changed."""
-        from .captions import write_captions
+        from ..data.captions import write_captions
 
         if not self.edited:
             self.status.value += " &middot; nothing to save"

@@ -86,7 +86,7 @@ def normalize_prediction_type(prediction_type: str) -> str:
 
 
 def pick_dtype(device: str | torch.device, mixed_precision: str | torch.dtype = "auto") -> torch.dtype:
-    """The dtype for frozen weights on `device`, as `helpers.precision.decide_precision` decides it:
+    """The dtype for frozen weights on `device`, as `helpers.sd.precision.decide_precision` decides it:
     "auto" is bf16 on Ampere+ GPUs, fp16 on older GPUs (T4, V100) and fp32 on CPU/MPS."""
     return precision_dtype(decide_precision(mixed_precision, device))
 

@@ -589,7 +589,7 @@ class TrainDataset(torch.utils.data.Dataset):
         """
         from tqdm.auto import tqdm
 
-        from .atomic import save_safetensors
+        from ..atomic import save_safetensors
 
         if self.random_crop:
             raise ValueError("Latents can't be cached with random_crop: each epoch crops differently. "

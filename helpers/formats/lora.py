@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .atomic import atomic_dir, save_safetensors
-from .lora_targets import base_layer, inject_lora, model_module_names
+from .. import __version__
+from ..atomic import atomic_dir, save_safetensors
+from ..sd.lora_targets import base_layer, inject_lora, model_module_names
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -132,7 +132,7 @@ def kohya_module_names(component: str, names, family: str, unet_config: Mapping 
         if family == "sdxl":
             if unet_config is None:
                 raise ValueError("SDXL kohya keys use the original UNet layout: pass unet_config (unet.config)")
-            from .ldm_layout import unet_module_map
+            from .checkpoint import unet_module_map
 
             sgm = unet_module_map(unet_config)
             missing = [n for n in names if n not in sgm]
@@ -445,7 +445,7 @@ def _split_entries(sd: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, tor
 
 def pipeline_family(pipe) -> str:
     """The family of a loaded pipeline ("sd1" | "sd2" | "sdxl"), from its UNet's structure."""
-    from .models import detect_family
+    from ..sd.models import detect_family
 
     return detect_family(pipe)
 
@@ -472,7 +472,7 @@ def _kohya_lookup(pipe, layers: dict[str, dict[str, torch.nn.Module]]) -> dict[s
     for n in unet_names:
         lookup[f"{KOHYA_UNET_PREFIX}_{n.replace('.', '_')}"] = ("unet", n)
     try:
-        from .ldm_layout import unet_module_map
+        from .checkpoint import unet_module_map
 
         for n, sgm in unet_module_map(pipe.unet.config).items():
             if n in unet_names:

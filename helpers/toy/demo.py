@@ -17,8 +17,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .grids import GRID_LEFT, GRID_PAD, GRID_TOP, GRID_ZOOM, labelled_grid  # noqa: F401 (the demo grid's layout)
-from .toy import world
+from ..drawing import GRID_LEFT, GRID_PAD, GRID_TOP, GRID_ZOOM, labelled_grid  # noqa: F401 (the demo grid's layout)
+from . import world
 
 EVAL_SAMPLER, EVAL_STEPS, EVAL_CFG = "DDIM", 25, 5.0
 
@@ -34,8 +34,8 @@ class DemoResult:
 def demo_config(work: Path, steps: int | None = None, seed: int = 0):
     """The demo's training settings (a TrainConfig), tuned on the toy world: with `attention` and 300 steps
     the concept rate was 34% and the prior fell to 75%; `full`, concept x2 and 800 steps gave 94% / 100%."""
-    from .config import TrainConfig
-    from .toy.pretrain import SHIPPED_DIR
+    from ..config import TrainConfig
+    from .pretrain import SHIPPED_DIR
 
     return TrainConfig(
         pretrained_model=str(SHIPPED_DIR), train_data_dir=str(work / "dataset"), reg_data_dir=str(work / "reg"),
@@ -70,8 +70,8 @@ def world_prompts(n: int, seed: int = 99) -> list[str]:
 def evaluate_lora(pipe, adapter: str | None, judge, weights: list[float], n: int = 32, seed: int = 1000
                   ) -> dict[str, dict[str, float]]:
     """Judge n samples with and n without the trigger at each LoRA weight."""
-    from .inference import generate
-    from .toy.judge import score
+    from ..generate.inference import generate
+    from .judge import score
 
     out: dict[str, dict[str, float]] = {}
     for w in weights:
@@ -98,11 +98,11 @@ def run_demo(steps: int | None = None, out_root: Path = Path("."), samples: int 
     """Train the toy concept LoRA, write its file, grid and scores, print the table."""
     import time
 
-    from .inference import generate, load_loras
-    from .models import load_base
-    from .toy.judge import load_judge
-    from .toy.pretrain import SHIPPED_DIR
-    from .train import train
+    from ..generate.inference import generate, load_loras
+    from ..sd.models import load_base
+    from .judge import load_judge
+    from .pretrain import SHIPPED_DIR
+    from ..train.loop import train
 
     if not (SHIPPED_DIR / "model_index.json").exists():
         raise FileNotFoundError(f"the toy base model is missing at {SHIPPED_DIR}; "

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .precision import native_bf16, normalize_precision
+from ..sd.precision import native_bf16, normalize_precision
 
 SD15_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SDXL_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -63,7 +63,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
 
 def toy_preset_values() -> dict[str, Any]:
     """The toy preset with the shipped toy model's path filled in."""
-    from .toy.pretrain import SHIPPED_DIR
+    from ..toy.pretrain import SHIPPED_DIR
 
     return dict(PRESETS["Toy (CPU, offline)"].values, pretrained_model=str(SHIPPED_DIR))
 

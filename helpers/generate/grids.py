@@ -11,12 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
-# The demo grid's layout (helpers.demo): label margins, gap between cells, pixel zoom.
-GRID_LEFT, GRID_TOP, GRID_PAD, GRID_ZOOM = 250, 26, 8, 3
-
-Cell = Image.Image | list[Image.Image]
+from ..drawing import image_grid
 
 
 class GridResult(NamedTuple):
@@ -26,107 +23,6 @@ class GridResult(NamedTuple):
     image: Image.Image
     cells: list[list[list[Image.Image]]]
     parameters: list[list[list[str]]]
-
-
-# --------------------------------------------------------------------------------- drawing
-
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow without FreeType: the fixed bitmap font
-        return ImageFont.load_default()
-
-
-def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
-    """Greedy word wrap to `width` pixels (a word longer than the width gets its own line)."""
-    lines: list[str] = []
-    for para in str(text).split("\n"):
-        line = ""
-        for word in para.split(" "):
-            trial = f"{line} {word}" if line else word
-            if line and draw.textlength(trial, font=font) > width:
-                lines.append(line)
-                line = word
-            else:
-                line = trial
-        lines.append(line)
-    return lines
-
-
-def _strip(cell: Cell) -> Image.Image:
-    images = cell if isinstance(cell, (list, tuple)) else [cell]
-    if not images:
-        raise ValueError("a grid cell has no images")
-    w, h = images[0].size
-    if any(im.size != (w, h) for im in images):
-        raise ValueError("all images of a grid cell must have the same size")
-    if len(images) == 1:
-        return images[0].convert("RGB")
-    out = Image.new("RGB", (w * len(images), h))
-    for k, im in enumerate(images):
-        out.paste(im.convert("RGB"), (k * w, 0))
-    return out
-
-
-def image_grid(rows_of_images: list[list[Cell]], row_labels: list[str], col_labels: list[str],
-               title: str | None = None, *, pad: int = 4, label_width: int | None = None,
-               label_height: int | None = None, zoom: int = 1, font_size: int | None = None) -> Image.Image:
-    """A labelled grid: cell [i][j] (an image, or a list of images shown side by side) at
-    x = label_width + j * (cell_w + pad), y = title_h + label_height + i * (cell_h + pad), scaled by `zoom`
-    (nearest neighbour). Width = label_width + cols * (cell_w + pad). Label margins default to what the
-    labels need (wrapped to the cell width); font_size defaults to 1/16 of the cell (at least 10 px)."""
-    rows = len(rows_of_images)
-    cols = len(rows_of_images[0]) if rows else 0
-    if rows == 0 or cols == 0:
-        raise ValueError("a grid needs at least one row and one column")
-    if any(len(r) != cols for r in rows_of_images):
-        raise ValueError("every grid row must have the same number of cells")
-    if len(row_labels) != rows or len(col_labels) != cols:
-        raise ValueError(f"{rows} rows x {cols} columns need {rows} row labels and {cols} column labels, "
-                         f"got {len(row_labels)} and {len(col_labels)}")
-    strips = [[_strip(c) for c in r] for r in rows_of_images]
-    sw, sh = strips[0][0].size
-    if any(s.size != (sw, sh) for r in strips for s in r):
-        raise ValueError("all grid cells must have the same size (and number of images)")
-    cw, ch = sw * zoom, sh * zoom
-    font = _font(font_size or max(10, min(cw, ch) // 16))
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    line_h = int(probe.textbbox((0, 0), "Ag", font=font)[3]) + 2
-
-    col_lines = [_wrap(probe, t, font, max(cw - 2 * pad, 8)) for t in col_labels]
-    if label_height is None:
-        label_height = max(len(x) for x in col_lines) * line_h + 2 * pad
-    if label_width is None:
-        widest = max((probe.textlength(t, font=font) for t in row_labels), default=0)
-        label_width = int(min(widest, max(cw, 160))) + 2 * pad if any(row_labels) else 0
-    row_lines = [_wrap(probe, t, font, max(label_width - 2 * pad, 8)) for t in row_labels]
-    title_lines = _wrap(probe, title, font, label_width + cols * (cw + pad) - 2 * pad) if title else []
-    title_h = len(title_lines) * line_h + 2 * pad if title else 0
-
-    top = title_h + label_height
-    out = Image.new("RGB", (label_width + cols * (cw + pad), top + rows * (ch + pad)), "white")
-    d = ImageDraw.Draw(out)
-    for k, line in enumerate(title_lines):
-        d.text((pad, pad + k * line_h), line, fill="black", font=font)
-    for j, lines in enumerate(col_lines):
-        for k, line in enumerate(lines):
-            d.text((label_width + j * (cw + pad) + pad, title_h + pad + k * line_h), line, fill="black", font=font)
-    for i, lines in enumerate(row_lines):
-        y0 = top + i * (ch + pad) + max(0, (ch - len(lines) * line_h) // 2)
-        for k, line in enumerate(lines):
-            d.text((pad, y0 + k * line_h), line, fill="black", font=font)
-        for j, strip in enumerate(strips[i]):
-            if zoom != 1:
-                strip = strip.resize((cw, ch), Image.NEAREST)
-            out.paste(strip, (label_width + j * (cw + pad), top + i * (ch + pad)))
-    return out
-
-
-def labelled_grid(cells: list[list[list[Image.Image]]], col_labels: list[str], row_labels: list[str],
-                  zoom: int = GRID_ZOOM) -> Image.Image:
-    """The demo's grid: strips of images per cell, fixed margins (GRID_LEFT, GRID_TOP, GRID_PAD), zoomed."""
-    return image_grid(cells, row_labels, col_labels, pad=GRID_PAD, label_width=GRID_LEFT, label_height=GRID_TOP,
-                      zoom=zoom, font_size=10)
 
 
 # ------------------------------------------------------------------------------ generating
@@ -141,7 +37,7 @@ def _column_seeds(seed: int | list[int], cols: int) -> list[int]:
 
 def _grid_text(first_cell: str, x_type: str, x_values: list, y_type: str, y_values: list) -> str:
     """The grid PNG's parameters: the first cell's text with A1111 X/Y plot fields added."""
-    from .inference import _quote, csv_values
+    from ..formats.png_info import _quote, csv_values
 
     fields = {"X Type": x_type, "X Values": csv_values(x_values), "Y Type": y_type, "Y Values": csv_values(y_values)}
     return first_cell + "".join(f", {k}: {_quote(v)}" for k, v in fields.items())
@@ -159,7 +55,7 @@ def _set_active(pipe, names: list[str], scales: dict[str, float] | None = None) 
     `scales` sets the weight of the named adapters."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from .lora_io import _pipe_components
+    from ..formats.lora import _pipe_components
 
     for model in _pipe_components(pipe).values():
         for module in model.modules():
@@ -172,7 +68,7 @@ def _set_active(pipe, names: list[str], scales: dict[str, float] | None = None) 
 
 def _load_grid_loras(pipe, paths: list[str | Path]) -> list[str]:
     """Load each LoRA file as its own adapter (inactive); adapters already active stay active."""
-    from .lora_io import apply_lora, load_lora
+    from ..formats.lora import apply_lora, load_lora
 
     before = _active_adapters(pipe)
     taken = {a for names in pipe.get_list_adapters().values() for a in names}
@@ -235,7 +131,7 @@ def grid_prompt_x_weight(pipe, prompts: list[str], lora_path: str | Path, weight
     """Columns: prompts; rows: the LoRA at each weight (0 = the base model). `seed`: one for all
     columns or one per column. generate_kwargs go to `inference.generate` (steps, sampler, cfg_scale,
     negative_prompt, width, height, clip_skip, weighting, model_name...); layout to `image_grid`."""
-    from .inference import lora_hashes_field, lora_name
+    from ..formats.png_info import lora_hashes_field, lora_name
 
     seeds = _column_seeds(seed, len(prompts))
     before = _active_adapters(pipe)
@@ -258,7 +154,7 @@ def grid_prompt_x_checkpoint(pipe, prompts: list[str], lora_paths: list[str | Pa
                              seed: int | list[int] = 0, images_per_cell: int = 1, title: str | None = None,
                              layout: dict[str, Any] | None = None, **generate_kwargs: Any) -> GridResult:
     """Columns: prompts; rows: LoRA files (e.g. the checkpoints of one training run), each at `weight`."""
-    from .inference import lora_hashes_field, lora_name
+    from ..formats.png_info import lora_hashes_field, lora_name
 
     seeds = _column_seeds(seed, len(prompts))
     before = _active_adapters(pipe)
@@ -283,8 +179,8 @@ def grid_trigger_test(pipe, prompts: list[str], trigger: str, lora_path: str | P
     """The trigger-word test. Columns: prompts (each with the trigger); rows: the LoRA with the trigger,
     the LoRA with the trigger removed from the prompt, and the base model with the trigger. A LoRA that
     learned its trigger shows the concept in the first row only."""
-    from .evaluation import has_trigger, remove_trigger
-    from .inference import lora_hashes_field, lora_name
+    from ..formats.png_info import lora_hashes_field, lora_name
+    from ..sd.prompts import has_trigger, remove_trigger
 
     missing = [p for p in prompts if not has_trigger(p, trigger)]
     if missing:
@@ -331,7 +227,7 @@ def grid_sampler_x_steps(pipe, prompt: str, samplers: list[str], steps_list: lis
 def save_grid(result: GridResult | tuple, path: str | Path, *, save_cells: bool = True) -> list[Path]:
     """Write the grid PNG (with its parameters chunk) and, if `save_cells`, every cell image with its
     own parameters into `<grid stem>_cells/r{row}_c{col}_{k}.png`. Returns the paths written."""
-    from .inference import save_png
+    from ..formats.png_info import save_png
 
     grid, cells, parameters = result
     path = Path(path)

@@ -1,0 +1,513 @@
+"""Dataset preparation (notebook 01): a user's folder or .zip of photos -> a clean prepared copy and a report.
+
+Every file of the source is accounted for: prepared (converted to RGB, EXIF-rotated, cropped or
+bucketed, caption copied beside it), rejected with a reason (corrupt, truncated, empty, too small,
+decompression bomb, unsafe zip member, ...) or skipped with a reason (not an image). Exact and near
+duplicates are grouped and shown side by side, but nothing is dropped until the user calls
+`drop_images`. The source is only ever read; the prepared copy appears atomically.
+
+Layout of the prepared copy (it is directly a training folder for `dataset.load_image_folder`):
+
+    output_dir/
+      a.png, a.txt, 10_sks flower/b.png, ...   prepared images and captions (kohya folders kept)
+      manifest.json, manifest.csv               one row per source file: status, reason, sizes, flags
+      _report/                                  report.txt, prepare_config.toml, contact_sheet_*.png,
+                                                buckets.png, duplicates/*.png
+      _dropped/                                 images the user dropped with drop_images
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import re
+import warnings
+from collections import defaultdict
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from ..atomic import OutputWriteError, atomic_dir, atomic_path
+from ..config import ConfigError, PrepareConfig, _color_text, config_to_toml, parse_color
+from .crops import crop_image
+from .dataset import (
+    _KOHYA_FOLDER,
+    make_buckets,
+    select_bucket,
+)
+from .decode import (
+    INGEST_EXTENSIONS,
+    MAX_FILE_BYTES,
+    NOT_AN_IMAGE,
+    RejectedInput,
+    _Entry,
+    _folder_entries,
+    _zip_entries,
+    decode_image,
+    read_caption,
+)
+from .duplicates import _pixel_sha256, clip_embeddings, color_signature, find_duplicates, load_clip, perceptual_hash
+from .records import (
+    DROPPED_DIR,
+    MANIFEST_CSV,
+    MANIFEST_JSON,
+    REPORT_DIR,
+    DuplicateGroup,
+    FileRecord,
+    PrepareReport,
+    _is_prepared_set,
+    _write_manifest,
+    compute_bucket_table,
+    load_manifest,
+)
+from .sheets import _contact_sheets, _duplicate_sheets, _open_rgb, plot_buckets
+
+logger = logging.getLogger(__name__)
+
+
+# =============================================================================================
+# Settings
+# =============================================================================================
+
+
+# =============================================================================================
+# Report objects
+# =============================================================================================
+
+
+# =============================================================================================
+# Reading the source: a folder or a zip, one entry per file
+# =============================================================================================
+
+
+# =============================================================================================
+# Decoding: any supported file -> RGB, with flags saying what was done
+# =============================================================================================
+
+
+# =============================================================================================
+# Hashes and duplicates
+# =============================================================================================
+
+
+# ---- CLIP embeddings ---------------------------------------------------------------------------
+
+
+# =============================================================================================
+# Crops
+# =============================================================================================
+
+
+# =============================================================================================
+# Sheets and plots
+# =============================================================================================
+
+
+# =============================================================================================
+# Manifest
+# =============================================================================================
+
+
+# =============================================================================================
+# prepare
+# =============================================================================================
+
+def _is_within(child: Path, parent: Path) -> bool:
+    try:
+        child.relative_to(parent)
+        return True
+    except ValueError:
+        return False
+
+
+def _check_paths(source: Path, output: Path, overwrite: bool) -> str:
+    if not source.exists():
+        raise FileNotFoundError(f"Source not found: {source}")
+    if source.is_dir():
+        kind = "folder"
+    elif source.is_file() and source.suffix.lower() == ".zip":
+        kind = "zip"
+    else:
+        raise ValueError(f"Source must be a folder of images or a .zip file, got {source}")
+    src, out = source.resolve(), output.resolve()
+    if kind == "folder" and (out == src or _is_within(out, src)):
+        raise ValueError(f"output_dir {output} is inside the source folder {source}: the prepared copy would mix "
+                         f"with the originals. Choose a folder outside it, e.g. "
+                         f"{src.parent / (src.name + '_prepared')}")
+    if _is_within(src, out):
+        raise ValueError(f"The source {source} is inside output_dir {output}; replacing the output would delete "
+                         f"it. Choose another output_dir.")
+    if out.exists():
+        if not out.is_dir():
+            raise ValueError(f"output_dir {output} is a file; choose a folder.")
+        if any(out.iterdir()):
+            if not _is_prepared_set(out):
+                raise ValueError(f"output_dir {output} is not empty and holds no prepared set; refusing to replace "
+                                 f"it. Choose a new or empty folder.")
+            if not overwrite:
+                raise FileExistsError(f"output_dir {output} already holds a prepared set. Pass overwrite=True to "
+                                      f"replace it (its _dropped images go too), or choose another folder.")
+    return kind
+
+
+def _out_names(rels: Sequence[str]) -> dict[str, tuple[str, str, int]]:
+    """Source rel path -> (output folder, output stem, repeats). A kohya "N_name" folder (the first at any
+    depth) is kept; other folders are flattened into the stem ("sub__name"), after stripping the folders
+    that hold every image (a zip's wrapper folder)."""
+    def kohya_index(dirs: Sequence[str]) -> int | None:
+        for k, d in enumerate(dirs):
+            m = _KOHYA_FOLDER.match(d)
+            if m and int(m.group(1)) >= 1:
+                return k
+        return None
+
+    # Folders every image sits in (a zip's wrapper folder), counting a kohya folder's parents only.
+    prefixes = []
+    for r in rels:
+        dirs = PurePosixPath(r).parts[:-1]
+        k = kohya_index(dirs)
+        prefixes.append(dirs if k is None else dirs[:k])
+    common = 0
+    if prefixes:
+        first = prefixes[0]
+        while common < len(first) and all(len(p) > common and p[common] == first[common] for p in prefixes):
+            common += 1
+    out: dict[str, tuple[str, str, int]] = {}
+    for r in rels:
+        parts = PurePosixPath(r).parts
+        dirs, stem = parts[:-1], PurePosixPath(r).stem
+        k = kohya_index(dirs)
+        if k is None:
+            folder, extra, repeats = "", dirs[common:], 1
+        else:
+            match = _KOHYA_FOLDER.match(dirs[k])
+            assert match is not None
+            folder, extra, repeats = dirs[k], dirs[k + 1:], int(match.group(1))
+        name = "__".join([*extra, stem])
+        out[r] = (_safe_name(folder), _safe_name(name) or "image", repeats)
+    # Same folder and stem (a.jpg and a.png, or a.png in two flattened places): add the extension.
+    by_key: dict[str, list[str]] = defaultdict(list)
+    for r, (folder, stem, _) in out.items():
+        by_key[f"{folder}/{stem}".lower()].append(r)
+    for rs in by_key.values():
+        if len(rs) > 1:
+            for r in rs:
+                folder, stem, repeats = out[r]
+                ext = PurePosixPath(r).suffix.lstrip(".").lower()
+                out[r] = (folder, f"{stem}_{ext}" if ext else stem, repeats)
+    return out
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r'[<>:"|?*\\/\x00-\x1f]', "_", name).strip().rstrip(".")
+
+
+def prepare(source: str | Path, output_dir: str | Path, *, resolution: int = 512, crop: str = "bucket",
+            min_size: int | None = None, max_pixels: int = 100_000_000, max_side: int | None = None,
+            allow_upscale: bool = False, background: str | Sequence[int] = (255, 255, 255),
+            caption_extension: str = ".txt", image_format: str = "png", jpeg_quality: int = 95,
+            near_dup_threshold: int | None = 10, clip_model: str | None = None, clip_threshold: float = 0.95,
+            min_bucket_reso: int = 256, max_bucket_reso: int = 1024, bucket_reso_steps: int = 64,
+            overwrite: bool = False, progress: bool = True) -> PrepareReport:
+    """Turn a folder or .zip of photos into a clean prepared copy in `output_dir`, with a manifest and a report.
+
+    See `PrepareConfig` for the settings. The source is never modified; `output_dir` must lie outside
+    it, and an existing prepared set there is replaced (atomically) only with `overwrite=True`.
+    """
+    bg = background if isinstance(background, str) else _color_text(parse_color(background))
+    cfg = PrepareConfig(source=str(source), output_dir=str(output_dir), resolution=resolution, crop=crop,
+                        min_size=min_size, max_pixels=max_pixels, max_side=max_side, allow_upscale=allow_upscale,
+                        background=bg, caption_extension=caption_extension, image_format=image_format,
+                        jpeg_quality=jpeg_quality,
+                        near_dup_threshold=-1 if near_dup_threshold is None else near_dup_threshold,
+                        clip_model=clip_model,
+                        clip_threshold=clip_threshold, min_bucket_reso=min_bucket_reso,
+                        max_bucket_reso=max_bucket_reso, bucket_reso_steps=bucket_reso_steps)
+    return prepare_from_config(cfg, overwrite=overwrite, progress=progress)
+
+
+def prepare_from_config(cfg: PrepareConfig, *, overwrite: bool = False, progress: bool = True) -> PrepareReport:
+    """`prepare` for a ready-made `PrepareConfig` (what the CLI and widgets build)."""
+    from tqdm.auto import tqdm
+
+    if not cfg.source:
+        raise ConfigError("source must name a folder or a .zip file")
+    if not cfg.output_dir:
+        raise ConfigError("output_dir must name the folder for the prepared copy")
+    source, output = Path(cfg.source).expanduser(), Path(cfg.output_dir).expanduser()
+    source_kind = _check_paths(source, output, overwrite)
+    clip = load_clip(cfg.clip_model) if cfg.clip_model else None  # fail before the long loop, not after it
+    buckets = make_buckets(cfg.resolution, cfg.min_bucket_reso - cfg.min_bucket_reso % cfg.bucket_reso_steps,
+                           cfg.max_bucket_reso + (-cfg.max_bucket_reso) % cfg.bucket_reso_steps, cfg.bucket_reso_steps)
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    ext_out = ".png" if cfg.image_format == "png" else ".jpg"
+    cap_ext = cfg.caption_extension.lower()
+
+    @contextmanager
+    def entries_cm() -> Iterator[tuple[list[_Entry], list[FileRecord]]]:
+        if source_kind == "zip":
+            with _zip_entries(source) as entries:
+                yield entries, []
+        else:
+            yield _folder_entries(source)
+
+    with entries_cm() as (entries, skipped), atomic_dir(output) as tmp:
+        records: list[FileRecord] = list(skipped)
+        images: list[_Entry] = []
+        captions: dict[tuple[str, str], _Entry] = {}
+        others: list[_Entry] = []
+        for e in entries:
+            p = PurePosixPath(e.rel)
+            parts = p.parts
+            if e.problem:
+                records.append(FileRecord(source=e.rel, kind="other", status="rejected", reason=e.problem,
+                                          file_bytes=e.size))
+            elif "__MACOSX" in parts or p.name.startswith("._"):
+                records.append(FileRecord(source=e.rel, kind="other", status="skipped",
+                                          reason=f"{NOT_AN_IMAGE} (macOS metadata)", file_bytes=e.size))
+            elif any(part.startswith(".") for part in parts[:-1]):
+                records.append(FileRecord(source=e.rel, kind="other", status="skipped",
+                                          reason="inside a hidden folder", file_bytes=e.size))
+            elif p.name.startswith(".") and p.suffix.lower() in INGEST_EXTENSIONS:
+                records.append(FileRecord(source=e.rel, kind="other", status="skipped",
+                                          reason="hidden file (name starts with '.')", file_bytes=e.size))
+            elif p.suffix.lower() in INGEST_EXTENSIONS:
+                images.append(e)
+            elif cap_ext and p.suffix.lower() == cap_ext:
+                captions[(str(p.parent), p.stem)] = e
+            else:
+                others.append(e)
+        for e in others:
+            records.append(FileRecord(source=e.rel, kind="other", status="skipped", reason=NOT_AN_IMAGE,
+                                      file_bytes=e.size))
+
+        names = _out_names([e.rel for e in images])
+        used: set[str] = set()
+        used_captions: dict[str, str] = {}   # caption rel -> what happened ("ok" or a reason)
+        thumbs: dict[str, Image.Image] = {}
+        ok: list[FileRecord] = []
+        bg = cfg.background_rgb
+        min_size = cfg.effective_min_size
+        bar = tqdm(total=len(images), desc="preparing images", unit="img", disable=not progress)
+        try:
+            for e in images:
+                p = PurePosixPath(e.rel)
+                rec = FileRecord(source=e.rel, kind="image", file_bytes=e.size)
+                records.append(rec)
+                cap = captions.get((str(p.parent), p.stem))
+                try:
+                    if e.size > MAX_FILE_BYTES:
+                        raise RejectedInput(f"file too large ({e.size:,} bytes; limit {MAX_FILE_BYTES:,})")
+                    data = e.read()
+                    rec.file_bytes = len(data)
+                    rec.sha256 = hashlib.sha256(data).hexdigest()
+                    dec = decode_image(data, max_pixels=cfg.max_pixels, background=bg, ext=p.suffix)
+                    rec.original_size, rec.original_mode, rec.original_format = dec.size, dec.mode, dec.format
+                    rec.flags = list(dec.flags)
+                    if min(dec.size) < min_size:
+                        raise RejectedInput(f"too small: {dec.size[0]}x{dec.size[1]} (short side "
+                                            f"{min(dec.size)} < min_size {min_size})")
+                    out_img, crop_flags = crop_image(dec.image, cfg, buckets)
+                except RejectedInput as err:
+                    rec.status, rec.reason = "rejected", str(err)
+                    if cap is not None:
+                        used_captions[cap.rel] = f"caption of a rejected image ({e.rel})"
+                    bar.update(1)
+                    continue
+                except Exception as err:  # reading failed, or a decoder bug: report it, never stop the run
+                    if isinstance(err, OSError):
+                        rec.reason = f"cannot read the file: {err}"
+                    else:
+                        logger.warning("Unexpected error preparing %s", e.rel, exc_info=True)
+                        rec.reason = f"unexpected error while preparing ({type(err).__name__}: {err})"
+                    rec.status = "rejected"
+                    if cap is not None:
+                        used_captions[cap.rel] = f"caption of a rejected image ({e.rel})"
+                    bar.update(1)
+                    continue
+                rec.flags += crop_flags
+                rec.pixel_sha256 = _pixel_sha256(dec.image)
+                rec.phash = f"{perceptual_hash(dec.image):016x}"
+                rec.color_sig = color_signature(dec.image).hex()
+
+                folder, stem, rec.repeats = names[e.rel]
+                base = f"{folder}/{stem}" if folder else stem
+                rel_out, n = base + ext_out, 2
+                while rel_out.lower() in used:
+                    rel_out, n = f"{base}-{n}{ext_out}", n + 1
+                if PurePosixPath(rel_out).stem != p.stem:
+                    rec.flags.append("renamed")
+                used.add(rel_out.lower())
+                rec.prepared = rel_out
+                rec.prepared_size = out_img.size
+                rec.bucket = select_bucket(out_img.width, out_img.height, buckets, cfg.resolution,
+                                           no_upscale=not cfg.allow_upscale, step=cfg.bucket_reso_steps)
+                target = tmp / rel_out
+                with atomic_path(target, fsync=False) as t:
+                    if cfg.image_format == "png":
+                        out_img.save(t, format="PNG")
+                    else:
+                        out_img.save(t, format="JPEG", quality=cfg.jpeg_quality, subsampling=0)
+
+                if cap is not None:
+                    try:
+                        text, note = read_caption(cap.read())
+                        if note:  # kept, written out as UTF-8; the report lists it
+                            rec.flags.append("caption_not_utf8")
+                            warnings.warn(f"caption {cap.rel}: {note}", UserWarning, stacklevel=2)
+                        rec.caption = text.strip()
+                        rec.caption_source = cap.rel
+                        with atomic_path(target.with_suffix(cfg.caption_extension), fsync=False) as t:
+                            t.write_text(text, encoding="utf-8")
+                        used_captions.setdefault(cap.rel, "ok")
+                    except OutputWriteError:
+                        raise  # the output disk is full or read-only: stop, the old output is intact
+                    except (RejectedInput, OSError) as err:
+                        rec.flags.append("caption_unreadable")
+                        used_captions[cap.rel] = "rejected:" + str(err)
+                elif cap_ext:
+                    rec.flags.append("no_caption")
+                t_img = out_img.copy()
+                t_img.thumbnail((200, 200), Image.Resampling.LANCZOS)
+                thumbs[rec.name] = t_img
+                ok.append(rec)
+                bar.update(1)
+        finally:
+            bar.close()
+
+        for key, e in sorted(captions.items(), key=lambda kv: kv[1].rel):
+            what = used_captions.get(e.rel)
+            if what == "ok":
+                continue
+            if what is None:
+                records.append(FileRecord(source=e.rel, kind="caption", status="skipped",
+                                          reason="caption file without an image", file_bytes=e.size))
+            elif what.startswith("rejected:"):
+                records.append(FileRecord(source=e.rel, kind="caption", status="rejected",
+                                          reason=what[len("rejected:"):], file_bytes=e.size))
+            else:
+                records.append(FileRecord(source=e.rel, kind="caption", status="skipped", reason=what,
+                                          file_bytes=e.size))
+
+        embeddings = None
+        if clip is not None and len(ok) > 1:
+            embeddings = np.concatenate([
+                clip_embeddings([_open_rgb(tmp / r.prepared) for r in ok[s:s + 64]], *clip)
+                for s in range(0, len(ok), 64)])
+        del clip
+        groups = find_duplicates(ok, cfg.near_dup_threshold, embeddings, cfg.clip_threshold)
+
+        report_dir = tmp / REPORT_DIR
+        final_report = output / REPORT_DIR
+        by_name = {r.name: r for r in ok}
+        _duplicate_sheets(groups, by_name, thumbs, tmp, report_dir, final_report, fsync=False)
+        table = compute_bucket_table(ok)
+        plot_buckets(table, report_dir / "buckets.png", cfg.resolution, fsync=False)
+        sheets = _contact_sheets(tmp, ok, thumbs, report_dir, fsync=False)
+        records.sort(key=lambda r: (r.source, r.kind))
+        _write_manifest(tmp, cfg, records, groups, source_kind, created, fsync=False)
+        with atomic_path(report_dir / "prepare_config.toml", fsync=False) as t:
+            t.write_text(config_to_toml(cfg), encoding="utf-8")
+
+        report = PrepareReport(
+            config=cfg, output_dir=output, items=ok,
+            rejected=[r for r in records if r.status == "rejected"],
+            skipped=[r for r in records if r.status == "skipped"],
+            duplicate_groups=groups, bucket_table=table,
+            manifest_json=output / MANIFEST_JSON, manifest_csv=output / MANIFEST_CSV,
+            contact_sheets=[final_report / p.name for p in sheets], bucket_plot=final_report / "buckets.png",
+            report_text=final_report / "report.txt", config_path=final_report / "prepare_config.toml")
+        with atomic_path(report_dir / "report.txt", fsync=False) as t:
+            t.write_text(report.summary() + "\n", encoding="utf-8")
+    logger.info("Prepared %d images into %s (%d rejected, %d skipped, %d duplicate groups)", len(ok), output,
+                len(report.rejected), len(report.skipped), len(groups))
+    return report
+
+
+# =============================================================================================
+# The user's decisions: drop and restore
+# =============================================================================================
+
+def _resolve_names(files: list[FileRecord], names: Sequence[str]) -> list[FileRecord]:
+    """The prepared (ok or dropped) image records that `names` refer to; unknown names raise."""
+    statuses = {"ok", "dropped"}
+    chosen: list[FileRecord] = []
+    unknown: list[str] = []
+    for name in names:
+        key = str(name).replace("\\", "/")
+        hits = [r for r in files if r.kind == "image" and r.status in statuses and key in (
+            r.prepared, r.source, r.prepared.removeprefix(DROPPED_DIR + "/"))]
+        if not hits:
+            hits = [r for r in files if r.kind == "image" and r.status in statuses
+                    and PurePosixPath(r.prepared).name == PurePosixPath(key).name]
+            if len(hits) > 1:
+                raise ValueError(f"{name!r} matches several images ({', '.join(r.prepared for r in hits)}); "
+                                 f"give the path inside the prepared folder")
+        if not hits:
+            unknown.append(str(name))
+        elif hits[0] not in chosen:
+            chosen.append(hits[0])
+    if unknown:
+        raise ValueError(f"Not in the prepared set: {', '.join(unknown)}. "
+                         f"Names are paths inside the prepared folder, as the report lists them.")
+    return chosen
+
+
+def _move_images(prepared_dir: Path, names: Sequence[str], drop: bool) -> list[str]:
+    folder = Path(prepared_dir)
+    data = load_manifest(folder)
+    files = [FileRecord.from_dict(d) for d in data["files"]]
+    cfg_data = {k: v for k, v in data["config"].items() if k in {f.name for f in dataclasses.fields(PrepareConfig)}}
+    cfg = PrepareConfig(**cfg_data)
+    chosen = [r for r in _resolve_names(files, names) if r.status == ("ok" if drop else "dropped")]
+    root = folder.resolve()
+    moved: list[str] = []
+    for r in chosen:
+        rel = r.prepared
+        new_rel = f"{DROPPED_DIR}/{rel}" if drop else rel.removeprefix(DROPPED_DIR + "/")
+        src, dst = folder / rel, folder / new_rel
+        if not (_is_within(src.resolve(), root) and _is_within(dst.resolve(), root)):
+            raise ValueError(f"manifest entry {rel!r} points outside {folder}; refusing to move it")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.exists():
+            os.replace(src, dst)
+        elif not dst.exists():
+            action = "drop" if drop else "restore"
+            raise FileNotFoundError(f"{src} is missing from the prepared folder; cannot {action} it")
+        cap_ext = cfg.caption_extension
+        if cap_ext and src.with_suffix(cap_ext).exists():
+            os.replace(src.with_suffix(cap_ext), dst.with_suffix(cap_ext))
+        r.prepared = new_rel
+        r.status = "dropped" if drop else "ok"
+        r.reason = "dropped by the user" if drop else ""
+        moved.append(rel if drop else new_rel)
+    groups = [DuplicateGroup(g["kind"], g["members"], g.get("scores", {})) for g in data.get("duplicate_groups", [])]
+    _write_manifest(folder, cfg, files, groups, data.get("source_kind", ""), data.get("created", ""))
+    report_dir = folder / REPORT_DIR
+    ok = [r for r in files if r.status == "ok"]
+    plot_buckets(compute_bucket_table(ok), report_dir / "buckets.png", cfg.resolution)
+    _contact_sheets(folder, ok, {}, report_dir, fsync=True)
+    return moved
+
+
+def drop_images(prepared_dir: str | Path, names: Sequence[str]) -> list[str]:
+    """Move chosen images (and their captions) from the prepared copy into `prepared_dir/_dropped/`.
+
+    `names` are paths inside the prepared folder as the report lists them (a source path or a unique
+    file name also works). The manifest marks them "dropped", the bucket table, plot and contact
+    sheet are redrawn; the source is never touched. Returns the names moved (already dropped ones are
+    left as they are, so re-running a notebook cell is harmless). Unknown names raise before anything
+    moves. `restore_images` undoes it.
+    """
+    return _move_images(Path(prepared_dir), list(names), drop=True)
+
+
+def restore_images(prepared_dir: str | Path, names: Sequence[str]) -> list[str]:
+    """Undo `drop_images`: move images back from `_dropped/` and mark them ok again; returns their names."""
+    return _move_images(Path(prepared_dir), list(names), drop=False)

@@ -1,0 +1,110 @@
+"""Drawing labelled image grids: fonts, wrapped labels, image strips and mosaics with row and column labels.
+The comparison grids, the demo, the evaluation report and the dataset sheets all draw with these."""
+
+from __future__ import annotations
+
+from PIL import Image, ImageDraw, ImageFont
+
+# The labelled grid's layout (the demo's and the evaluation report's): label margins, gap between cells, zoom.
+GRID_LEFT, GRID_TOP, GRID_PAD, GRID_ZOOM = 250, 26, 8, 3
+
+Cell = Image.Image | list[Image.Image]
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
+    """Greedy word wrap to `width` pixels (a word longer than the width gets its own line)."""
+    lines: list[str] = []
+    for para in str(text).split("\n"):
+        line = ""
+        for word in para.split(" "):
+            trial = f"{line} {word}" if line else word
+            if line and draw.textlength(trial, font=font) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = trial
+        lines.append(line)
+    return lines
+
+
+def _strip(cell: Cell) -> Image.Image:
+    images = cell if isinstance(cell, (list, tuple)) else [cell]
+    if not images:
+        raise ValueError("a grid cell has no images")
+    w, h = images[0].size
+    if any(im.size != (w, h) for im in images):
+        raise ValueError("all images of a grid cell must have the same size")
+    if len(images) == 1:
+        return images[0].convert("RGB")
+    out = Image.new("RGB", (w * len(images), h))
+    for k, im in enumerate(images):
+        out.paste(im.convert("RGB"), (k * w, 0))
+    return out
+
+
+def image_grid(rows_of_images: list[list[Cell]], row_labels: list[str], col_labels: list[str],
+               title: str | None = None, *, pad: int = 4, label_width: int | None = None,
+               label_height: int | None = None, zoom: int = 1, font_size: int | None = None) -> Image.Image:
+    """A labelled grid: cell [i][j] (an image, or a list of images shown side by side) at
+    x = label_width + j * (cell_w + pad), y = title_h + label_height + i * (cell_h + pad), scaled by `zoom`
+    (nearest neighbour). Width = label_width + cols * (cell_w + pad). Label margins default to what the
+    labels need (wrapped to the cell width); font_size defaults to 1/16 of the cell (at least 10 px)."""
+    rows = len(rows_of_images)
+    cols = len(rows_of_images[0]) if rows else 0
+    if rows == 0 or cols == 0:
+        raise ValueError("a grid needs at least one row and one column")
+    if any(len(r) != cols for r in rows_of_images):
+        raise ValueError("every grid row must have the same number of cells")
+    if len(row_labels) != rows or len(col_labels) != cols:
+        raise ValueError(f"{rows} rows x {cols} columns need {rows} row labels and {cols} column labels, "
+                         f"got {len(row_labels)} and {len(col_labels)}")
+    strips = [[_strip(c) for c in r] for r in rows_of_images]
+    sw, sh = strips[0][0].size
+    if any(s.size != (sw, sh) for r in strips for s in r):
+        raise ValueError("all grid cells must have the same size (and number of images)")
+    cw, ch = sw * zoom, sh * zoom
+    font = _font(font_size or max(10, min(cw, ch) // 16))
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_h = int(probe.textbbox((0, 0), "Ag", font=font)[3]) + 2
+
+    col_lines = [_wrap(probe, t, font, max(cw - 2 * pad, 8)) for t in col_labels]
+    if label_height is None:
+        label_height = max(len(x) for x in col_lines) * line_h + 2 * pad
+    if label_width is None:
+        widest = max((probe.textlength(t, font=font) for t in row_labels), default=0)
+        label_width = int(min(widest, max(cw, 160))) + 2 * pad if any(row_labels) else 0
+    row_lines = [_wrap(probe, t, font, max(label_width - 2 * pad, 8)) for t in row_labels]
+    title_lines = _wrap(probe, title, font, label_width + cols * (cw + pad) - 2 * pad) if title else []
+    title_h = len(title_lines) * line_h + 2 * pad if title else 0
+
+    top = title_h + label_height
+    out = Image.new("RGB", (label_width + cols * (cw + pad), top + rows * (ch + pad)), "white")
+    d = ImageDraw.Draw(out)
+    for k, line in enumerate(title_lines):
+        d.text((pad, pad + k * line_h), line, fill="black", font=font)
+    for j, lines in enumerate(col_lines):
+        for k, line in enumerate(lines):
+            d.text((label_width + j * (cw + pad) + pad, title_h + pad + k * line_h), line, fill="black", font=font)
+    for i, lines in enumerate(row_lines):
+        y0 = top + i * (ch + pad) + max(0, (ch - len(lines) * line_h) // 2)
+        for k, line in enumerate(lines):
+            d.text((pad, y0 + k * line_h), line, fill="black", font=font)
+        for j, strip in enumerate(strips[i]):
+            if zoom != 1:
+                strip = strip.resize((cw, ch), Image.NEAREST)
+            out.paste(strip, (label_width + j * (cw + pad), top + i * (ch + pad)))
+    return out
+
+
+def labelled_grid(cells: list[list[list[Image.Image]]], col_labels: list[str], row_labels: list[str],
+                  zoom: int = GRID_ZOOM) -> Image.Image:
+    """The demo's grid: strips of images per cell, fixed margins (GRID_LEFT, GRID_TOP, GRID_PAD), zoomed."""
+    return image_grid(cells, row_labels, col_labels, pad=GRID_PAD, label_width=GRID_LEFT, label_height=GRID_TOP,
+                      zoom=zoom, font_size=10)
