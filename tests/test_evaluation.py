@@ -12,7 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers.evaluate import metrics
 from helpers.evaluate import protocol as ev
+from helpers.evaluate import report as report_mod
 from helpers.sd import prompts
 from helpers.toy import eval as toy_eval
 from helpers.toy import world
@@ -91,17 +93,17 @@ def test_cosines_on_known_vectors():
     a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     b = torch.tensor([[1.0, 0.0], [2.0, 2.0]])
     r = 1 / math.sqrt(2)
-    assert torch.allclose(ev.cosine_matrix(a, b), torch.tensor([[1.0, r], [0.0, r]], dtype=torch.float64))
+    assert torch.allclose(metrics.cosine_matrix(a, b), torch.tensor([[1.0, r], [0.0, r]], dtype=torch.float64))
     # CLIP-I / DINO: mean over all 4 (generated, reference) pairs = (1 + 0 + 2/sqrt 2) / 4
-    assert ev.mean_pairwise_cosine(a, b) == pytest.approx((1 + math.sqrt(2)) / 4, abs=1e-12)
-    assert ev.paired_cosine(a, b).tolist() == pytest.approx([1.0, r])
+    assert metrics.mean_pairwise_cosine(a, b) == pytest.approx((1 + math.sqrt(2)) / 4, abs=1e-12)
+    assert metrics.paired_cosine(a, b).tolist() == pytest.approx([1.0, r])
 
 
 def test_fid_matches_the_closed_form_for_known_gaussians():
     mu1, mu2 = torch.tensor([0.0, 0.0]), torch.tensor([1.0, 2.0])
     s1, s2 = torch.diag(torch.tensor([1.0, 4.0])), torch.diag(torch.tensor([4.0, 1.0]))
     # |mu1-mu2|^2 + tr(S1 + S2) - 2 tr((S1 S2)^1/2) = 5 + 10 - 2 (2 + 2) = 7
-    assert ev.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(7.0, abs=1e-10)
+    assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(7.0, abs=1e-10)
     # non-commuting covariances: tr((S1 S2)^1/2) = sum of sqrt(eigenvalues of S1 S2)
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(5, 5, generator=g, dtype=torch.float64), torch.randn(5, 5, generator=g, dtype=torch.float64)
@@ -109,15 +111,15 @@ def test_fid_matches_the_closed_form_for_known_gaussians():
     m1, m2 = torch.randn(5, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
     expected = float((m1 - m2) @ (m1 - m2) + s1.trace() + s2.trace()
                      - 2 * torch.linalg.eigvals(s1 @ s2).sqrt().real.sum())
-    assert ev.frechet_distance(m1, s1, m2, s2) == pytest.approx(expected, rel=1e-9)
+    assert metrics.frechet_distance(m1, s1, m2, s2) == pytest.approx(expected, rel=1e-9)
     # from features: 40,000 samples of each Gaussian estimate the closed form (7) closely
     x = torch.randn(40000, 2, generator=g, dtype=torch.float64) * torch.tensor([1.0, 2.0])
     y = torch.randn(40000, 2, generator=g, dtype=torch.float64) * torch.tensor([2.0, 1.0]) + torch.tensor([1.0, 2.0])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert ev.fid_from_features(x, y) == pytest.approx(7.0, abs=0.1)
-    with pytest.warns(ev.FIDSampleSizeWarning, match="2,048"):
-        ev.fid_from_features(x[:100], y[:100])
+        assert metrics.fid_from_features(x, y) == pytest.approx(7.0, abs=0.1)
+    with pytest.warns(metrics.FIDSampleSizeWarning, match="2,048"):
+        metrics.fid_from_features(x[:100], y[:100])
 
 
 def test_kid_hand_computed_polynomial_kernel_value():
@@ -125,20 +127,20 @@ def test_kid_hand_computed_polynomial_kernel_value():
     # MMD^2_u = 2/2 + 2/2 - 2 * 8.75 / 4 = -2.375
     x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     y = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
-    assert ev.mmd2_unbiased(x, y) == pytest.approx(-2.375, abs=1e-12)
-    k = ev.kid_from_features(x, y)
+    assert metrics.mmd2_unbiased(x, y) == pytest.approx(-2.375, abs=1e-12)
+    k = metrics.kid_from_features(x, y)
     assert (k.mean, k.std, k.subset_size) == (pytest.approx(-2.375), 0.0, 2)
     with pytest.warns(UserWarning, match="larger than the smaller set"):
-        assert ev.kid_from_features(x, y, subset_size=5).subset_size == 2
-    with pytest.raises(ev.EvaluationError, match="at least 2"):
-        ev.kid_from_features(x[:1], y)
+        assert metrics.kid_from_features(x, y, subset_size=5).subset_size == 2
+    with pytest.raises(metrics.EvaluationError, match="at least 2"):
+        metrics.kid_from_features(x[:1], y)
 
 
 def test_kid_near_zero_for_identical_sets_and_larger_for_different_ones():
     ext = TinyFeatures()
     a, b = world_images(200, seed=1), concept_images(200)
-    same = ev.kid(a, a, ext, subset_size=100, subsets=20, seed=0)
-    other = ev.kid(a, b, ext, subset_size=100, subsets=20, seed=0)
+    same = metrics.kid(a, a, ext, subset_size=100, subsets=20, seed=0)
+    other = metrics.kid(a, b, ext, subset_size=100, subsets=20, seed=0)
     # measured: same -0.0026 (the unbiased estimator's O(1/n) noise), other 0.021 +- 0.003
     assert abs(same.mean) < 0.2 * other.mean and other.mean > 3 * other.std > 0
     assert same.subset_size == other.subset_size == 100 and same.subsets == 20
@@ -155,12 +157,12 @@ def test_fid_and_kid_agree_with_torchmetrics_on_the_same_feature_network():
     tm_fid = FrechetInceptionDistance(feature=ext)
     tm_kid = KernelInceptionDistance(feature=ext, subset_size=20, subsets=1)
     for m in (tm_fid, tm_kid):
-        m.update(ev.images_to_uint8(ref), real=True)
-        m.update(ev.images_to_uint8(gen), real=False)
-    with pytest.warns(ev.FIDSampleSizeWarning):
-        ours = ev.fid(gen, ref, ext)
+        m.update(metrics.images_to_uint8(ref), real=True)
+        m.update(metrics.images_to_uint8(gen), real=False)
+    with pytest.warns(metrics.FIDSampleSizeWarning):
+        ours = metrics.fid(gen, ref, ext)
     assert ours > 0.01 and ours == pytest.approx(float(tm_fid.compute()), rel=1e-5)
-    k = ev.kid(gen, ref, ext)
+    k = metrics.kid(gen, ref, ext)
     # torchmetrics keeps KID features in float32 (we use float64): agreement to 1e-4
     assert k.subset_size == 20 and k.mean > 0.01 and k.mean == pytest.approx(float(tm_kid.compute()[0]), rel=1e-4)
 
@@ -169,10 +171,10 @@ def test_clip_t_matches_torchmetrics_clipscore(tiny_clip_dir):
     tm = pytest.importorskip("torchmetrics.multimodal.clip_score")
     from transformers import CLIPModel, CLIPProcessor
 
-    clip = ev.load_clip(str(tiny_clip_dir))          # the loader users call, here with a folder
+    clip = metrics.load_clip(str(tiny_clip_dir))          # the loader users call, here with a folder
     images = world_images(6, seed=2)
     prompts = [f"a {s.colour} {s.shape} on a {s.background} background" for _, s in world.sample_world(6, 2)]
-    ours = ev.clip_t(clip, images, prompts)
+    ours = metrics.clip_t(clip, images, prompts)
     assert ours.clip_score == pytest.approx(max(100 * ours.cosine, 0.0))
     assert any(c > 0 for c in ours.per_image) and any(c < 0 for c in ours.per_image)
 
@@ -195,13 +197,13 @@ def test_clip_t_matches_torchmetrics_clipscore(tiny_clip_dir):
 
     model = TensorFeatures(CLIPModel.from_pretrained(str(tiny_clip_dir)).eval())
     processor = CLIPProcessor.from_pretrained(str(tiny_clip_dir))
-    pixels = ev.images_to_uint8(images)
+    pixels = metrics.images_to_uint8(images)
     for i in range(len(images)):   # CLIPScore clamps the mean at 0: compare image by image
         metric = tm.CLIPScore(model_name_or_path=lambda: (model, processor))
         assert float(metric(pixels[i:i + 1], [prompts[i]]).detach()) == pytest.approx(max(100 * ours.per_image[i], 0.0),
                                                                               abs=1e-4)
     top = sorted(range(len(images)), key=lambda i: -ours.per_image[i])[:3]    # a batch with a positive mean
-    sub = ev.clip_t(clip, [images[i] for i in top], [prompts[i] for i in top])
+    sub = metrics.clip_t(clip, [images[i] for i in top], [prompts[i] for i in top])
     metric = tm.CLIPScore(model_name_or_path=lambda: (model, processor))
     assert sub.clip_score > 0 and float(metric(pixels[top], [prompts[i] for i in top]).detach()) == pytest.approx(
         sub.clip_score, abs=1e-4)
@@ -211,36 +213,36 @@ def test_clip_i_and_dino_load_from_folders_and_use_projected_and_cls_features(ti
     from transformers import CLIPModel, ViTImageProcessor, ViTModel
 
     gen, ref = world_images(3, seed=4), concept_images(2)
-    clip = ev.load_clip(str(tiny_clip_dir))
-    dino = ev.load_dino(str(tiny_dino_dir))
+    clip = metrics.load_clip(str(tiny_clip_dir))
+    dino = metrics.load_dino(str(tiny_dino_dir))
     assert dino.model.pooler is None   # DINO checkpoints have no pooler; none is invented
 
     raw = CLIPModel.from_pretrained(str(tiny_clip_dir))
     px = clip.processor(images=gen + ref, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         e = raw(pixel_values=px, input_ids=torch.tensor([[0]])).image_embeds   # normalized projections
-    assert ev.clip_i(clip, gen, ref) == pytest.approx(float((e[:3] @ e[3:].T).mean()), abs=1e-6)
+    assert metrics.clip_i(clip, gen, ref) == pytest.approx(float((e[:3] @ e[3:].T).mean()), abs=1e-6)
 
     vit = ViTModel.from_pretrained(str(tiny_dino_dir), add_pooling_layer=False)
     px = ViTImageProcessor.from_pretrained(str(tiny_dino_dir))(images=gen + ref, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         cls = torch.nn.functional.normalize(vit(pixel_values=px).last_hidden_state[:, 0], dim=-1)
-    assert ev.dino_similarity(dino, gen, ref) == pytest.approx(float((cls[:3] @ cls[3:].T).mean()), abs=1e-6)
-    assert ev.dino_similarity(dino, ref, ref) > ev.dino_similarity(dino, gen, ref)
+    assert metrics.dino_similarity(dino, gen, ref) == pytest.approx(float((cls[:3] @ cls[3:].T).mean()), abs=1e-6)
+    assert metrics.dino_similarity(dino, ref, ref) > metrics.dino_similarity(dino, gen, ref)
 
 
 def test_missing_or_offline_metric_models_fail_with_clear_messages(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ev.MetricModelError, match="does not exist"):
-        ev.load_clip(str(tmp_path / "no" / "such" / "clip"))
-    with pytest.raises(ev.MetricModelError, match="offline.*hf download"):
-        ev.load_dino("nobody-here/no-such-dino-model")
+    with pytest.raises(metrics.MetricModelError, match="does not exist"):
+        metrics.load_clip(str(tmp_path / "no" / "such" / "clip"))
+    with pytest.raises(metrics.MetricModelError, match="offline.*hf download"):
+        metrics.load_dino("nobody-here/no-such-dino-model")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))   # no cached Inception weights
-    with pytest.raises(ev.MetricModelError, match=r"(?s)InceptionV3.*feature_extractor=.*fid_kid=False") as err:
-        ev.load_inception()
+    with pytest.raises(metrics.MetricModelError, match=r"(?s)InceptionV3.*feature_extractor=.*fid_kid=False") as err:
+        metrics.load_inception()
     assert "torch-fidelity" in str(err.value) or "offline" in str(err.value)
-    with pytest.raises(ev.MetricModelError):
-        ev.fid(world_images(2, 0), world_images(2, 1))   # no extractor given: the default one is needed
+    with pytest.raises(metrics.MetricModelError):
+        metrics.fid(world_images(2, 0), world_images(2, 1))   # no extractor given: the default one is needed
 
 
 def test_trigger_removal_variants_and_seed_runs():
@@ -253,9 +255,9 @@ def test_trigger_removal_variants_and_seed_runs():
                                      "run-000200 @ 1"]
     assert ev._seed_runs([0, 1, 2, 5, 6, 9], batch=2) == [(0, 2), (2, 1), (5, 2), (9, 1)]
     # bad prompt groups fail before any model is loaded
-    with pytest.raises(ev.EvaluationError, match="missing from concept prompt"):
+    with pytest.raises(metrics.EvaluationError, match="missing from concept prompt"):
         ev.run_protocol("no/such-model", natural_prompts=["a dog"], trigger="sks")
-    with pytest.raises(ev.EvaluationError, match="prior prompts must not contain"):
+    with pytest.raises(metrics.EvaluationError, match="prior prompts must not contain"):
         ev.run_protocol("no/such-model", natural_prompts=["a sks dog"], prior_prompts=["a sks cat"], trigger="sks")
 
 
@@ -271,7 +273,7 @@ def test_protocol_on_the_toy_model_writes_the_full_report(tmp_path, tiny_clip_di
 
     backend = matplotlib.get_backend()
     out = tmp_path / "eval"
-    with pytest.warns(ev.FIDSampleSizeWarning):
+    with pytest.warns(metrics.FIDSampleSizeWarning):
         res = toy_eval.run_toy_protocol(out, [str(toy_eval.TOY_LORA)], weights=(0.5, 1.0), n_prompts=2, seeds=[0, 1], steps=4,
                                   n_reference=12, clip_model=str(tiny_clip_dir), dino_model=str(tiny_dino_dir),
                                   fid_kid=True, feature_extractor=TinyFeatures(), device="cpu", progress=False)
@@ -285,7 +287,7 @@ def test_protocol_on_the_toy_model_writes_the_full_report(tmp_path, tiny_clip_di
                   "judge_background_acc"]
     with open(res.csv_path, newline="") as f:
         table = list(csv.DictReader(f))
-    assert list(table[0]) == ev.BASE_COLUMNS + judge_cols == res.columns
+    assert list(table[0]) == report_mod.BASE_COLUMNS + judge_cols == res.columns
     assert [(r["variant"], r["group"]) for r in table] == [(v, g) for v in variants for g in groups]
     for r in table:
         assert r["n"] == "4" and r["kid_subset"] == "4"     # 2 prompts x 2 seeds; KID subsets <= smaller set

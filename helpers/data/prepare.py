@@ -36,11 +36,7 @@ from PIL import Image
 from ..atomic import OutputWriteError, atomic_dir, atomic_path
 from ..config import ConfigError, PrepareConfig, _color_text, config_to_toml, parse_color
 from .crops import crop_image
-from .dataset import (
-    _KOHYA_FOLDER,
-    make_buckets,
-    select_bucket,
-)
+from .dataset import _KOHYA_FOLDER, make_buckets, select_bucket
 from .decode import (
     INGEST_EXTENSIONS,
     MAX_FILE_BYTES,

@@ -9,7 +9,8 @@ from typing import Any
 
 from PIL import Image
 
-from ..evaluate.protocol import ProtocolResult, run_eval_config
+from ..evaluate.protocol import run_eval_config
+from ..evaluate.report import ProtocolResult
 
 TOY_LORA = Path(__file__).resolve().parents[2] / "lora_files" / "toy_concept.safetensors"
 
