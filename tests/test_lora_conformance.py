@@ -268,7 +268,7 @@ def test_sdxl_kohya_keys_are_sd_scripts_sgm_keys(models):
 def test_peft_injects_exactly_the_target_lists(models, family):
     """The trainer passes these lists to LoraConfig(target_modules=...): peft (through inject_lora, as the
     trainer calls it) must wrap exactly those modules, on the full-size layouts."""
-    from diffusers.utils.peft_utils import delete_adapter_layers
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
     from peft import LoraConfig
     from peft.tuners.lora import LoraLayer
 
@@ -281,4 +281,6 @@ def test_peft_injects_exactly_the_target_lists(models, family):
             # Our target listing sees through peft's wrappers (same names on an injected model).
             assert targets(comp, model) == names
         finally:
-            delete_adapter_layers(model, "conformance")
+            recurse_remove_peft_layers(model)  # the shared models go back to plain layers for the other tests
+            model.__dict__.pop("peft_config", None)
+            model._hf_peft_config_loaded = False

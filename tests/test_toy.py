@@ -41,8 +41,11 @@ def test_concept_dataset_is_a_users_folder_and_never_in_the_base_world(tmp_path)
 def test_pretraining_is_reproducible(tmp_path):
     """Same config and seed, twice: identical weights (a short run; the shipped one uses the defaults)."""
     cfg = PretrainConfig(n_train=256, n_holdout=32, vae_steps=4, vae_batch=16, steps=4, batch=16, warmup=2)
+    before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
     pretrain(tmp_path / "a", cfg)
     pretrain(tmp_path / "b", cfg)
+    # the process computes as before: a later training run in it gives the same numbers as in a fresh one
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == before
     from safetensors.torch import load_file
 
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.safetensors"))

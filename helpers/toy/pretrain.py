@@ -210,13 +210,25 @@ def train_unet(unet, text_encoder, tokenizer, scheduler_config, latents: torch.T
 # --- the whole run -------------------------------------------------------------------------------
 
 def pretrain(out_dir: str | Path = SHIPPED_DIR, cfg: PretrainConfig | None = None) -> dict:
-    """Run every stage and save the pipeline (fp16 safetensors) plus pretrain_config.json and a log."""
-    from diffusers import StableDiffusionPipeline
+    """Run every stage and save the pipeline (fp16 safetensors) plus pretrain_config.json and a log.
 
+    It runs with cfg.threads threads and deterministic algorithms, and puts both settings back afterwards,
+    so the process that called it computes as before (the tests train in the same process)."""
     cfg = cfg or PretrainConfig()
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.set_num_threads(cfg.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    out_dir = Path(out_dir)
+    try:
+        return _pretrain(Path(out_dir), cfg)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
+def _pretrain(out_dir: Path, cfg: PretrainConfig) -> dict:
+    from diffusers import StableDiffusionPipeline
+
     work = out_dir.parent / (out_dir.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
     log_path = work / "pretrain_log.jsonl"
