@@ -10,8 +10,11 @@ env:
 demo: env
 	HF_HUB_OFFLINE=1 .venv/bin/python -m helpers demo
 
+# One torch thread unless OMP_NUM_THREADS says otherwise: on a 2-core machine that is busy with something
+# else, two threads per process oversubscribe the cores and spin (one training test went from 14 s to over
+# 5 minutes); one thread keeps the whole run near its idle time. On a big machine: OMP_NUM_THREADS=8 make test.
 test: env
-	@HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -x -p no:cacheprovider; rc=$$?; \
+	@OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -x -p no:cacheprovider; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests (exit 5): the suite is missing or deselected" >&2; fi; \
 	exit $$rc
 
