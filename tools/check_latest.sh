@@ -22,12 +22,9 @@ echo "== packages that moved from requirements.lock"
 "$VENV/bin/python" - <<'PY'
 import re
 from importlib.metadata import distributions
+from helpers.notebook.display import lock_sections
 canon = lambda n: re.sub(r"[-_.]+", "-", n).lower()
-lock = {}
-for line in open("requirements.lock", encoding="utf-8"):
-    if "==" in line and not line.startswith("#"):
-        name, ver = line.strip().split("==")
-        lock[canon(name)] = ver
+lock = {canon(p.split("==")[0]): p.split("==")[1] for pins in lock_sections("requirements.lock").values() for p in pins}
 now = {canon(d.metadata["Name"]): d.version for d in distributions()}
 moved = [(n, lock[n], now[n]) for n in sorted(lock) if n in now and now[n] != lock[n]]
 new = sorted(set(now) - set(lock) - {"sd-lora-helpers", "torch", "pip", "setuptools"} - {n for n in now if n.startswith("nvidia-")})

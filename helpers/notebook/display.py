@@ -83,9 +83,8 @@ def colab_requirements(lock: str | Path) -> list[str]:
     sections = lock_sections(lock)
     if "runtime" not in sections:
         raise ValueError(f"{lock} has no '# [runtime]' section: it was not written by tools/lock.py")
-    keep = set(COLAB_NOTEBOOK_PACKAGES)
-    pins = list(sections["runtime"]) + [p for p in sections.get("notebook", []) if p.split("==")[0] in keep]
-    return [p for p in pins if p.split("==")[0] not in ("torch", "torchvision", "torchaudio", "triton")]
+    keep = set(COLAB_NOTEBOOK_PACKAGES)  # the lock never holds the torch family (tools/lock.py leaves it out)
+    return list(sections["runtime"]) + [p for p in sections.get("notebook", []) if p.split("==")[0] in keep]
 
 
 def setup(*, drive: bool = False, lock: str | Path = "requirements.lock", quiet: bool = True) -> str:
