@@ -2,8 +2,8 @@
 
 Builds full-size SD 1.5 (512x512) and SDXL (1024x1024) UNets and CLIP text encoders from their configs with
 random weights (speed does not depend on weight values; nothing is downloaded), then times, for each LoRA
-preset and each user setting, our step (`helpers.train._Run.loss` and the trainer's backward / clip /
-optimizer calls) and a reference step written the way diffusers' `train_text_to_image_lora.py` does it.
+preset and each user setting, our step (built by `helpers.train.setup` and run as the loop body of
+`helpers.train.loop.train`) and a reference step written the way diffusers' `train_text_to_image_lora.py` does it.
 Model FLOPs per step are counted once per shape on the meta device. `--tiny` runs the tiny test models on
 CPU: a smoke check of the whole path, not a measurement.
 
@@ -26,7 +26,6 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -183,19 +182,14 @@ def count_step_flops(spec: ModelSpec, preset: str, rank: int, batch: int, encode
     """Model FLOPs of one LoRA training step: text encoding (when done per step), UNet forward, loss and
     backward with a frozen base, counted on the meta device (CPU tensors count nothing for SDPA).
     Gradient-checkpoint recomputation is not counted: MFU uses model FLOPs."""
-    from peft import LoraConfig
     from torch.utils.flop_counter import FlopCounterMode
 
-    from helpers.sd.lora_targets import inject_lora, unet_target_modules
     from helpers.sd.text_encoding import encode_prompts
+    from helpers.train.setup import attach_methods
 
+    cfg = _config(SETTINGS["a100"], preset, rank, spec.family).replace(gradient_checkpointing=False)
     unet, tes = build_models(spec, "meta", torch.float32)
-    for m in [unet, *tes]:
-        m.requires_grad_(False)
-    if preset == "dreambooth":  # every UNet weight gets a gradient
-        unet.requires_grad_(True)
-    else:
-        inject_lora(unet, LoraConfig(r=rank, lora_alpha=rank, target_modules=unet_target_modules(unet, preset)))
+    attach_methods(cfg, unet, tes, spec.tokenizers, torch.device("meta"))  # LoRA layers, or the whole UNet
     size = spec.latent_size
     latents = torch.zeros(batch, unet.config.in_channels, size, size, device="meta")
     timesteps = torch.zeros(batch, dtype=torch.long, device="meta")
@@ -249,22 +243,29 @@ class Prepared:
     step: Callable[[], torch.Tensor]
     accelerator: Any
     info: dict[str, Any] = field(default_factory=dict)
-    counters: dict[str, Any] = field(default_factory=dict)  # device tensors allowed: read once, after timing
+    counters: Callable[[], dict[str, Any]] = dict  # read once, after timing
 
 
-def _accelerator(precision: str, device: torch.device):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
+def _config(setting: Setting, preset: str, rank: int, family: str, opts: StepOptions | None = None):
+    """The TrainConfig a user with `setting` would write for this preset (what our step runs with)."""
+    from helpers.config import TrainConfig
 
-    from helpers.train.loop import resolve_mixed_precision
+    opts = opts or StepOptions()
+    dreambooth = preset == "dreambooth"
+    return TrainConfig(pretrained_model="benchmark", train_data_dir="benchmark", rank=rank, alpha=float(rank),
+                       method="dreambooth" if dreambooth else "lora", target="full" if dreambooth else preset,
+                       optimizer=setting.optimizer, train_batch_size=setting.batch, mixed_precision=setting.precision,
+                       gradient_checkpointing=_gradient_checkpointing(setting, family), attention="sdpa",
+                       channels_last=opts.channels_last, torch_compile=opts.compile)
 
-    AcceleratorState._reset_state()  # as the trainer does: a fresh precision setting per run
+
+def _accelerator(cfg, device: torch.device):
+    """The trainer's accelerator for `cfg` (a fresh precision setting per row)."""
+    from helpers.train.setup import make_accelerator
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # fp16 -> fp32 on CPU; the row records what ran
-        mixed = resolve_mixed_precision(precision, device.type)
-    acc = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed, gradient_accumulation_steps=1)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
-    return acc, weight_dtype
+        return make_accelerator(cfg, device.type)
 
 
 def _batch(spec: ModelSpec, batch: int, device: torch.device, dtype: torch.dtype = torch.float32) -> dict:
@@ -288,43 +289,21 @@ def _gradient_checkpointing(setting: Setting, family: str) -> bool:
 
 def prepare_ours(spec: ModelSpec, setting: Setting, preset: str, rank: int, device: torch.device,
                  opts: StepOptions) -> Prepared:
-    """Our step: the trainer's setup (frozen base in the compute dtype, peft LoRA on our target modules in
-    fp32, SDPA, accelerate) and its loop body: `_Run.loss`, finite check, backward, clip, step."""
-    from peft import LoraConfig
-
-    from helpers.config import TrainConfig
-    from helpers.sd.lora_targets import inject_lora, unet_target_modules
+    """Our step, built by the trainer's own code: `helpers.train.setup` (accelerator, `attach_methods`: frozen
+    base in the compute dtype, peft LoRA or the whole UNet in fp32, checkpointing, channels-last, compile;
+    `param_groups`, `make_step`, `make_update`) and the loop body of `helpers.train.loop.train`: the
+    `DiffusionStep` loss, the `NanWatch` note, the `OptimizerStep` update."""
     from helpers.sd.models import set_attention
     from helpers.train.optim import build_optimizer, build_scheduler, optimizer_kind
-    from helpers.train.loop import _Run
+    from helpers.train.progress import NanWatch
+    from helpers.train.setup import attach_methods, make_step, make_update, param_groups
 
-    acc, weight_dtype = _accelerator(setting.precision, device)
-    ckpt = _gradient_checkpointing(setting, spec.family)
-    dreambooth = preset == "dreambooth"
-    cfg = TrainConfig(pretrained_model="benchmark", train_data_dir="benchmark", rank=rank, alpha=float(rank),
-                      method="dreambooth" if dreambooth else "lora", target="full" if dreambooth else preset,
-                      optimizer=setting.optimizer, train_batch_size=setting.batch,
-                      mixed_precision=setting.precision, gradient_checkpointing=ckpt, attention="sdpa")
+    cfg = _config(setting, preset, rank, spec.family, opts)
+    acc, weight_dtype = _accelerator(cfg, device)
     unet, tes = build_models(spec, acc.device, weight_dtype)
-    for m in [unet, *tes]:
-        m.requires_grad_(False)
     attention = set_attention(unet, cfg.attention)
-    if dreambooth:  # as the trainer: every weight trained, fp32 master copies, the forward in the compute dtype
-        unet.requires_grad_(True)
-    else:
-        inject_lora(unet, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
-                                    init_lora_weights=True, target_modules=unet_target_modules(unet, cfg.target)))
-    for p in unet.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    if opts.channels_last:
-        unet.to(memory_format=torch.channels_last)
-    if opts.compile:  # as the trainer: in place, before accelerate wraps it
-        unet.compile()
-    params = [p for p in unet.parameters() if p.requires_grad]
-    groups = [{"params": params, "lr": cfg.learning_rate}]
+    methods = attach_methods(cfg, unet, tes, spec.tokenizers, acc.device)
+    groups = param_groups(cfg, methods)
     if opts.adamw_impl != "auto" and cfg.optimizer == "adamw":
         impl = {"fused": {"fused": True}, "foreach": {"foreach": True}, "forloop": {"foreach": False}}[opts.adamw_impl]
         optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -339,46 +318,35 @@ def prepare_ours(spec: ModelSpec, setting: Setting, preset: str, rank: int, devi
     lr_scheduler = build_scheduler(cfg.lr_scheduler, optimizer, warmup_steps=0, total_steps=cfg.max_train_steps)
     unet, optimizer, lr_scheduler = acc.prepare(unet, optimizer, lr_scheduler)
     unet.train()
-    sched = noise_scheduler()
     batch = _batch(spec, setting.batch, acc.device)
-
-    def no_vae(pixels):
-        raise RuntimeError("the benchmark feeds cached latents; the VAE is not part of the step")
-
-    run_cls = _Run
+    loss_of = make_step(cfg, methods, spec.family, noise_scheduler(), spec.tokenizers, tes, acc.device, weight_dtype)
     if opts.cached_text:  # text embeddings computed once (the trainer encodes every step)
         with torch.no_grad():
-            cached = _Run(cfg, acc, SimpleNamespace(family=spec.family), sched, spec.tokenizers, tes, no_vae,
-                          weight_dtype).condition(batch)
-
-        class _CachedTextRun(_Run):
-            def condition(self, batch: dict) -> dict[str, Any]:
-                return cached
-
-        run_cls = _CachedTextRun
-    run = run_cls(cfg, acc, SimpleNamespace(family=spec.family), sched, spec.tokenizers, tes, no_vae, weight_dtype)
+            cached = loss_of.condition(batch)
+        loss_of.condition = lambda batch: cached
+    update = make_update(cfg, methods, acc, optimizer, lr_scheduler)
+    watch = NanWatch(cfg.nan_policy, acc)  # "stop": a bad loss is noted on the device, never read per step
     gen = torch.Generator(device=acc.device).manual_seed(cfg.seed)
-    prediction_type = sched.config.prediction_type
-    # as the trainer does under nan_policy="stop": a bad loss is counted on the device, never read per step
-    counters = {"nonfinite_steps": torch.zeros((), dtype=torch.long, device=acc.device)}
+
+    nonfinite = torch.zeros((), dtype=torch.long, device=acc.device)  # the harness's own count, read after timing
 
     def step() -> torch.Tensor:
+        nonlocal nonfinite
         with acc.accumulate(unet):
-            loss = run.loss(unet, batch, prediction_type, gen)
-            counters["nonfinite_steps"] += (~torch.isfinite(loss.detach())).long()
-            acc.backward(loss)
-            if acc.sync_gradients and cfg.max_grad_norm > 0:
-                acc.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = loss_of.loss(unet, batch, gen)
+            nonfinite += (~torch.isfinite(loss.detach())).long()
+            if watch.finite(loss, 1, None):
+                update(loss)
+            else:
+                update.discard()
         return loss.detach()
 
-    info = {"precision": acc.mixed_precision, "gradient_checkpointing": ckpt, "optimizer": kind,
-            "attention": attention, "trainable_params": sum(p.numel() for p in params),
+    params = update.params
+    info = {"precision": acc.mixed_precision, "gradient_checkpointing": cfg.gradient_checkpointing,
+            "optimizer": kind, "attention": attention, "trainable_params": sum(p.numel() for p in params),
             "lora_params_dtype": str(params[0].dtype).removeprefix("torch."),
             "channels_last": opts.channels_last, "compile": opts.compile, "cached_text": opts.cached_text}
-    return Prepared(step, acc, info, counters)
+    return Prepared(step, acc, info, lambda: {"nonfinite_steps": int(nonfinite)})
 
 
 def prepare_reference(spec: ModelSpec, setting: Setting, preset: str, rank: int, device: torch.device,
@@ -393,8 +361,9 @@ def prepare_reference(spec: ModelSpec, setting: Setting, preset: str, rank: int,
     from helpers.sd.lora_targets import inject_lora, unet_target_modules
     from helpers.sd.text_encoding import tokenize
 
-    acc, weight_dtype = _accelerator(setting.precision, device)
-    ckpt = _gradient_checkpointing(setting, spec.family)
+    cfg = _config(setting, preset, rank, spec.family)
+    acc, weight_dtype = _accelerator(cfg, device)
+    ckpt = cfg.gradient_checkpointing
     unet, tes = build_models(spec, acc.device, weight_dtype)
     for m in [unet, *tes]:
         m.requires_grad_(False)
@@ -458,7 +427,7 @@ def prepare_reference(spec: ModelSpec, setting: Setting, preset: str, rank: int,
             "attention": "sdpa", "trainable_params": sum(p.numel() for p in lora_params),
             "lora_params_dtype": str(lora_params[0].dtype).removeprefix("torch."),
             "channels_last": False, "compile": False, "cached_text": False}
-    return Prepared(step, acc, info, {})
+    return Prepared(step, acc, info, dict)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -559,7 +528,7 @@ def run_row(spec: ModelSpec, setting: Setting, preset: str, impl: str, args, dev
         row.update(prepared.info)
         timing = time_step(prepared, args.warmup, args.steps)
         row["syncs_per_step"] = count_syncs(prepared)
-        row.update({k: int(v) for k, v in prepared.counters.items()})
+        row.update(prepared.counters())
         sec = timing["seconds"] / args.steps
         row.update({
             "status": "ok",

@@ -1,7 +1,6 @@
 """DreamBooth and Textual Inversion (and pivotal tuning) through the one training loop, on tiny models."""
 
 import shutil
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -107,20 +106,19 @@ def test_pivotal_tuning_saves_a_lora_and_an_embedding(tiny_sd15_dir, token_data,
 
 
 def test_dreambooth_prior_loss_weight_falls_on_the_class_half_of_the_batch(tiny_sd15_dir):
-    from helpers.train.loop import _Run
+    from helpers.train.step import DiffusionStep
 
     base = load_base(str(tiny_sd15_dir))
-    cfg = TrainConfig(pretrained_model="x", train_data_dir="x", method="dreambooth", prior_loss_weight=0.25)
     sched = base.noise_scheduler()
-    run = _Run(cfg, SimpleNamespace(device=torch.device("cpu")), base, sched, base.tokenizers, base.text_encoders,
-               None, torch.float32)
+    run = DiffusionStep(base.family, sched, base.tokenizers, base.text_encoders, torch.device("cpu"),
+                        prior_loss_weight=0.25)
     g = torch.Generator().manual_seed(0)
     latents, noise = torch.randn(4, 4, 16, 16, generator=g), torch.randn(4, 4, 16, 16, generator=g)
     t = torch.tensor([100, 300, 500, 700])
     batch = {"latents": latents, "captions": ["sks flower"] * 2 + ["a flower"] * 2,
              "is_class": torch.tensor([False, False, True, True])}
     with torch.no_grad():
-        loss = run.loss(base.unet, batch, "epsilon", None, noise=noise, timesteps=t)
+        loss = run.loss(base.unet, batch, None, noise=noise, timesteps=t)
         emb = base.text_encoders[0](base.tokenizers[0](batch["captions"], padding="max_length",
                                                        max_length=base.tokenizers[0].model_max_length,
                                                        return_tensors="pt").input_ids)[0]

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from helpers.notebook import display as notebook
+from helpers.notebook.presets import default_preset, presets_that_fit
 from helpers.sd import precision
 from helpers.sd.models import pick_dtype
 from helpers.sd.precision import decide_precision
-from helpers.notebook.presets import default_preset, presets_that_fit
-from helpers.train.loop import resolve_mixed_precision
+from helpers.train.setup import resolve_mixed_precision
 
 
 def _simulate_gpu(monkeypatch, name: str, capability: tuple[int, int], gib: float) -> None:

@@ -15,8 +15,9 @@ import torch
 from safetensors import safe_open
 
 from helpers.config import ConfigError, TrainConfig, save_config
-from helpers.train.loop import read_log, train
 from helpers.train.errors import TrainingError, nan_message
+from helpers.train.log import read_log
+from helpers.train.loop import train
 from helpers.train.state import list_states
 
 REPO = Path(__file__).parents[1]
@@ -183,9 +184,9 @@ def test_nan_loss_stops_the_run_with_advice_and_keeps_the_last_state(tiny_sd15_d
 
 
 def test_nan_policy_skip_skips_a_bad_step_and_stops_after_five(tiny_sd15_dir, concept_dir, tmp_path, monkeypatch):
-    from helpers.train import loop as train_mod
+    from helpers.train import step as train_mod
 
-    real_loss = train_mod._Run.loss
+    real_loss = train_mod.DiffusionStep.loss
     calls = {"n": 0}
     bad_calls: set[int] = {3}
 
@@ -194,7 +195,7 @@ def test_nan_policy_skip_skips_a_bad_step_and_stops_after_five(tiny_sd15_dir, co
         loss = real_loss(self, *args, **kwargs)
         return loss * float("nan") if calls["n"] in bad_calls else loss
 
-    monkeypatch.setattr(train_mod._Run, "loss", flaky)
+    monkeypatch.setattr(train_mod.DiffusionStep, "loss", flaky)
     cfg = make_cfg(tiny_sd15_dir, concept_dir, tmp_path / "a", cache_latents=True, max_train_steps=6,
                    nan_policy="skip", save_state_every_n_steps=None)
     result = train(cfg, progress=False)
@@ -210,9 +211,9 @@ def test_nan_found_between_logs_names_its_step_and_saves_nothing_after_it(tiny_s
                                                                             monkeypatch):
     """nan_policy="stop" reads the loss back only when a log or save is due: a NaN at step 2 is found at the
     log of step 4, the message names step 2, and no LoRA is written from the poisoned weights."""
-    from helpers.train import loop as train_mod
+    from helpers.train import step as train_mod
 
-    real_loss = train_mod._Run.loss
+    real_loss = train_mod.DiffusionStep.loss
     calls = {"n": 0}
 
     def nan_at_two(self, *args, **kwargs):
@@ -220,7 +221,7 @@ def test_nan_found_between_logs_names_its_step_and_saves_nothing_after_it(tiny_s
         loss = real_loss(self, *args, **kwargs)
         return loss * float("nan") if calls["n"] == 2 else loss
 
-    monkeypatch.setattr(train_mod._Run, "loss", nan_at_two)
+    monkeypatch.setattr(train_mod.DiffusionStep, "loss", nan_at_two)
     events = []
     cfg = make_cfg(tiny_sd15_dir, concept_dir, tmp_path, cache_latents=True, max_train_steps=8, log_every_n_steps=4,
                    save_state_every_n_steps=None, save_every_n_steps=4)
@@ -268,9 +269,9 @@ def test_nan_message_for_fp16_names_bf16_and_the_fp16_vae():
 # ---- out of memory ------------------------------------------------------------------------------------
 
 def test_out_of_memory_gives_ordered_advice_and_keeps_the_state(tiny_sd15_dir, concept_dir, tmp_path, monkeypatch):
-    from helpers.train import loop as train_mod
+    from helpers.train import step as train_mod
 
-    real_loss = train_mod._Run.loss
+    real_loss = train_mod.DiffusionStep.loss
     calls = {"n": 0}
 
     def oom_at_step_5(self, *args, **kwargs):
@@ -279,7 +280,7 @@ def test_out_of_memory_gives_ordered_advice_and_keeps_the_state(tiny_sd15_dir, c
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_loss(self, *args, **kwargs)
 
-    monkeypatch.setattr(train_mod._Run, "loss", oom_at_step_5)
+    monkeypatch.setattr(train_mod.DiffusionStep, "loss", oom_at_step_5)
     cfg = make_cfg(tiny_sd15_dir, concept_dir, tmp_path, cache_latents=False, optimizer="adamw")
     with pytest.raises(TrainingError) as err:
         train(cfg, progress=False)

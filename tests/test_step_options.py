@@ -7,7 +7,8 @@ from safetensors.torch import load_file
 
 from helpers.config import TrainConfig
 from helpers.sd.models import load_base
-from helpers.train.loop import read_log, train
+from helpers.train.log import read_log
+from helpers.train.loop import train
 
 
 def make_cfg(base_dir, data_dir, out_dir, **overrides) -> TrainConfig:

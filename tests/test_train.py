@@ -13,7 +13,9 @@ from safetensors import safe_open
 
 from helpers.config import TrainConfig
 from helpers.sd import precision
-from helpers.train.loop import read_log, resolve_mixed_precision, train
+from helpers.train.log import read_log
+from helpers.train.loop import train
+from helpers.train.setup import resolve_mixed_precision
 
 
 def make_cfg(base_dir, data_dir, out_dir, **overrides) -> TrainConfig:
@@ -164,7 +166,7 @@ def test_two_process_accelerate_launch_writes_one_lora(tiny_sd15_dir, concept_di
 
 
 def test_loss_weights_min_snr_and_prior_weight():
-    from helpers.train.loop import loss_weights
+    from helpers.train.step import loss_weights
 
     alphas = torch.tensor([0.99, 0.5, 0.01])  # snr = 99, 1, 1/99
     t = torch.tensor([0, 1, 2])

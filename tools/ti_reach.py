@@ -32,7 +32,7 @@ from helpers.sd.models import load_base
 from helpers.toy import world
 from helpers.toy.judge import load_judge, score
 from helpers.toy.pretrain import SHIPPED_DIR
-from helpers.train.loop import _vae_encoder
+from helpers.train.step import vae_encoder
 
 MODES = ("context", "ln", "input")
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         m.requires_grad_(False)
         m.eval()
     pixels, bg_of = flower_set()
-    encode = _vae_encoder(vae, "cpu", torch.Generator().manual_seed(0))
+    encode = vae_encoder(vae, "cpu", torch.Generator().manual_seed(0))
     backgrounds = list(world.BACKGROUNDS)
     ids = tok([f"a flower on a {b} background" for b in backgrounds], padding="max_length",
               max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids

@@ -1,0 +1,237 @@
+"""What a run trains: LoRA layers, the whole UNet (DreamBooth) or new token vectors (Textual Inversion).
+
+Each trainable attaches itself to the frozen base, names its parameters for training states, gives its
+optimizer groups, says what it is in one line and saves itself in the files A1111, ComfyUI and diffusers
+read. A method is a list of them: LoRA `[LoraLayers]`, DreamBooth `[WholeUNet]`, Textual Inversion
+`[NewTokens]`, pivotal tuning `[LoraLayers, NewTokens]`. This is the one file where the methods differ.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..config import TrainConfig
+from ..formats.lora import model_name_for_metadata
+from .saves import build_timestamp, cast_safetensors_files, ss_tag_frequency
+
+if TYPE_CHECKING:
+    from .setup import Run
+
+
+class Trainable:
+    """The parts every method shares; subclasses fill in what they train and how they save it."""
+
+    text_grad = False        # gradients must flow through the text encoders
+    outside_ddp = False      # its parameters live outside the DDP-wrapped models (synced by hand)
+
+    def __init__(self) -> None:
+        self.unet = None
+        self.text_encoders: list[torch.nn.Module] = []   # the encoders it trains (their own weights or LoRA)
+
+    def attach(self, unet, text_encoders: list, tokenizers: list, device: torch.device) -> None:
+        """Make this method's parameters trainable on the frozen base (called once, before `accelerate.prepare`)."""
+        raise NotImplementedError
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """{name: module} holding the trained parameters, as training states store them."""
+        named = {"unet": self.unet}
+        named.update({f"text_encoder_{i}": te for i, te in enumerate(self.text_encoders)})
+        return named
+
+    def param_groups(self, cfg: TrainConfig) -> list[dict]:
+        """Optimizer groups: the UNet's trained parameters at `learning_rate`, each trained encoder's at `te_lr`."""
+        groups = [{"params": [p for p in self.unet.parameters() if p.requires_grad], "lr": cfg.learning_rate}]
+        for te in self.text_encoders:
+            groups.append({"params": [p for p in te.parameters() if p.requires_grad], "lr": cfg.te_lr})
+        return groups
+
+    def expand(self, text: str) -> str:
+        """A caption or prompt as the tokenizer must see it (new tokens written out)."""
+        return text
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def save(self, run: Run, name: str, step: int, epoch: int, dtype: torch.dtype) -> list[Path]:
+        """Write what was trained as `name` (rank 0 only); returns the files and folders written."""
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Leave the base model ready for prompts once training ends."""
+
+
+class LoraLayers(Trainable):
+    """peft LoRA layers on the UNet's target modules (and on the text encoders with `train_text_encoder`)."""
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.text_grad = cfg.train_text_encoder
+
+    def _config(self, targets: list[str]):
+        from peft import LoraConfig
+
+        cfg = self.cfg
+        return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout, init_lora_weights=True,
+                          target_modules=targets)
+
+    def attach(self, unet, text_encoders, tokenizers, device) -> None:
+        from ..sd.lora_targets import inject_lora, text_encoder_target_modules, unet_target_modules
+
+        self.unet = unet
+        self.text_encoders = list(text_encoders) if self.cfg.train_text_encoder else []
+        inject_lora(unet, self._config(unet_target_modules(unet, self.cfg.target)))
+        for te in self.text_encoders:
+            inject_lora(te, self._config(text_encoder_target_modules(te, self.cfg.target)))
+
+    def describe(self) -> str:
+        te = " + text encoder" if self.text_encoders else ""
+        return f"LoRA rank {self.cfg.rank} alpha {self.cfg.alpha} ({self.cfg.target}{te})"
+
+    def save(self, run, name, step, epoch, dtype) -> list[Path]:
+        from ..formats.lora import extract_peft_lora, save_lora
+
+        cfg, base = self.cfg, run.base
+        weights = {"unet": extract_peft_lora(self.unet)}
+        for key, te in zip(("text_encoder", "text_encoder_2"), self.text_encoders):
+            weights[key] = extract_peft_lora(te)
+        metadata = self.metadata(run, name, step, epoch)
+        out = Path(cfg.output_dir)
+        written: list[Path] = []
+        for fmt, path in (("kohya", out / f"{name}.safetensors"), ("diffusers", out / f"{name}_diffusers")):
+            if cfg.save_format in (fmt, "both"):
+                written.append(save_lora(path, weights, family=base.family, unet_config=dict(base.unet.config),
+                                         format=fmt, metadata=metadata, dtype=dtype))
+        return written
+
+    def metadata(self, run: Run, name: str, step: int, epoch: int) -> dict[str, str]:
+        """sd-scripts' `ss_*` keys: LoRA browsers and A1111 read the training settings from them."""
+        from ..formats.lora import kohya_metadata
+
+        cfg, items = self.cfg, run.dataset.items
+        instance = [i for i in items if not i.is_class]
+        return kohya_metadata(
+            family=run.base.family, rank=cfg.rank, alpha=cfg.alpha, output_name=name, resolution=cfg.resolution,
+            clip_skip=cfg.clip_skip, num_train_images=sum(i.repeats for i in instance),  # sd-scripts counts repeats
+            tag_frequency=ss_tag_frequency(instance), steps=step, epoch=epoch,
+            prediction_type=run.base.prediction_type, timestamp=build_timestamp(),
+            extra={"ss_num_reg_images": str(sum(i.repeats for i in items if i.is_class)),
+                   "ss_prior_loss_weight": str(cfg.prior_loss_weight),
+                   "ss_learning_rate": str(cfg.learning_rate), "ss_text_encoder_lr": str(cfg.te_lr),
+                   "ss_unet_lr": str(cfg.learning_rate), "ss_optimizer": cfg.optimizer,
+                   "ss_lr_scheduler": cfg.lr_scheduler, "ss_seed": str(cfg.seed),
+                   "ss_network_dropout": str(cfg.lora_dropout), "ss_min_snr_gamma": str(cfg.min_snr_gamma),
+                   "ss_noise_offset": str(cfg.noise_offset), "ss_max_train_steps": str(step),
+                   "ss_mixed_precision": run.accelerator.mixed_precision,
+                   "ss_sd_model_name": model_name_for_metadata(cfg.pretrained_model),
+                   "ss_training_comment": f"helpers target={cfg.target}",
+                   "ss_network_args": json.dumps({"target": cfg.target})})
+
+
+class WholeUNet(Trainable):
+    """DreamBooth: every UNet weight (and every text-encoder weight with `train_text_encoder`), fp32 masters."""
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.text_grad = cfg.train_text_encoder
+
+    def attach(self, unet, text_encoders, tokenizers, device) -> None:
+        self.unet = unet
+        self.text_encoders = list(text_encoders) if self.cfg.train_text_encoder else []
+        for module in [unet, *self.text_encoders]:
+            module.requires_grad_(True)
+
+    def describe(self) -> str:
+        return "DreamBooth: full UNet" + (" + text encoder" if self.text_encoders else "")
+
+    def save(self, run, name, step, epoch, dtype) -> list[Path]:
+        """The whole pipeline as one original-layout file (A1111, ComfyUI) and/or a diffusers folder."""
+        from ..atomic import atomic_dir
+        from ..formats.checkpoint import save_single_file
+
+        cfg, base = self.cfg, run.base
+        out = Path(cfg.output_dir)
+        pipe = base.pipe  # its UNet (and text encoders) are the trained modules themselves
+        written: list[Path] = []
+        if cfg.save_format in ("kohya", "both"):
+            meta = {"modelspec.title": name, "helpers.method": "dreambooth", "helpers.step": str(step),
+                    "helpers.base_model": model_name_for_metadata(cfg.pretrained_model),
+                    "helpers.prediction_type": base.prediction_type}
+            written.append(save_single_file(pipe, out / f"{name}.safetensors", base.family, dtype=dtype,
+                                            metadata=meta))
+        if cfg.save_format in ("diffusers", "both"):
+            folder = out / f"{name}_diffusers"
+            with atomic_dir(folder) as tmp:
+                pipe.save_pretrained(str(tmp), safe_serialization=True)
+                cast_safetensors_files(tmp, dtype)
+            written.append(folder)
+        return written
+
+
+class NewTokens(Trainable):
+    """Textual Inversion: new vectors for `token_string` in each text encoder, the tables left untouched."""
+
+    text_grad = True
+    outside_ddp = True
+
+    def __init__(self, cfg: TrainConfig, file_suffix: str = ""):
+        super().__init__()
+        self.cfg = cfg
+        self.file_suffix = file_suffix  # "_emb" beside a LoRA of the same name (pivotal tuning)
+        self.embeddings = None
+
+    def attach(self, unet, text_encoders, tokenizers, device) -> None:
+        from ..sd.embeddings import NewTokenEmbeddings
+
+        cfg = self.cfg
+        self.embeddings = NewTokenEmbeddings(tokenizers, text_encoders, cfg.token_string, cfg.init_word,
+                                             cfg.num_vectors_per_token).to(device)
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"embeddings": self.embeddings}
+
+    def param_groups(self, cfg: TrainConfig) -> list[dict]:
+        # no weight decay on token vectors: it would pull them towards zero
+        return [{"params": list(self.embeddings.parameters()), "lr": cfg.emb_lr, "weight_decay": 0.0}]
+
+    def expand(self, text: str) -> str:
+        return self.embeddings.expand(text)
+
+    def describe(self) -> str:
+        cfg = self.cfg
+        return f"new token {cfg.token_string!r} x{cfg.num_vectors_per_token} from {cfg.init_word!r}"
+
+    def save(self, run, name, step, epoch, dtype) -> list[Path]:
+        from ..formats.embedding import save_embedding
+
+        cfg, family = self.cfg, run.base.family
+        path = Path(cfg.output_dir) / f"{name}{self.file_suffix}.safetensors"
+        return [save_embedding(path, self.embeddings.file_tensors(family), token=cfg.token_string, family=family,
+                               metadata={"init_word": cfg.init_word, "step": str(step),
+                                         "base_model": model_name_for_metadata(cfg.pretrained_model)})]
+
+    def finish(self) -> None:
+        """The trained vectors go into the tables: the pipeline is ready for prompts."""
+        self.embeddings.write_into_encoders()
+        self.embeddings.remove_hooks()
+
+
+def methods_for(cfg: TrainConfig) -> list[Trainable]:
+    """The trainables `cfg.method` (and `token_string`) ask for, in the order their optimizer groups go."""
+    if cfg.method == "textual_inversion":
+        return [NewTokens(cfg)]
+    if cfg.method == "dreambooth":
+        return [WholeUNet(cfg)]
+    return [LoraLayers(cfg)] + ([NewTokens(cfg, file_suffix="_emb")] if cfg.token_string else [])
+
+
+def describe_methods(methods: list[Trainable]) -> str:
+    """One line for the start of a run: 'LoRA rank 16 alpha 16.0 (attention) + new token ...'."""
+    if len(methods) == 1 and isinstance(methods[0], NewTokens):
+        return f"Textual Inversion: {methods[0].describe()}"
+    return " + ".join(m.describe() for m in methods)

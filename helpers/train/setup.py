@@ -1,0 +1,325 @@
+"""Everything a run sets up before its first step: accelerator, base model, trainables, data, optimizer.
+
+`setup(cfg)` returns a `Run` that the loop in `helpers.train.loop` drives; a saved training state is put
+back by `resume_into`. The pieces are functions of their own so the step benchmark builds its models the
+trainer's way (`make_accelerator`, `attach_methods`, `param_groups`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ConfigError, TrainConfig, save_config
+from ..sd.precision import accelerate_precision, decide_precision
+from .methods import Trainable, methods_for
+from .progress import Progress, Schedule
+from .state import TrainState
+from .step import DiffusionStep, OptimizerStep, vae_encoder
+
+
+@dataclass
+class Run:
+    """A set-up run: the models as accelerate prepared them, what is trained, the data and the optimizer."""
+
+    cfg: TrainConfig
+    accelerator: Any
+    base: Any                       # helpers.sd.models.BaseModel, with the trainables attached
+    methods: list[Trainable]
+    unet: Any                       # prepared (DDP-wrapped when several processes run)
+    text_encoders: list             # the trained ones, prepared
+    step: DiffusionStep
+    update: OptimizerStep
+    dataset: Any
+    loader: Any
+    sampler: Any
+    optimizer: Any
+    lr_scheduler: Any
+    generators: dict[str, torch.Generator]   # "noise" (the step's draws), "vae" (latent sampling)
+    schedule: Schedule
+    max_steps: int
+    num_epochs: int
+    num_images: int
+    attention: str
+    state: TrainState | None = None
+
+    @property
+    def models(self) -> list:
+        """The prepared models gradients flow into: accumulated together, put in train mode each epoch."""
+        return [self.unet, *self.text_encoders]
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """{name: module} of every trained parameter, in the order the optimizer groups go."""
+        return {name: m for method in self.methods for name, m in method.modules().items()}
+
+
+
+def resolve_mixed_precision(requested: str, device_type: str) -> str:
+    """accelerate's mixed_precision value for `requested` on this device ("no" | "fp16" | "bf16"), as
+    `helpers.sd.precision.decide_precision` decides it (fp16 on a T4, bf16 on Ampere+, fp32 on CPU)."""
+    return accelerate_precision(decide_precision(requested, device_type))
+
+
+def check_ready(cfg: TrainConfig) -> None:
+    """Fail before loading anything when the run cannot start."""
+    if not cfg.pretrained_model:
+        raise ConfigError("pretrained_model must be set: a hub id, a diffusers folder or a .safetensors file")
+    if not cfg.train_data_dir:
+        raise ConfigError("train_data_dir must be set: a folder of images with .txt captions")
+    for name in ("train_data_dir", "reg_data_dir"):
+        folder = getattr(cfg, name)
+        if folder and not Path(folder).is_dir():
+            raise ConfigError(f"{name} {folder!r} is not a folder")
+
+
+def make_accelerator(cfg: TrainConfig, device_type: str | None = None) -> tuple[Any, torch.dtype]:
+    """A fresh accelerate `Accelerator` for `cfg` and the compute dtype the frozen weights take."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DataLoaderConfiguration
+
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    # accelerate keeps its settings in a process-wide singleton: a notebook that trains twice with other
+    # precision settings would fail. Reset those settings, keep the distributed state (PartialState).
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(
+        # cpu=True on GPU-less machines also lets accelerate see a multi-process CPU world (gloo) when
+        # started by `accelerate launch --multi_gpu` / torchrun; MPS users are not served here.
+        cpu=device_type == "cpu" and not torch.backends.mps.is_available(),
+        mixed_precision=resolve_mixed_precision(cfg.mixed_precision, device_type),
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        # batches come from pinned memory (see the loader): copy them to the GPU without waiting
+        dataloader_config=DataLoaderConfiguration(non_blocking=device_type == "cuda"),
+    )
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    return accelerator, weight_dtype
+
+
+def attach_methods(cfg: TrainConfig, unet, text_encoders: list, tokenizers: list,
+                   device: torch.device) -> list[Trainable]:
+    """Freeze the base, attach what `cfg` trains, and set the memory/speed options of the trained modules.
+    Returns the trainables; their parameters are fp32 masters, the frozen weights keep their dtype."""
+    for module in [unet, *text_encoders]:
+        module.requires_grad_(False)
+    methods = methods_for(cfg)
+    for method in methods:
+        method.attach(unet, text_encoders, tokenizers, device)
+    trained_tes = [te for m in methods for te in m.text_encoders]
+    for module in [unet, *trained_tes]:
+        for p in module.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        for te in trained_tes:
+            te.gradient_checkpointing_enable()
+    if cfg.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if cfg.torch_compile:  # in place: the module, its parameter names and every save stay as they are
+        unet.compile(backend=cfg.compile_backend)
+    return methods
+
+
+def param_groups(cfg: TrainConfig, methods: list[Trainable]) -> list[dict]:
+    return [group for m in methods for group in m.param_groups(cfg)]
+
+
+def setup(cfg: TrainConfig, base=None, *, show_progress: bool = True) -> Run:
+    """Set up a run as `cfg` says (on every process); `base` may be an already loaded BaseModel."""
+    from accelerate.utils import set_seed
+
+    from ..sd.models import load_base, set_attention
+    from .optim import build_optimizer, build_scheduler
+    from .state import check_config_compatible, find_resume_state, load_state, states_dir
+
+    check_ready(cfg)
+    accelerator, weight_dtype = make_accelerator(cfg)
+    out_dir = Path(cfg.output_dir)
+    state_path = find_resume_state(cfg.resume, out_dir, cfg.output_name)  # every process reads the same folder
+    state = load_state(state_path) if state_path else None
+    if state is not None:
+        check_config_compatible(state.info.get("config", {}), cfg.to_dict(), state.path)
+    elif cfg.resume and accelerator.is_main_process:
+        print(f"resume={cfg.resume!r}: no saved state under {states_dir(out_dir)} yet; starting from the beginning")
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / f"{cfg.output_name}.toml")
+    set_seed(cfg.seed)
+
+    if base is None:  # the frozen base model, weights in the compute dtype
+        base = load_base(cfg.pretrained_model, device=accelerator.device, dtype=weight_dtype, vae=cfg.vae,
+                         config=cfg.model_config, family=None if cfg.family == "auto" else cfg.family,
+                         prediction_type=None if cfg.prediction_type == "auto" else cfg.prediction_type)
+    if any(getattr(m, "peft_config", None) for m in [base.unet, *base.text_encoders]):
+        # a notebook reusing its BaseModel: start from the plain base, not on top of an earlier LoRA
+        print("removing LoRA layers left on the base model by an earlier run or load_loras()")
+        base.pipe.unload_lora_weights()
+    for module in [base.unet, base.vae, *base.text_encoders]:
+        module.requires_grad_(False)
+    attention = set_attention(base.unet, cfg.attention)
+    methods = attach_methods(cfg, base.unet, base.text_encoders, base.tokenizers, accelerator.device)
+    trained_tes = [te for m in methods for te in m.text_encoders]
+
+    dataset, num_images, encode_images, vae_gen = _training_data(cfg, base, methods, accelerator, show_progress)
+    sampler, loader = _loader(cfg, dataset, accelerator.device.type)
+    optimizer = build_optimizer(cfg.optimizer, param_groups(cfg, methods), lr=cfg.learning_rate,
+                                weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                eps=cfg.adam_epsilon)
+    updates_per_epoch = math.ceil(math.ceil(len(loader) / accelerator.num_processes)
+                                  / cfg.gradient_accumulation_steps)
+    max_steps = cfg.max_train_epochs * updates_per_epoch if cfg.max_train_epochs else cfg.max_train_steps
+    # accelerate steps a prepared scheduler once per process per optimizer step
+    lr_scheduler = build_scheduler(cfg.lr_scheduler, optimizer,
+                                   warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
+                                   total_steps=max_steps * accelerator.num_processes,
+                                   num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
+    prepared = accelerator.prepare(base.unet, *trained_tes, optimizer, loader, lr_scheduler)
+    unet, trained_tes = prepared[0], list(prepared[1:1 + len(trained_tes)])
+    optimizer, loader, lr_scheduler = prepared[-3:]
+
+    noise_scheduler = base.noise_scheduler()
+    noise_gen = torch.Generator(device=accelerator.device).manual_seed(cfg.seed + accelerator.process_index)
+    step = make_step(cfg, methods, base.family, noise_scheduler, base.tokenizers,
+                     trained_tes if cfg.train_text_encoder else base.text_encoders, accelerator.device, weight_dtype,
+                     encode_images=encode_images)
+    update = make_update(cfg, methods, accelerator, optimizer, lr_scheduler)
+    return Run(cfg, accelerator, base, methods, unet, trained_tes, step, update, dataset, loader, sampler, optimizer,
+               lr_scheduler, {"noise": noise_gen, "vae": vae_gen}, Schedule.from_config(cfg, max_steps, len(loader)),
+               max_steps, math.ceil(max_steps / updates_per_epoch), num_images, attention, state)
+
+
+def make_step(cfg: TrainConfig, methods: list[Trainable], family: str, noise_scheduler, tokenizers: list,
+              text_encoders: list, device: torch.device, weight_dtype: torch.dtype,
+              encode_images=None) -> DiffusionStep:
+    """The diffusion step `cfg` asks for; `text_encoders` are the prepared ones when they are trained."""
+    return DiffusionStep(family, noise_scheduler, tokenizers, text_encoders, device, weight_dtype,
+                         clip_skip=cfg.clip_skip, noise_offset=cfg.noise_offset, min_snr_gamma=cfg.min_snr_gamma,
+                         prior_loss_weight=cfg.prior_loss_weight, text_grad=any(m.text_grad for m in methods),
+                         expand=_expander(methods), encode_images=encode_images)
+
+
+def make_update(cfg: TrainConfig, methods: list[Trainable], accelerator, optimizer, lr_scheduler) -> OptimizerStep:
+    """The update of every trained parameter (clipped at `max_grad_norm`) from one loss."""
+    return OptimizerStep(accelerator, optimizer, lr_scheduler, trainable_params(methods), cfg.max_grad_norm,
+                         outside_ddp=[p for m in methods if m.outside_ddp for p in trainable_params([m])])
+
+
+def trainable_params(methods: list[Trainable]) -> list[torch.nn.Parameter]:
+    """Every trained parameter, in the order of the methods' modules (clipped together)."""
+    return [p for m in methods for mod in m.modules().values() for p in mod.parameters() if p.requires_grad]
+
+
+def _expander(methods: list[Trainable]):
+    """One function writing out every method's new tokens in a caption (the identity without new tokens)."""
+    expanding = [m for m in methods if type(m).expand is not Trainable.expand]
+    if not expanding:
+        return str
+
+    def expand(text: str) -> str:
+        for m in expanding:
+            text = m.expand(text)
+        return text
+
+    return expand
+
+
+def _training_data(cfg: TrainConfig, base, methods: list[Trainable], accelerator, show_progress: bool):
+    """The dataset (buckets, captions, class images, optional latent cache), the number of images, the
+    image encoder the step uses when latents are not cached, and its sampling generator."""
+    from ..data.dataset import CaptionProcessor, TrainDataset, load_image_folder
+
+    out_dir, is_main = Path(cfg.output_dir), accelerator.is_main_process
+    items = load_image_folder(cfg.train_data_dir, caption_extension=cfg.caption_extension,
+                              default_repeats=cfg.repeats)
+    if cfg.token_string:
+        _check_token_in_captions(items, cfg.token_string)
+    reg_dir = cfg.reg_data_dir or (str(out_dir / "class_images") if cfg.num_class_images else None)
+    if cfg.num_class_images:  # DreamBooth prior preservation: make the missing class images with the base model
+        if is_main:
+            from .class_images import generate_class_images
+
+            generate_class_images(base.pipe, cfg.class_prompt, reg_dir, cfg.num_class_images, seed=cfg.seed,
+                                  steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg, sampler=cfg.sample_sampler,
+                                  family=base.family, progress=show_progress)
+        accelerator.wait_for_everyone()
+    if reg_dir:
+        items += load_image_folder(reg_dir, caption_extension=cfg.caption_extension,
+                                   default_repeats=cfg.repeats, is_class=True)
+    dataset = TrainDataset(
+        items, resolution=cfg.resolution, enable_bucket=cfg.enable_bucket,
+        min_bucket_reso=cfg.min_bucket_reso, max_bucket_reso=cfg.max_bucket_reso,
+        bucket_reso_steps=cfg.bucket_reso_steps, bucket_no_upscale=cfg.bucket_no_upscale,
+        flip=cfg.flip_aug, seed=cfg.seed,
+        caption_processor=CaptionProcessor(shuffle=cfg.shuffle_caption, keep_tokens=cfg.keep_tokens,
+                                           dropout=cfg.caption_dropout_rate,
+                                           tag_dropout=cfg.caption_tag_dropout_rate),
+    )
+    vae, device = base.vae, accelerator.device
+    vae_gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    encode_images = vae_encoder(vae, device, vae_gen)
+    if cfg.cache_latents:
+        cache_dir = out_dir / "latent_cache" if cfg.cache_latents_to_disk else None
+        with accelerator.main_process_first():
+            dataset.cache_latents(encode_images, cache_dir=cache_dir, show_progress=show_progress and is_main,
+                                  encoder_id=f"{cfg.pretrained_model}|{cfg.vae}|{vae.config.scaling_factor}|"
+                                             f"{getattr(vae.config, 'shift_factor', None)}")
+    return dataset, len(items), encode_images, vae_gen
+
+
+def _loader(cfg: TrainConfig, dataset, device_type: str):
+    """The bucket sampler and the data loader over it (workers only when images are decoded per step)."""
+    from ..data.dataset import BucketBatchSampler, collate
+
+    sampler = BucketBatchSampler(dataset, cfg.train_batch_size, seed=cfg.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate,
+        num_workers=0 if cfg.cache_latents else min(2, max(0, (os.cpu_count() or 1) - 1)),
+        pin_memory=device_type == "cuda")
+    return sampler, loader
+
+
+def resume_into(run: Run, prog: Progress) -> None:
+    """Put a saved state back: trained weights, optimizer, schedule, grad scaler and the position in the data."""
+    state, acc = run.state, run.accelerator
+    prog.loss_sum = torch.zeros((), device=acc.device)
+    if state is None:
+        return
+    from .state import load_trainable
+
+    load_trainable(run.modules(), state.trainable, state.path)
+    run.optimizer.load_state_dict(state.optimizer)
+    run.lr_scheduler.load_state_dict(state.lr_scheduler)
+    if state.scaler is not None and acc.scaler is not None:
+        acc.scaler.load_state_dict(state.scaler)
+    prog.step, prog.epoch, prog.batch_in_epoch = state.step, state.epoch, state.batch_in_epoch
+    if acc.process_index < len(state.rng):
+        prog.pending_rng = state.rng[acc.process_index]  # restored when the data loader has started
+        prog.loss_sum += prog.pending_rng.get("loss_sum", 0.0)
+        prog.loss_count = int(prog.pending_rng.get("loss_count", 0))
+    if len(state.rng) != acc.num_processes and acc.is_main_process:
+        warnings.warn(f"the state was saved by {len(state.rng)} process(es), this run has "
+                      f"{acc.num_processes}: it continues, but not exactly as the original run would "
+                      f"have (data order and noise differ).", RuntimeWarning, stacklevel=3)
+    if acc.is_main_process:
+        print(f"resuming from {state.path} at step {prog.step} (epoch {prog.epoch + 1}, "
+              f"batch {prog.batch_in_epoch} of {len(run.loader)})")
+
+
+def _check_token_in_captions(items, token: str) -> None:
+    """Textual inversion learns a token from the captions that contain it: none would teach nothing."""
+    from ..sd.embeddings import token_pattern
+
+    pattern = token_pattern(token)
+    lacking = [i for i in items if not pattern.search(i.caption)]
+    if len(lacking) == len(items):
+        raise ConfigError(f"no caption contains token_string {token!r}, so nothing would teach it. Put it in the "
+                          f"captions (python -m helpers tag <folder> --trigger {token}), e.g. '{token}, a photo of ...'")
+    if lacking:
+        warnings.warn(f"{len(lacking)} of {len(items)} captions lack token_string {token!r} (e.g. "
+                      f"{Path(lacking[0].path).name}); those images train nothing for it", RuntimeWarning, stacklevel=5)
