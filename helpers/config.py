@@ -460,7 +460,8 @@ class EvalConfig(ConfigBase):
 
 # --- type checking of values coming from TOML, the CLI or widgets ---------------------------
 
-def _allowed_types(tp: Any) -> tuple[type, ...]:
+def allowed_types(tp: Any) -> tuple[type, ...]:
+    """The types a field annotation admits: `int | None` -> (int, NoneType); `list[str]` -> (list,)."""
     origin = get_origin(tp)
     if origin is None:
         return (tp,)
@@ -468,7 +469,7 @@ def _allowed_types(tp: Any) -> tuple[type, ...]:
         return (list,)
     out: list[type] = []
     for arg in get_args(tp):  # unions: X | None
-        out.extend(_allowed_types(arg))
+        out.extend(allowed_types(arg))
     return tuple(out)
 
 
@@ -495,7 +496,7 @@ def _check_types(cfg: Any) -> None:
     hints = get_type_hints(type(cfg))
     for f in fields(cfg):
         value = getattr(cfg, f.name)
-        allowed = _allowed_types(hints[f.name])
+        allowed = allowed_types(hints[f.name])
         if float in allowed and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)  # TOML and the CLI write 1 for 1.0
             setattr(cfg, f.name, value)
@@ -655,5 +656,6 @@ def parse_color(value: str | Sequence[int]) -> tuple[int, int, int]:
     return (int(values[0]), int(values[1]), int(values[2]))
 
 
-def _color_text(rgb: tuple[int, int, int]) -> str:
+def color_text(rgb: tuple[int, int, int]) -> str:
+    """A colour as #rrggbb (how configs and reports write it)."""
     return "#{:02x}{:02x}{:02x}".format(*rgb)

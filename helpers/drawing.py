@@ -11,7 +11,8 @@ GRID_LEFT, GRID_TOP, GRID_PAD, GRID_ZOOM = 250, 26, 8, 3
 Cell = Image.Image | list[Image.Image]
 
 
-def _font(size: int) -> ImageFont.ImageFont:
+def load_font(size: int) -> ImageFont.ImageFont:
+    """Pillow's default font at `size` px (the fixed bitmap font where FreeType is missing)."""
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow without FreeType: the fixed bitmap font
@@ -70,7 +71,7 @@ def image_grid(rows_of_images: list[list[Cell]], row_labels: list[str], col_labe
     if any(s.size != (sw, sh) for r in strips for s in r):
         raise ValueError("all grid cells must have the same size (and number of images)")
     cw, ch = sw * zoom, sh * zoom
-    font = _font(font_size or max(10, min(cw, ch) // 16))
+    font = load_font(font_size or max(10, min(cw, ch) // 16))
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line_h = int(probe.textbbox((0, 0), "Ag", font=font)[3]) + 2
 

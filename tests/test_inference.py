@@ -208,7 +208,7 @@ def test_parse_a1111_text_as_a1111_writes_it():
 def test_each_sampler_builds_and_generates(name, sd15):
     cls_name, extra = SAMPLERS[name]
     package = samplers.SAMPLER_PACKAGES.get(cls_name)
-    if package and not samplers._package_available(package):
+    if package and not samplers.package_available(package):
         with pytest.raises(MissingPackageError, match=f"pip install {package}"):
             set_sampler(sd15, name)
         return
@@ -240,7 +240,7 @@ def test_sampler_settings_do_not_leak_and_karras_is_explicit(sd15):
 
 @pytest.mark.parametrize("name", ["Euler a", "DPM++ SDE Karras"])
 def test_stochastic_samplers_reproduce_per_image_seed(name, sd15):
-    if name.startswith("DPM++ SDE") and not samplers._package_available("torchsde"):
+    if name.startswith("DPM++ SDE") and not samplers.package_available("torchsde"):
         pytest.skip("torchsde not installed")
     batch, _ = generate(sd15, "a cat", steps=3, seed=20, num_images=2, sampler=name)
     again, _ = generate(sd15, "a cat", steps=3, seed=20, num_images=2, sampler=name)
@@ -252,7 +252,7 @@ def test_stochastic_samplers_reproduce_per_image_seed(name, sd15):
 
 
 def test_missing_sampler_package_names_the_pip_package(sd15, monkeypatch):
-    monkeypatch.setattr(samplers, "_package_available", lambda name: name not in ("torchsde", "scipy"))
+    monkeypatch.setattr(samplers, "package_available", lambda name: name not in ("torchsde", "scipy"))
     with pytest.raises(MissingPackageError, match="pip install torchsde") as e:
         set_sampler(sd15, "DPM++ SDE Karras")
     assert isinstance(e.value, ImportError) and isinstance(e.value, ValueError)

@@ -22,7 +22,7 @@ from .dataset import IMAGE_EXTENSIONS, CaptionDecodeError, read_caption_file
 HISTORY_DIR = ".caption_history"
 MANIFEST = "manifest.json"
 _MANIFEST_FORMAT = "sd-lora-helpers/caption-history/1"
-_KOHYA_FOLDER = re.compile(r"^(\d+)_(.*)$")
+KOHYA_FOLDER = re.compile(r"^(\d+)_(.*)$")
 _ENTRY_NAME = re.compile(r"^(\d{6})-(\d{8}T\d{6})$")
 
 
@@ -55,7 +55,7 @@ def list_images(folder: str | Path) -> list[str]:
         if entry.name.startswith("."):
             continue
         if entry.is_dir():
-            match = _KOHYA_FOLDER.match(entry.name)
+            match = KOHYA_FOLDER.match(entry.name)
             if match is None or int(match.group(1)) < 1:
                 continue  # _dropped/, notes/, ...
             found += [f"{entry.name}/{sub.name}" for sub in sorted(entry.iterdir()) if _is_image_file(sub)]

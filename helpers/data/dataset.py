@@ -91,7 +91,7 @@ class ImageItem:
     is_class: bool = False  # prior-preservation (class) image
 
 
-_KOHYA_FOLDER = re.compile(r"^(\d+)_(.*)$")
+KOHYA_FOLDER = re.compile(r"^(\d+)_(.*)$")
 
 
 def _is_image(p: Path) -> bool:
@@ -173,7 +173,7 @@ def load_image_folder(folder: str | Path, caption_extension: str = ".txt", defau
         if entry.is_dir():
             if entry.name.startswith("_"):
                 continue  # _report/, _dropped/ of a prepared set
-            match = _KOHYA_FOLDER.match(entry.name)
+            match = KOHYA_FOLDER.match(entry.name)
             if match is None or int(match.group(1)) < 1:
                 skipped.append(entry.name)
                 continue

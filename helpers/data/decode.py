@@ -41,15 +41,17 @@ _EXIF_ORIENTATION = 0x0112
 
 
 @dataclass
-class _Entry:
+class SourceEntry:
+    """One file of the source (folder or zip): its relative path, size and a reader for its bytes."""
     rel: str                                  # posix path relative to the source root
     size: int
     read: Callable[[], bytes]
     problem: str | None = None                # set when the entry must be rejected unread
 
 
-def _folder_entries(root: Path) -> tuple[list[_Entry], list[FileRecord]]:
-    entries: list[_Entry] = []
+def folder_entries(root: Path) -> tuple[list[SourceEntry], list[FileRecord]]:
+    """The files under `root` to read (links and system folders skipped, with a record of why)."""
+    entries: list[SourceEntry] = []
     skipped: list[FileRecord] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         base = Path(dirpath)
@@ -68,9 +70,9 @@ def _folder_entries(root: Path) -> tuple[list[_Entry], list[FileRecord]]:
             try:
                 size = path.stat().st_size
             except OSError as e:  # a dangling link, a permission problem
-                entries.append(_Entry(rel, 0, lambda: b"", problem=f"cannot read the file: {e.strerror or e}"))
+                entries.append(SourceEntry(rel, 0, lambda: b"", problem=f"cannot read the file: {e.strerror or e}"))
                 continue
-            entries.append(_Entry(rel, size, (lambda p=path: p.read_bytes())))
+            entries.append(SourceEntry(rel, size, (lambda p=path: p.read_bytes())))
     return entries, skipped
 
 
@@ -82,14 +84,15 @@ def _unsafe_member(name: str) -> bool:
 
 
 @contextmanager
-def _zip_entries(path: Path) -> Iterator[list[_Entry]]:
+def zip_entries(path: Path) -> Iterator[list[SourceEntry]]:
+    """The members of a zip file to read; unsafe paths (zip-slip) and oversized members are marked, not read."""
     try:
         zf = zipfile.ZipFile(path)
     except zipfile.BadZipFile as e:
         raise ValueError(f"{path} is not a valid zip file ({e}). Re-create the zip or pass the folder "
                          f"instead.") from None
     with zf:
-        entries: list[_Entry] = []
+        entries: list[SourceEntry] = []
         for info in zf.infolist():
             if info.is_dir():
                 continue
@@ -115,7 +118,7 @@ def _zip_entries(path: Path) -> Iterator[list[_Entry]]:
                 return data
 
             rel = name.replace("\\", "/") if problem is None else name
-            entries.append(_Entry(rel, info.file_size, read, problem))
+            entries.append(SourceEntry(rel, info.file_size, read, problem))
         entries.sort(key=lambda e: e.rel)
         yield entries
 

@@ -49,7 +49,8 @@ def hamming(a: int, b: int) -> int:
     return int(a ^ b).bit_count()
 
 
-def _pixel_sha256(image: Image.Image) -> str:
+def pixel_digest(image: Image.Image) -> str:
+    """SHA-256 of the decoded pixels (size, mode, bytes): equal for byte-different files of one image."""
     h = hashlib.sha256(f"{image.width}x{image.height}:{image.mode}:".encode())
     h.update(image.tobytes())
     return h.hexdigest()

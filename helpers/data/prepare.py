@@ -34,21 +34,21 @@ import numpy as np
 from PIL import Image
 
 from ..atomic import OutputWriteError, atomic_dir, atomic_path
-from ..config import ConfigError, PrepareConfig, _color_text, config_to_toml, parse_color
+from ..config import ConfigError, PrepareConfig, color_text, config_to_toml, parse_color
 from .crops import crop_image
-from .dataset import _KOHYA_FOLDER, make_buckets, select_bucket
+from .dataset import KOHYA_FOLDER, make_buckets, select_bucket
 from .decode import (
     INGEST_EXTENSIONS,
     MAX_FILE_BYTES,
     NOT_AN_IMAGE,
     RejectedInput,
-    _Entry,
-    _folder_entries,
-    _zip_entries,
+    SourceEntry,
+    folder_entries,
+    zip_entries,
     decode_image,
     read_caption,
 )
-from .duplicates import _pixel_sha256, clip_embeddings, color_signature, find_duplicates, load_clip, perceptual_hash
+from .duplicates import pixel_digest, clip_embeddings, color_signature, find_duplicates, load_clip, perceptual_hash
 from .records import (
     DROPPED_DIR,
     MANIFEST_CSV,
@@ -57,12 +57,12 @@ from .records import (
     DuplicateGroup,
     FileRecord,
     PrepareReport,
-    _is_prepared_set,
-    _write_manifest,
+    is_prepared_set,
+    write_manifest,
     compute_bucket_table,
     load_manifest,
 )
-from .sheets import _contact_sheets, _duplicate_sheets, _open_rgb, plot_buckets
+from .sheets import write_contact_sheets, write_duplicate_sheets, open_rgb, plot_buckets
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def _check_paths(source: Path, output: Path, overwrite: bool) -> str:
         if not out.is_dir():
             raise ValueError(f"output_dir {output} is a file; choose a folder.")
         if any(out.iterdir()):
-            if not _is_prepared_set(out):
+            if not is_prepared_set(out):
                 raise ValueError(f"output_dir {output} is not empty and holds no prepared set; refusing to replace "
                                  f"it. Choose a new or empty folder.")
             if not overwrite:
@@ -158,7 +158,7 @@ def _out_names(rels: Sequence[str]) -> dict[str, tuple[str, str, int]]:
     that hold every image (a zip's wrapper folder)."""
     def kohya_index(dirs: Sequence[str]) -> int | None:
         for k, d in enumerate(dirs):
-            m = _KOHYA_FOLDER.match(d)
+            m = KOHYA_FOLDER.match(d)
             if m and int(m.group(1)) >= 1:
                 return k
         return None
@@ -182,7 +182,7 @@ def _out_names(rels: Sequence[str]) -> dict[str, tuple[str, str, int]]:
         if k is None:
             folder, extra, repeats = "", dirs[common:], 1
         else:
-            match = _KOHYA_FOLDER.match(dirs[k])
+            match = KOHYA_FOLDER.match(dirs[k])
             assert match is not None
             folder, extra, repeats = dirs[k], dirs[k + 1:], int(match.group(1))
         name = "__".join([*extra, stem])
@@ -216,7 +216,7 @@ def prepare(source: str | Path, output_dir: str | Path, *, resolution: int = 512
     See `PrepareConfig` for the settings. The source is never modified; `output_dir` must lie outside
     it, and an existing prepared set there is replaced (atomically) only with `overwrite=True`.
     """
-    bg = background if isinstance(background, str) else _color_text(parse_color(background))
+    bg = background if isinstance(background, str) else color_text(parse_color(background))
     cfg = PrepareConfig(source=str(source), output_dir=str(output_dir), resolution=resolution, crop=crop,
                         min_size=min_size, max_pixels=max_pixels, max_side=max_side, allow_upscale=allow_upscale,
                         background=bg, caption_extension=caption_extension, image_format=image_format,
@@ -246,18 +246,18 @@ def prepare_from_config(cfg: PrepareConfig, *, overwrite: bool = False, progress
     cap_ext = cfg.caption_extension.lower()
 
     @contextmanager
-    def entries_cm() -> Iterator[tuple[list[_Entry], list[FileRecord]]]:
+    def entries_cm() -> Iterator[tuple[list[SourceEntry], list[FileRecord]]]:
         if source_kind == "zip":
-            with _zip_entries(source) as entries:
+            with zip_entries(source) as entries:
                 yield entries, []
         else:
-            yield _folder_entries(source)
+            yield folder_entries(source)
 
     with entries_cm() as (entries, skipped), atomic_dir(output) as tmp:
         records: list[FileRecord] = list(skipped)
-        images: list[_Entry] = []
-        captions: dict[tuple[str, str], _Entry] = {}
-        others: list[_Entry] = []
+        images: list[SourceEntry] = []
+        captions: dict[tuple[str, str], SourceEntry] = {}
+        others: list[SourceEntry] = []
         for e in entries:
             p = PurePosixPath(e.rel)
             parts = p.parts
@@ -328,7 +328,7 @@ def prepare_from_config(cfg: PrepareConfig, *, overwrite: bool = False, progress
                     bar.update(1)
                     continue
                 rec.flags += crop_flags
-                rec.pixel_sha256 = _pixel_sha256(dec.image)
+                rec.pixel_sha256 = pixel_digest(dec.image)
                 rec.phash = f"{perceptual_hash(dec.image):016x}"
                 rec.color_sig = color_signature(dec.image).hex()
 
@@ -394,7 +394,7 @@ def prepare_from_config(cfg: PrepareConfig, *, overwrite: bool = False, progress
         embeddings = None
         if clip is not None and len(ok) > 1:
             embeddings = np.concatenate([
-                clip_embeddings([_open_rgb(tmp / r.prepared) for r in ok[s:s + 64]], *clip)
+                clip_embeddings([open_rgb(tmp / r.prepared) for r in ok[s:s + 64]], *clip)
                 for s in range(0, len(ok), 64)])
         del clip
         groups = find_duplicates(ok, cfg.near_dup_threshold, embeddings, cfg.clip_threshold)
@@ -402,12 +402,12 @@ def prepare_from_config(cfg: PrepareConfig, *, overwrite: bool = False, progress
         report_dir = tmp / REPORT_DIR
         final_report = output / REPORT_DIR
         by_name = {r.name: r for r in ok}
-        _duplicate_sheets(groups, by_name, thumbs, tmp, report_dir, final_report, fsync=False)
+        write_duplicate_sheets(groups, by_name, thumbs, tmp, report_dir, final_report, fsync=False)
         table = compute_bucket_table(ok)
         plot_buckets(table, report_dir / "buckets.png", cfg.resolution, fsync=False)
-        sheets = _contact_sheets(tmp, ok, thumbs, report_dir, fsync=False)
+        sheets = write_contact_sheets(tmp, ok, thumbs, report_dir, fsync=False)
         records.sort(key=lambda r: (r.source, r.kind))
-        _write_manifest(tmp, cfg, records, groups, source_kind, created, fsync=False)
+        write_manifest(tmp, cfg, records, groups, source_kind, created, fsync=False)
         with atomic_path(report_dir / "prepare_config.toml", fsync=False) as t:
             t.write_text(config_to_toml(cfg), encoding="utf-8")
 
@@ -484,11 +484,11 @@ def _move_images(prepared_dir: Path, names: Sequence[str], drop: bool) -> list[s
         r.reason = "dropped by the user" if drop else ""
         moved.append(rel if drop else new_rel)
     groups = [DuplicateGroup(g["kind"], g["members"], g.get("scores", {})) for g in data.get("duplicate_groups", [])]
-    _write_manifest(folder, cfg, files, groups, data.get("source_kind", ""), data.get("created", ""))
+    write_manifest(folder, cfg, files, groups, data.get("source_kind", ""), data.get("created", ""))
     report_dir = folder / REPORT_DIR
     ok = [r for r in files if r.status == "ok"]
     plot_buckets(compute_bucket_table(ok), report_dir / "buckets.png", cfg.resolution)
-    _contact_sheets(folder, ok, {}, report_dir, fsync=True)
+    write_contact_sheets(folder, ok, {}, report_dir, fsync=True)
     return moved
 
 

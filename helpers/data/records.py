@@ -189,8 +189,9 @@ def _csv_text(records: Sequence[FileRecord]) -> str:
     return buf.getvalue()
 
 
-def _write_manifest(folder: Path, cfg: PrepareConfig, records: Sequence[FileRecord], groups: Sequence[DuplicateGroup],
-                    source_kind: str, created: str, fsync: bool = True) -> None:
+def write_manifest(folder: Path, cfg: PrepareConfig, records: Sequence[FileRecord], groups: Sequence[DuplicateGroup],
+                   source_kind: str, created: str, fsync: bool = True) -> None:
+    """Write the prepared set's manifest (JSON and CSV): settings, source, every file's record, duplicates."""
     data = {
         "format": MANIFEST_FORMAT,
         "created": created,
@@ -219,7 +220,8 @@ def load_manifest(prepared_dir: str | Path) -> dict[str, Any]:
     return data
 
 
-def _is_prepared_set(folder: Path) -> bool:
+def is_prepared_set(folder: Path) -> bool:
+    """Whether `folder` holds a training set this package prepared (its manifest says so)."""
     try:
         return json.loads((folder / MANIFEST_JSON).read_text(encoding="utf-8")).get("format") == MANIFEST_FORMAT
     except Exception:

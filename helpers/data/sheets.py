@@ -10,7 +10,7 @@ from typing import Any, Sequence
 from PIL import Image, ImageDraw
 
 from ..atomic import atomic_path
-from ..drawing import _font
+from ..drawing import load_font
 from .records import DuplicateGroup, FileRecord
 
 
@@ -25,7 +25,7 @@ def _fit_text(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> st
 def thumbnail_sheet(thumbs: Sequence[tuple[Image.Image, Sequence[str]]], columns: int = 10, cell: int = 160,
                     title: str = "") -> Image.Image:
     """A grid of thumbnails, each with its lines of text underneath (file name first)."""
-    font = _font(12)
+    font = load_font(12)
     n_lines = max((len(lines) for _, lines in thumbs), default=1)
     line_h = 15
     cols = max(1, min(columns, len(thumbs)))
@@ -36,7 +36,7 @@ def thumbnail_sheet(thumbs: Sequence[tuple[Image.Image, Sequence[str]]], columns
     sheet = Image.new("RGB", (cols * cw, title_h + rows * ch), (250, 250, 250))
     draw = ImageDraw.Draw(sheet)
     if title:
-        draw.text((pad, 5), title, fill=(0, 0, 0), font=_font(14))
+        draw.text((pad, 5), title, fill=(0, 0, 0), font=load_font(14))
     for k, (img, lines) in enumerate(thumbs):
         x0, y0 = (k % cols) * cw, title_h + (k // cols) * ch
         t = img.copy()
@@ -82,8 +82,9 @@ def plot_buckets(table: Sequence[tuple[tuple[int, int], int]], path: str | Path,
     return path
 
 
-def _contact_sheets(folder: Path, items: Sequence[FileRecord], thumbs: dict[str, Image.Image], report_dir: Path,
-                    fsync: bool, per_page: int = 100) -> list[Path]:
+def write_contact_sheets(folder: Path, items: Sequence[FileRecord], thumbs: dict[str, Image.Image], report_dir: Path,
+                         fsync: bool, per_page: int = 100) -> list[Path]:
+    """Contact-sheet PNGs of the kept images, `per_page` thumbnails each; old sheets are replaced."""
     for old in report_dir.glob("contact_sheet_*.png"):
         old.unlink()
     paths = []
@@ -103,7 +104,8 @@ def _contact_sheets(folder: Path, items: Sequence[FileRecord], thumbs: dict[str,
     return paths
 
 
-def _open_rgb(path: Path) -> Image.Image:
+def open_rgb(path: Path) -> Image.Image:
+    """An image file as an RGB image, read fully (the file is closed)."""
     with Image.open(path) as im:
         return im.convert("RGB")
 
@@ -117,8 +119,9 @@ def _thumb_from_file(path: Path, cell: int = 160) -> Image.Image:
         return Image.new("RGB", (cell, cell), (200, 0, 0))
 
 
-def _duplicate_sheets(groups: Sequence[DuplicateGroup], by_name: dict[str, FileRecord], thumbs: dict[str, Image.Image],
-                      folder: Path, report_dir: Path, final_report_dir: Path, fsync: bool) -> None:
+def write_duplicate_sheets(groups: Sequence[DuplicateGroup], by_name: dict[str, FileRecord], thumbs: dict[str, Image.Image],
+                           folder: Path, report_dir: Path, final_report_dir: Path, fsync: bool) -> None:
+    """One sheet per duplicate group: which image was kept and which were dropped."""
     dup_dir = report_dir / "duplicates"
     for k, g in enumerate(groups, start=1):
         cells = []

@@ -89,9 +89,9 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: str) -> torch.dtype:
 
 def _offline() -> bool:
     """Whether the Hub must not be contacted (HF_HUB_OFFLINE=1 or no network): same rule as base models."""
-    from ..sd.models import _use_local_files_only
+    from ..sd.models import use_local_files_only
 
-    return _use_local_files_only(None)
+    return use_local_files_only(None)
 
 
 def _offline_error(kind: str, repo_id: str, files: str) -> CaptionerLoadError:

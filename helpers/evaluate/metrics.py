@@ -153,14 +153,14 @@ def kid_from_features(generated: torch.Tensor, reference: torch.Tensor, *, subse
 
 def _hub_offline(source: str, local_files_only: bool | None) -> bool:
     """Whether loading `source` must stay in the local cache (False for folders: no Hub involved)."""
-    from ..sd.models import _use_local_files_only
+    from ..sd.models import use_local_files_only
 
-    return False if Path(source).expanduser().exists() else _use_local_files_only(local_files_only)
+    return False if Path(source).expanduser().exists() else use_local_files_only(local_files_only)
 
 
 def _from_pretrained(cls, source: str, what: str, offline: bool, **kwargs):
     """`cls.from_pretrained` for a local folder or a Hub id, with errors a user can act on."""
-    from ..sd.models import _offline_by_env
+    from ..sd.models import offline_by_env
 
     path = Path(source).expanduser()
     if path.exists():
@@ -176,7 +176,7 @@ def _from_pretrained(cls, source: str, what: str, offline: bool, **kwargs):
         return cls.from_pretrained(source, local_files_only=offline, **kwargs)
     except (OSError, ValueError) as e:
         if offline:
-            why = "HF_HUB_OFFLINE=1" if _offline_by_env() else "no network"
+            why = "HF_HUB_OFFLINE=1" if offline_by_env() else "no network"
             raise MetricModelError(
                 f"Cannot load the {what} {source!r}: this machine is offline ({why}) and it is not in the local "
                 f"Hugging Face cache. Download it where there is network (`hf download {source} --local-dir "
@@ -289,7 +289,7 @@ def inception_weights_path() -> Path:
 def load_inception(weights: str | None = None, *, device: str = "cpu") -> torch.nn.Module:
     """torchmetrics' InceptionV3 for FID/KID (torch-fidelity's weights, 2048 pool features): uint8 (B,3,H,W)
     images -> (B, 2048). The weights download once to the torch hub cache; `weights` is a local copy."""
-    from ..sd.models import _offline_by_env
+    from ..sd.models import offline_by_env
 
     problems: list[str] = []
     inception_cls = None
@@ -310,7 +310,7 @@ def load_inception(weights: str | None = None, *, device: str = "cpu") -> torch.
     path = Path(weights).expanduser() if weights else inception_weights_path()
     if weights and not path.is_file():
         problems.append(f"inception_weights {path} does not exist")
-    elif not path.is_file() and (_offline_by_env() or not url_reachable(INCEPTION_URL)):
+    elif not path.is_file() and (offline_by_env() or not url_reachable(INCEPTION_URL)):
         problems.append(f"its weights are not cached at {path} and this machine is offline: download "
                         f"{INCEPTION_URL} where there is network and put it there (or pass inception_weights=)")
     if problems:

@@ -12,7 +12,7 @@ from ..sd.embeddings import SDXL_KEYS
 _WIDTH_FAMILY = {768: "SD 1.x (CLIP ViT-L)", 1024: "SD 2.x (OpenCLIP ViT-H)", 1280: "SDXL (OpenCLIP ViT-bigG)"}
 
 
-_FAMILY_LABEL = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+FAMILY_LABEL = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 
 
 def read_embedding(path: str | Path) -> tuple[dict[str, torch.Tensor], str | None]:
@@ -79,7 +79,8 @@ def _as_2d(t: Any, name: str) -> torch.Tensor:
     return t
 
 
-def _file_family(vectors: dict[str, torch.Tensor]) -> str:
+def file_family(vectors: dict[str, torch.Tensor]) -> str:
+    """Which model family an embedding file's vectors were made for, in words."""
     if "clip_g" in vectors:
         return "SDXL (clip_l + clip_g)"
     width = int(vectors["single"].shape[1])

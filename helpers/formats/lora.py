@@ -450,7 +450,8 @@ def pipeline_family(pipe) -> str:
     return detect_family(pipe)
 
 
-def _pipe_components(pipe) -> dict[str, torch.nn.Module]:
+def pipe_components(pipe) -> dict[str, torch.nn.Module]:
+    """{component name: module} of the pipeline parts a LoRA can touch."""
     return {c: getattr(pipe, c) for c in COMPONENTS if getattr(pipe, c, None) is not None}
 
 
@@ -568,7 +569,7 @@ def load_lora(path_or_state_dict, pipe) -> tuple[LoraWeights, dict[str, str]]:
     if not sd:
         raise ValueError("the LoRA file holds no tensors")
     entries, unparsed = _split_entries(sd)
-    layers = {c: _layer_names(m) for c, m in _pipe_components(pipe).items()}
+    layers = {c: _layer_names(m) for c, m in pipe_components(pipe).items()}
     model_family = pipeline_family(pipe)
 
     resolved: dict[str, tuple[str, str]] = {}
@@ -655,7 +656,7 @@ def apply_lora(pipe, weights: LoraWeights, adapter_name: str, scale: float = 1.0
     """Inject `weights` into `pipe` as peft adapter `adapter_name` (true alphas kept), active
     alongside the adapters already active, at weight `scale`. Combine adapters afterwards with
     `pipe.set_adapters([...], adapter_weights=[...])`."""
-    comps = _pipe_components(pipe)
+    comps = pipe_components(pipe)
     missing = [c for c in weights if weights[c] and c not in comps]
     if missing:
         raise ValueError(f"LoRA has weights for {missing}, which this pipeline does not have "
@@ -694,7 +695,7 @@ def _activate(pipe, names: list[str], new_adapter: str, scale: float) -> None:
     adapters already there; the new adapter gets `scale`."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    for model in _pipe_components(pipe).values():
+    for model in pipe_components(pipe).values():
         for module in model.modules():
             if isinstance(module, BaseTunerLayer) and hasattr(module, "scaling"):
                 module.set_adapter([n for n in names if n in module.scaling])

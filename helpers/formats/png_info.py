@@ -16,7 +16,7 @@ from PIL import Image, PngImagePlugin
 from ..atomic import atomic_path
 
 
-def _quote(value: Any) -> str:
+def quote_param(value: Any) -> str:
     """A1111's infotext quoting: values holding a comma, colon or newline are written as JSON strings."""
     text = str(value)
     if "," not in text and ":" not in text and "\n" not in text and not text.startswith('"'):
@@ -35,14 +35,14 @@ def a1111_parameters(prompt: str, negative_prompt: str, *, steps: int, sampler: 
         tag = f"<lora:{name}:{weight:g}>"
         if tag not in prompt:
             prompt = f"{prompt} {tag}".strip()
-    fields = [f"Steps: {steps}", f"Sampler: {_quote(sampler)}", f"CFG scale: {cfg_scale:g}", f"Seed: {seed}",
+    fields = [f"Steps: {steps}", f"Sampler: {quote_param(sampler)}", f"CFG scale: {cfg_scale:g}", f"Seed: {seed}",
               f"Size: {width}x{height}"]
     if model:
-        fields.append(f"Model: {_quote(model)}")
+        fields.append(f"Model: {quote_param(model)}")
     if clip_skip > 1:
         fields.append(f"Clip skip: {clip_skip}")
     for key, value in (extra or {}).items():
-        fields.append(f"{key}: {_quote(value)}")
+        fields.append(f"{key}: {quote_param(value)}")
     text = prompt
     if negative_prompt:
         text += f"\nNegative prompt: {negative_prompt}"

@@ -37,10 +37,10 @@ def _column_seeds(seed: int | list[int], cols: int) -> list[int]:
 
 def _grid_text(first_cell: str, x_type: str, x_values: list, y_type: str, y_values: list) -> str:
     """The grid PNG's parameters: the first cell's text with A1111 X/Y plot fields added."""
-    from ..formats.png_info import _quote, csv_values
+    from ..formats.png_info import quote_param, csv_values
 
     fields = {"X Type": x_type, "X Values": csv_values(x_values), "Y Type": y_type, "Y Values": csv_values(y_values)}
-    return first_cell + "".join(f", {k}: {_quote(v)}" for k, v in fields.items())
+    return first_cell + "".join(f", {k}: {quote_param(v)}" for k, v in fields.items())
 
 
 def _active_adapters(pipe) -> list[str]:
@@ -55,9 +55,9 @@ def _set_active(pipe, names: list[str], scales: dict[str, float] | None = None) 
     `scales` sets the weight of the named adapters."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from ..formats.lora import _pipe_components
+    from ..formats.lora import pipe_components
 
-    for model in _pipe_components(pipe).values():
+    for model in pipe_components(pipe).values():
         for module in model.modules():
             if isinstance(module, BaseTunerLayer) and hasattr(module, "scaling"):
                 module.set_adapter([n for n in names if n in module.scaling])

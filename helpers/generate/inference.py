@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..formats.embedding import _FAMILY_LABEL, _file_family, read_embedding
+from ..formats.embedding import FAMILY_LABEL, file_family, read_embedding
 from ..formats.png_info import a1111_parameters, lora_hashes_field, lora_name, save_png
-from ..sd.samplers import _package_available, set_sampler
+from ..sd.samplers import package_available, set_sampler
 
 # ----------------------------------------------------------------------------------- samplers
 
@@ -181,12 +181,12 @@ def load_embeddings(pipe, embeddings: list[str | Path | tuple[str | Path, str]])
 
 
 def _add_embedding(pipe, family: str, name: str, token: str, vectors: dict[str, torch.Tensor]) -> None:
-    model = _FAMILY_LABEL[family]
+    model = FAMILY_LABEL[family]
     targets = [(pipe.tokenizer, pipe.text_encoder)]
     if family == "sdxl":
         targets.append((pipe.tokenizer_2, pipe.text_encoder_2))
         if "clip_g" not in vectors:
-            raise ValueError(f"{name} is an embedding for {_file_family(vectors)}, one text encoder only; an SDXL "
+            raise ValueError(f"{name} is an embedding for {file_family(vectors)}, one text encoder only; an SDXL "
                              "model needs an SDXL embedding (clip_l and clip_g vectors)")
         per_encoder = [vectors["clip_l"], vectors["clip_g"]]
     else:
@@ -197,7 +197,7 @@ def _add_embedding(pipe, family: str, name: str, token: str, vectors: dict[str, 
     for (tok, te), vec in zip(targets, per_encoder):
         width = te.get_input_embeddings().weight.shape[1]
         if vec.shape[1] != width:
-            raise ValueError(f"{name} is an embedding for {_file_family(vectors)} ({vec.shape[1]}-wide vectors), "
+            raise ValueError(f"{name} is an embedding for {file_family(vectors)} ({vec.shape[1]}-wide vectors), "
                              f"but the model is {model}, whose text encoder takes {width}-wide vectors; use an "
                              f"embedding trained on {model}")
     n = int(per_encoder[0].shape[0])
@@ -247,7 +247,7 @@ def memory_options(pipe, *, attention_slicing: bool = False, vae_slicing: bool =
         pipe.vae.enable_tiling()
         applied["vae_tiling"] = True
     if cpu_offload:
-        if not _package_available("accelerate"):
+        if not package_available("accelerate"):
             warnings.warn("model CPU offload needs the `accelerate` package (pip install accelerate); skipped",
                           stacklevel=2)
         elif not cuda:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, get_type_hints
 
 from ..config import (
-    ConfigError, EvalConfig, GenerateConfig, TagConfig, TrainConfig, _allowed_types, list_item_type, load_config,
+    ConfigError, EvalConfig, GenerateConfig, TagConfig, TrainConfig, allowed_types, list_item_type, load_config,
     save_config
 )
 
@@ -84,7 +84,7 @@ class _Field:
         import ipywidgets as W
 
         self.name = f.name
-        allowed = _allowed_types(hint)
+        allowed = allowed_types(hint)
         self.optional = type(None) in allowed
         self.item = list_item_type(hint)
         self.kind = ("list" if self.item else "bool" if bool in allowed else "int" if int in allowed

@@ -266,7 +266,8 @@ def _prediction_hint_from_file(keys: Mapping[str, Any], metadata: Mapping[str, s
 
 # -------------------------------------------------------------------------------------- network
 
-def _offline_by_env() -> bool:
+def offline_by_env() -> bool:
+    """Whether HF_HUB_OFFLINE (or huggingface_hub's setting) says to stay offline."""
     from huggingface_hub import constants
 
     env = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
@@ -304,11 +305,11 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     return url_reachable(constants.ENDPOINT, timeout)
 
 
-def _use_local_files_only(local_files_only: bool | None) -> bool:
+def use_local_files_only(local_files_only: bool | None) -> bool:
     """True when the Hub must not be contacted: asked for, HF_HUB_OFFLINE=1, or no network."""
     if local_files_only:
         return True
-    if _offline_by_env():
+    if offline_by_env():
         return True
     return not _hub_reachable()
 
@@ -475,7 +476,7 @@ def download_hub_file(repo_id: str, filename: str, *, offline: bool, offline_err
 
 
 def _load_hub(repo_id: str, dtype: torch.dtype, variant: str | None, local_files_only: bool | None):
-    offline = _use_local_files_only(local_files_only)
+    offline = use_local_files_only(local_files_only)
     index_file = download_hub_file(
         repo_id, "model_index.json", offline=offline,
         offline_error=lambda: _offline_hub_error(repo_id),
@@ -546,7 +547,7 @@ def _load_single_file(path: Path, kind: str, family_arg: str | None, dtype: torc
     if family_arg is not None and family_arg != family:
         raise ModelLoadError(f"family={family_arg!r} was given but {path.name} is {FAMILY_NAMES[family]} "
                              f"({family!r}) by its keys")
-    offline = _use_local_files_only(local_files_only) if config is None or not Path(config).is_dir() else True
+    offline = use_local_files_only(local_files_only) if config is None or not Path(config).is_dir() else True
     cfg = _resolve_single_file_config(path, keys, family, config, offline)
     cls = _pipeline_class(family)
     kwargs = dict(dtype=dtype, local_files_only=offline, **_extra_kwargs(family))
@@ -606,7 +607,7 @@ def load_vae(vae: str, *, base_pipe=None, dtype: torch.dtype = torch.float32, lo
                 return model.to(dtype)
             return AutoencoderKL.from_single_file(str(p), config=tmp, dtype=dtype, local_files_only=True)
     if _HUB_ID.match(str(vae)):
-        offline = _use_local_files_only(local_files_only)
+        offline = use_local_files_only(local_files_only)
         try:
             return AutoencoderKL.from_pretrained(str(vae), dtype=dtype, local_files_only=offline)
         except OSError:

@@ -15,7 +15,7 @@ import re
 
 import torch
 
-from .text_encoding import PromptEmbeds, _final_norm
+from .text_encoding import PromptEmbeds, final_norm
 
 ROUND_MULTIPLIER = 1.1
 SQUARE_MULTIPLIER = 1 / 1.1
@@ -191,7 +191,7 @@ def encode_weighted(family: str, tokenizers: list, text_encoders: list[torch.nn.
         elif clip_skip == 1:
             z = te(ids_t)[0]
         else:
-            z = _final_norm(te)(te(ids_t, output_hidden_states=True).hidden_states[-clip_skip])
+            z = final_norm(te)(te(ids_t, output_hidden_states=True).hidden_states[-clip_skip])
         z = _emphasize(z, w_t, restore_mean)
         hidden.append(z.reshape(len(prompts), n_chunks * z.shape[1], z.shape[2]))
     return PromptEmbeds(torch.cat(hidden, dim=-1), pooled)

@@ -69,12 +69,13 @@ class MissingPackageError(ImportError, ValueError):
     """A feature needs a pip package that is not installed (also a ValueError, so the CLI prints it)."""
 
 
-def _package_available(name: str) -> bool:
+def package_available(name: str) -> bool:
+    """Whether `name` can be imported here (without importing it)."""
     return importlib.util.find_spec(name) is not None
 
 
 def _require(package: str, what: str) -> None:
-    if not _package_available(package):
+    if not package_available(package):
         raise MissingPackageError(f"{what} needs the `{package}` package: pip install {package}")
 
 

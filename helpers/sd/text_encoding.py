@@ -28,7 +28,8 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
                      truncation=True, return_tensors="pt").input_ids
 
 
-def _final_norm(text_encoder: torch.nn.Module) -> torch.nn.Module:
+def final_norm(text_encoder: torch.nn.Module) -> torch.nn.Module:
+    """The text encoder's final layer norm (A1111 applies it to a clip-skipped layer too)."""
     # transformers 5: CLIPTextModel has the norm at the top; CLIPTextModelWithProjection under text_model.
     inner = getattr(text_encoder, "text_model", text_encoder)
     return inner.final_layer_norm
@@ -46,7 +47,7 @@ def encode_prompts(family: str, tokenizers: list, text_encoders: list[torch.nn.M
         if clip_skip == 1:
             return PromptEmbeds(te(ids)[0])
         out = te(ids, output_hidden_states=True)
-        return PromptEmbeds(_final_norm(te)(out.hidden_states[-clip_skip]))
+        return PromptEmbeds(final_norm(te)(out.hidden_states[-clip_skip]))
 
     hidden, pooled = [], None
     for tok, te in zip(tokenizers, text_encoders):
