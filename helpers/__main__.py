@@ -157,23 +157,23 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .config import EvalConfig
-    from .evaluate.protocol import run_eval_config
+    from .evaluate.protocol import run_protocol
     from .toy.eval import run_toy_protocol
 
     given = vars(args)  # only the flags the user set (SUPPRESS defaults), plus the non-config ones
     for name in ("clip_model", "dino_model"):  # 'none' turns a metric off
         if isinstance(given.get(name), str) and given[name].lower() == "none":
             given[name] = None
-    extra = dict(kid_subset_size=args.kid_subset_size, device=args.device, progress=not args.no_progress)
+    extra = dict(device=args.device, progress=not args.no_progress)
     if args.toy:
         toy = {k: given[k] for k in ("weights", "steps", "sampler", "cfg_scale", "batch_size", "fid_kid", "loras",
-                                     "clip_model", "dino_model", "out_dir") if k in given}
+                                     "clip_model", "dino_model", "out_dir", "kid_subset_size") if k in given}
         result = run_toy_protocol(seeds=args.seeds or given.get("num_seeds", 4), **toy, **extra)
     else:
         cfg = _config_from_args(EvalConfig, args)
         if not cfg.model or not cfg.prompts:
             raise ValueError("evaluate needs --model and at least one --prompt (or --toy for the toy world)")
-        result = run_eval_config(cfg, seeds=args.seeds, **extra)
+        result = run_protocol(cfg, seeds=args.seeds, **extra)
     print(open(result.markdown_path, encoding="utf-8").read())
     print(f"report: {result.report_path} and {result.html_path}")
     return 0
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fid-kid", action=argparse.BooleanOptionalAction,
                    help="KID/FID (need torch-fidelity's Inception; default on, off with --toy)")
     p.add_argument("--inception-weights", help="local InceptionV3 weights file for KID/FID (offline)")
-    p.add_argument("--kid-subset-size", type=int, default=None)
+    p.add_argument("--kid-subset-size", type=int, help="images per KID subset (default: the smaller set, at most 1000)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--out", dest="out_dir", help="default outputs/eval")

@@ -438,7 +438,11 @@ class EvalConfig(ConfigBase):
     dino_model: str | None = "facebook/dino-vits16"           # None: no DINO
     fid_kid: bool = True                  # needs torch-fidelity's Inception weights (or inception_weights)
     inception_weights: str | None = None
+    kid_subset_size: int | None = None    # images per KID subset; None: the smaller set's size, at most 1000
+    kid_subsets: int = 100                # KID is averaged over this many random subsets
     batch_size: int = 8
+    grid_prompts: int = 4                 # the report's grids: this many prompts of each group ...
+    grid_seeds: int = 4                   # ... times this many seeds
     out_dir: str = "outputs/eval"
 
     def validate(self) -> None:
@@ -450,6 +454,10 @@ class EvalConfig(ConfigBase):
         _number_in("cfg_scale", self.cfg_scale, 0.0, 100.0)
         _positive_int("clip_skip", self.clip_skip)
         _positive_int("batch_size", self.batch_size)
+        for name in ("kid_subsets", "grid_prompts", "grid_seeds"):
+            _positive_int(name, getattr(self, name))
+        if self.kid_subset_size is not None:
+            _positive_int("kid_subset_size", self.kid_subset_size)
         if not self.weights:
             raise ConfigError("weights must list at least one LoRA weight, e.g. [1.0]")
         for w in self.weights:

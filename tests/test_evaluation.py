@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers.config import EvalConfig
 from helpers.evaluate import metrics
 from helpers.evaluate import protocol as ev
 from helpers.evaluate import report as report_mod
@@ -256,9 +257,10 @@ def test_trigger_removal_variants_and_seed_runs():
     assert ev._seed_runs([0, 1, 2, 5, 6, 9], batch=2) == [(0, 2), (2, 1), (5, 2), (9, 1)]
     # bad prompt groups fail before any model is loaded
     with pytest.raises(metrics.EvaluationError, match="missing from concept prompt"):
-        ev.run_protocol("no/such-model", natural_prompts=["a dog"], trigger="sks")
+        ev.run_protocol(EvalConfig(model="no/such-model", prompts=["a dog"], trigger="sks"))
     with pytest.raises(metrics.EvaluationError, match="prior prompts must not contain"):
-        ev.run_protocol("no/such-model", natural_prompts=["a sks dog"], prior_prompts=["a sks cat"], trigger="sks")
+        ev.run_protocol(EvalConfig(model="no/such-model", prompts=["a sks dog"], prior_prompts=["a sks cat"],
+                                   trigger="sks"))
 
 
 # ----------------------------------------------------------------------------------------- the protocol

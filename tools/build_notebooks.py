@@ -257,7 +257,7 @@ the Inception network are downloaded on first use.""") + [
            "`prior_prompts` without the concept (is the base model's knowledge kept?)."),
     ("code", '''from helpers.notebook import widgets
 from helpers.config import load_config
-from helpers.evaluate.protocol import run_eval_config
+from helpers.evaluate.protocol import run_protocol
 from helpers.toy.eval import toy_eval_config, toy_judge_scorer
 train_cfg = load_config(project.config("train"))
 LORA = str(project.lora_files / f"{train_cfg.output_name}.safetensors")
@@ -272,7 +272,7 @@ eval_form = widgets.eval_form(**start)
 eval_form.show()'''),
     ("md", "## 2. Run the protocol"),
     ("code", '''eval_cfg = eval_form.save(project.config("eval"))
-report = run_eval_config(eval_cfg, extra_scorer=toy_judge_scorer() if TOY else None)
+report = run_protocol(eval_cfg, extra_scorer=toy_judge_scorer() if TOY else None)
 nb.show_markdown(report.markdown_path.read_text())
 for warning in report.warnings:
     print("note:", warning)'''),

@@ -20,11 +20,10 @@ import torch
 from PIL import Image
 
 from ..atomic import write_text
+from ..config import EvalConfig
 from ..sd.models import BaseModel
 from ..sd.prompts import has_trigger, remove_trigger
 from .metrics import (
-    DEFAULT_CLIP,
-    DEFAULT_DINO,
     FID_MIN_IMAGES,
     ClipModel,
     DinoModel,
@@ -42,15 +41,6 @@ from .metrics import (
     paired_cosine,
 )
 from .report import ProtocolResult, Variant, write_outputs
-
-# ------------------------------------------------------------------------------------ math on features
-
-
-# ------------------------------------------------------------------------------------ metric models
-
-
-# ------------------------------------------------------------------------------------ metrics on images
-
 
 # ------------------------------------------------------------------------------------ the protocol
 
@@ -94,91 +84,117 @@ def _source_of(m: Any) -> str | None:
     return str(getattr(m, "source", type(m).__name__))
 
 
-def run_protocol(model: str | BaseModel, loras: Sequence[str] = (), weights: Sequence[float] = (1.0,), *,
-                 natural_prompts: Sequence[str], context_prompts: Sequence[str] = (),
-                 prior_prompts: Sequence[str] = (), trigger: str = "",
-                 reference_images: str | Path | Sequence[str | Path] | None = None,
-                 seeds: int | Sequence[int] = 4, steps: int = 25, sampler: str = "DDIM", cfg_scale: float = 7.0,
-                 negative_prompt: str = "", clip_skip: int = 1, out_dir: str | Path = "outputs/eval",
-                 clip_model: str | ClipModel | None = DEFAULT_CLIP, dino_model: str | DinoModel | None = DEFAULT_DINO,
-                 fid_kid: bool = True,
-                 inception_weights: str | None = None, feature_extractor: Callable | None = None,
-                 kid_subset_size: int | None = None, kid_subsets: int = 100,
+def run_protocol(cfg: EvalConfig, *, base: BaseModel | None = None, seeds: int | Sequence[int] | None = None,
+                 clip: ClipModel | None = None, dino: DinoModel | None = None, feature_extractor: Callable | None = None,
                  extra_scorer: Callable[[list[Image.Image], list[str], str], dict[str, float | None]] | None = None,
-                 device: str = "auto", dtype: str = "auto", model_config: str | None = None, batch_size: int = 8,
-                 grid_prompts: int = 4, grid_seeds: int = 4, thumb: int = 128, progress: bool = True
-                 ) -> ProtocolResult:
-    """Sample the evaluation protocol for the base model and each LoRA at each weight, score it and write
-    the report (see the module docstring). `model`: Hub id, folder, single file, or a loaded BaseModel.
+                 device: str = "auto", dtype: str = "auto", thumb: int = 128, progress: bool = True) -> ProtocolResult:
+    """Sample the evaluation protocol `cfg` describes for the base model and each LoRA at each weight, score
+    it and write the report (see the module docstring), as `train(cfg)` trains what its config says.
 
-    Groups: natural (concept prompts, with the trigger), new_context (concept in new contexts), prior (no
-    concept), no_trigger (the natural prompts with the trigger removed; same seeds). `reference_images`
-    (training images: folder or list of paths) are needed for CLIP-I, DINO, KID and FID. Metric models: a
-    Hub id or folder, a loaded ClipModel/DinoModel, or None to skip. extra_scorer(images, prompts, group)
-    returns extra columns (the toy judge: toy_judge_scorer()).
+    Groups: natural (`cfg.prompts`, with the trigger), new_context, prior (no concept), no_trigger (the
+    natural prompts with the trigger removed; same seeds). `cfg.reference_dir` (the training images) is needed
+    for CLIP-I, DINO, KID and FID. Live objects replace what the config would load: `base` (a loaded
+    BaseModel), `clip`/`dino` (loaded metric models), `feature_extractor` (for KID/FID). `seeds` (a count or
+    explicit seeds) replaces `cfg.num_seeds`. extra_scorer(images, prompts, group) returns extra columns
+    (the toy judge: `helpers.toy.eval.toy_judge_scorer()`).
     """
-    from tqdm.auto import tqdm
-
-    from ..formats.png_info import save_png
-    from ..generate.inference import generate, load_loras
-
-    natural, context, prior = list(natural_prompts), list(context_prompts), list(prior_prompts)
-    if not natural:
-        raise EvaluationError("natural_prompts is empty: give at least one prompt of the concept in its usual setting")
-    if trigger:
-        missing = [p for p in natural + context if not has_trigger(p, trigger)]
-        if missing:
-            raise EvaluationError(f"the trigger {trigger!r} is missing from concept prompt(s) {missing[:3]}: "
-                                  "natural and new-context prompts must contain it")
-        leaked = [p for p in prior if has_trigger(p, trigger)]
-        if leaked:
-            raise EvaluationError(f"prior prompts must not contain the trigger {trigger!r}: {leaked[:3]}")
+    groups = prompt_groups(cfg)
+    seeds = cfg.num_seeds if seeds is None else seeds
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seed_list:
         raise EvaluationError("seeds is empty")
-    for name, value in (("steps", steps), ("batch_size", batch_size)):
-        if int(value) < 1:
-            raise EvaluationError(f"{name} must be at least 1, got {value}")
-    lora_list = [str(p) for p in loras]
-    for p in lora_list:
+    for p in cfg.loras:
         if not Path(p).is_file():
             raise FileNotFoundError(f"LoRA file {p} does not exist")
-    weight_list = [float(w) for w in weights] or [1.0]
+    if base is None and not cfg.model:
+        raise EvaluationError("model is empty: give the base model the LoRAs were trained on")
+    dev = _resolve_device(device)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # metric models first (on the CPU): a missing or offline model fails before minutes of sampling
+    refs = load_images(cfg.reference_dir) if cfg.reference_dir is not None else None
+    clip = clip if clip is not None else load_clip(cfg.clip_model) if cfg.clip_model else None
+    dino = dino if dino is not None else load_dino(cfg.dino_model) if cfg.dino_model else None
+    extractor = None
+    if cfg.fid_kid and refs is not None:
+        extractor = feature_extractor if feature_extractor is not None else load_inception(cfg.inception_weights)
+
+    variants = _variants(cfg.loras, cfg.weights)
+    manifest, manifest_path = _sample(cfg, base, groups, seed_list, variants, out, dev, dtype, progress)
+
+    for m in (clip, dino):
+        if m is not None:
+            m.to(dev)
+    if extractor is not None and isinstance(extractor, torch.nn.Module):
+        extractor.to(dev)
+    rows, notes = _score(out, manifest, variants, groups, cfg.trigger, refs, clip, dino, extractor, extra_scorer,
+                         cfg.kid_subset_size, cfg.kid_subsets, progress)
+    for m in (clip, dino):
+        if m is not None:
+            m.to("cpu")
+
+    settings = {"model": str(base.source) if base is not None and not cfg.model else cfg.model,
+                "loras": list(cfg.loras), "weights": list(cfg.weights),
+                "seeds": seed_list, "steps": cfg.steps, "sampler": cfg.sampler, "cfg_scale": cfg.cfg_scale,
+                "negative_prompt": cfg.negative_prompt, "clip_skip": cfg.clip_skip, "trigger": cfg.trigger,
+                "prompts": groups, "reference_images": cfg.reference_dir,
+                "n_reference_images": len(refs) if refs is not None else 0,
+                "clip_model": _source_of(clip), "dino_model": _source_of(dino),
+                "fid_kid_features": None if extractor is None else
+                ("InceptionV3 (torch-fidelity weights, torchmetrics)" if feature_extractor is None
+                 else type(extractor).__name__),
+                "kid_subset_size": cfg.kid_subset_size, "kid_subsets": cfg.kid_subsets, "device": dev,
+                "dtype": str(dtype), "extra_scorer": getattr(extra_scorer, "__name__", None) if extra_scorer else None}
+    return write_outputs(out, rows, settings, manifest, variants, groups, notes, manifest_path,
+                         grid_prompts=cfg.grid_prompts, grid_seeds=cfg.grid_seeds, thumb=thumb)
+
+
+def prompt_groups(cfg: EvalConfig) -> dict[str, list[str]]:
+    """The protocol's prompt groups, checked against the trigger before any model is loaded."""
+    natural, context, prior = list(cfg.prompts), list(cfg.context_prompts), list(cfg.prior_prompts)
+    if not natural:
+        raise EvaluationError("prompts is empty: give at least one prompt of the concept in its usual setting")
+    if cfg.trigger:
+        missing = [p for p in natural + context if not has_trigger(p, cfg.trigger)]
+        if missing:
+            raise EvaluationError(f"the trigger {cfg.trigger!r} is missing from concept prompt(s) {missing[:3]}: "
+                                  "natural and new-context prompts must contain it")
+        leaked = [p for p in prior if has_trigger(p, cfg.trigger)]
+        if leaked:
+            raise EvaluationError(f"prior prompts must not contain the trigger {cfg.trigger!r}: {leaked[:3]}")
     groups = {"natural": natural}
     if context:
         groups["new_context"] = context
     if prior:
         groups["prior"] = prior
-    if trigger:
-        groups["no_trigger"] = [remove_trigger(p, trigger) for p in natural]
-    dev = _resolve_device(device)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if cfg.trigger:
+        groups["no_trigger"] = [remove_trigger(p, cfg.trigger) for p in natural]
+    return groups
 
-    # metric models first (on the CPU): a missing or offline model fails before minutes of sampling
-    refs = load_images(reference_images) if reference_images is not None else None
-    clip = clip_model if clip_model is None or isinstance(clip_model, ClipModel) else load_clip(str(clip_model))
-    dino = dino_model if dino_model is None or isinstance(dino_model, DinoModel) else load_dino(str(dino_model))
-    extractor = None
-    if fid_kid and refs is not None:
-        extractor = feature_extractor if feature_extractor is not None else load_inception(inception_weights)
 
-    # ---- sampling
+def _sample(cfg: EvalConfig, base: BaseModel | None, groups: dict[str, list[str]], seed_list: list[int],
+            variants: list[Variant], out: Path, dev: str, dtype: str, progress: bool) -> tuple[list[dict], Path]:
+    """Generate and save every (variant, group, prompt, seed) image; returns the manifest and its path."""
+    from tqdm.auto import tqdm
+
+    from ..formats.png_info import save_png
+    from ..generate.inference import generate, load_loras
     from ..sd.models import detect_family, load_base
 
-    own_model = not isinstance(model, BaseModel)
-    base = load_base(str(model), device=dev, dtype=dtype, config=model_config) if own_model else model
+    own_model = base is None
+    if own_model:
+        base = load_base(cfg.model, device=dev, dtype=dtype, config=cfg.model_config)
     pipe = base.pipe
     pipe.set_progress_bar_config(disable=True)
     family = base.family if hasattr(base, "family") else detect_family(pipe)
-    variants = _variants(lora_list, weight_list)
     adapters: list[str] = []
-    if lora_list:
-        adapters = load_loras(pipe, [(p, 1.0) for p in lora_list])
-        by_path = dict(zip(lora_list, adapters))
+    if cfg.loras:
+        adapters = load_loras(pipe, [(p, 1.0) for p in cfg.loras])
+        by_path = dict(zip(cfg.loras, adapters))
         for v in variants:
             v.adapter = by_path.get(v.lora) if v.lora else None
-    model_name = Path(str(getattr(base, "source", model))).name
+    model_name = Path(str(getattr(base, "source", cfg.model))).name
     manifest: list[dict[str, Any]] = []
     total = len(variants) * sum(len(p) for p in groups.values()) * len(seed_list)
     bar = tqdm(total=total, desc="sampling", disable=not progress)
@@ -188,11 +204,12 @@ def run_protocol(model: str | BaseModel, loras: Sequence[str] = (), weights: Seq
                 pipe.set_adapters(adapters, adapter_weights=[v.weight if a == v.adapter else 0.0 for a in adapters])
             for g, prompts in groups.items():
                 for pi, prompt in enumerate(prompts):
-                    for start, count in _seed_runs(seed_list, batch_size):
+                    for start, count in _seed_runs(seed_list, cfg.batch_size):
                         images, params = generate(
-                            pipe, prompt, negative_prompt=negative_prompt, steps=steps, cfg_scale=cfg_scale,
-                            seed=start, sampler=sampler, num_images=count, clip_skip=clip_skip, family=family,
-                            model_name=model_name, loras=[(Path(v.lora).stem, v.weight)] if v.lora else None)
+                            pipe, prompt, negative_prompt=cfg.negative_prompt, steps=cfg.steps,
+                            cfg_scale=cfg.cfg_scale, seed=start, sampler=cfg.sampler, num_images=count,
+                            clip_skip=cfg.clip_skip, family=family, model_name=model_name,
+                            loras=[(Path(v.lora).stem, v.weight)] if v.lora else None)
                         for k, (im, text) in enumerate(zip(images, params)):
                             rel = Path("images") / v.slug / g / f"p{pi:02d}_s{start + k}.png"
                             save_png(im, out / rel, text)
@@ -209,33 +226,7 @@ def run_protocol(model: str | BaseModel, loras: Sequence[str] = (), weights: Seq
         del pipe, base
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-    # ---- scoring
-    for m in (clip, dino):
-        if m is not None:
-            m.to(dev)
-    if extractor is not None and isinstance(extractor, torch.nn.Module):
-        extractor.to(dev)
-    rows, notes = _score(out, manifest, variants, groups, trigger, refs, clip, dino, extractor, extra_scorer,
-                         kid_subset_size, kid_subsets, progress)
-    for m in (clip, dino):
-        if m is not None:
-            m.to("cpu")
-
-    settings = {"model": str(getattr(model, "source", model)), "loras": lora_list, "weights": weight_list,
-                "seeds": seed_list, "steps": steps, "sampler": sampler, "cfg_scale": cfg_scale,
-                "negative_prompt": negative_prompt, "clip_skip": clip_skip, "trigger": trigger,
-                "prompts": groups, "reference_images": None if reference_images is None else
-                (str(reference_images) if isinstance(reference_images, (str, Path)) else len(reference_images)),
-                "n_reference_images": len(refs) if refs is not None else 0,
-                "clip_model": _source_of(clip), "dino_model": _source_of(dino),
-                "fid_kid_features": None if extractor is None else
-                ("InceptionV3 (torch-fidelity weights, torchmetrics)" if feature_extractor is None
-                 else type(extractor).__name__),
-                "kid_subset_size": kid_subset_size, "kid_subsets": kid_subsets, "device": dev, "dtype": str(dtype),
-                "extra_scorer": getattr(extra_scorer, "__name__", None) if extra_scorer else None}
-    return write_outputs(out, rows, settings, manifest, variants, groups, notes, manifest_path,
-                         grid_prompts=grid_prompts, grid_seeds=grid_seeds, thumb=thumb)
+    return manifest, manifest_path
 
 
 def _score(out: Path, manifest: list[dict], variants: list[Variant], groups: dict[str, list[str]], trigger: str,
@@ -314,25 +305,3 @@ def _vs_base(row: dict, column: str, v: Variant, keys: list[tuple], emb: torch.T
     pairs = [(e, base_emb[key][kind]) for key, e in zip(keys, emb) if kind in base_emb.get(key, {})]
     if pairs:
         row[column] = float(paired_cosine(torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])).mean())
-
-
-# ------------------------------------------------------------------------------------ outputs
-
-
-# ------------------------------------------------------------------------------------ the toy world
-
-
-def run_eval_config(cfg, *, seeds: int | Sequence[int] | None = None, **overrides: Any) -> ProtocolResult:
-    """run_protocol with the settings of an EvalConfig (05_eval's form, `evaluate --config`). `seeds`
-    (a count or explicit seeds) replaces cfg.num_seeds; other keywords go to run_protocol, replacing the
-    config's value where they name the same argument (e.g. a loaded metric model for clip_model)."""
-    args = dict(natural_prompts=cfg.prompts, context_prompts=cfg.context_prompts, prior_prompts=cfg.prior_prompts,
-                trigger=cfg.trigger, reference_images=cfg.reference_dir, seeds=seeds or cfg.num_seeds,
-                steps=cfg.steps, sampler=cfg.sampler, cfg_scale=cfg.cfg_scale, negative_prompt=cfg.negative_prompt,
-                clip_skip=cfg.clip_skip, out_dir=cfg.out_dir, clip_model=cfg.clip_model, dino_model=cfg.dino_model,
-                fid_kid=cfg.fid_kid, inception_weights=cfg.inception_weights, model_config=cfg.model_config,
-                batch_size=cfg.batch_size)
-    args.update(overrides)
-    return run_protocol(cfg.model, cfg.loras, cfg.weights, **args)
-
-

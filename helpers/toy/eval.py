@@ -9,7 +9,7 @@ from typing import Any
 
 from PIL import Image
 
-from ..evaluate.protocol import run_eval_config
+from ..evaluate.protocol import run_protocol
 from ..evaluate.report import ProtocolResult
 
 TOY_LORA = Path(__file__).resolve().parents[2] / "lora_files" / "toy_concept.safetensors"
@@ -49,11 +49,22 @@ def run_toy_protocol(out_dir: str | Path = "outputs/toy_eval", loras: Sequence[s
     """The protocol on the toy world (`toy_eval_config`): toy base model, the shipped concept LoRA, toy
     prompts, the concept's training images as references and the toy judge as extra scorer. CLIP/DINO/FID
     are off by default (32x32 shapes; pass tiny or real metric models to turn them on)."""
+    import dataclasses
+
+    from ..config import EvalConfig
+
+    settings = {k: kwargs.pop(k) for k in list(kwargs) if k in {f.name for f in dataclasses.fields(EvalConfig)}}
+    live = {}  # a loaded metric model is used as it is; an id, a folder or None goes into the config
+    for key, value in (("clip", clip_model), ("dino", dino_model)):
+        if value is None or isinstance(value, (str, Path)):
+            settings[f"{key}_model"] = None if value is None else str(value)
+        else:
+            live[key] = value
     cfg = toy_eval_config(loras, out_dir, n_prompts=n_prompts, n_reference=n_reference,
                           weights=[float(w) for w in weights], steps=steps, cfg_scale=cfg_scale, sampler=sampler,
-                          fid_kid=fid_kid)
+                          fid_kid=fid_kid, **settings)
     kwargs.setdefault("extra_scorer", toy_judge_scorer())
-    return run_eval_config(cfg, seeds=seeds, clip_model=clip_model, dino_model=dino_model, **kwargs)
+    return run_protocol(cfg, seeds=seeds, **live, **kwargs)
 
 
 def toy_eval_config(loras: Sequence[str] | None = None, out_dir: str | Path = "outputs/toy_eval", *,
