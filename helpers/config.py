@@ -21,6 +21,19 @@ import tomli_w
 CONFIG_VERSION = 1
 
 
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING,
+            flag: str | None = None) -> Any:
+    """A config field with its help text (the CLI's --help, the forms' tooltips) in the field's metadata.
+    `flag` names the CLI flag when it differs from the field (`--lora` for `loras`, repeatable)."""
+    metadata = {"help": help} | ({"flag": flag} if flag else {})
+    return field(default=default, default_factory=factory, metadata=metadata)
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """{field name: help text} of a config dataclass."""
+    return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+
 class ConfigError(ValueError):
     """A setting has a bad value; the message names the field and what is allowed."""
 
@@ -102,102 +115,113 @@ class TrainConfig(ConfigBase):
     """Every setting of a LoRA training run. Field names follow kohya sd-scripts where one exists."""
 
     # --- base model ---
-    pretrained_model: str = ""            # hub id, local diffusers folder, or a single .safetensors file
-    model_config: str | None = None       # local diffusers folder giving configs for a single-file model (offline)
-    vae: str | None = None                # replacement VAE (e.g. an fp16-safe SDXL VAE)
-    family: str = "auto"                  # auto | sd1 | sd2 | sdxl
-    prediction_type: str = "auto"         # auto (from the model) | epsilon | v_prediction
-    clip_skip: int = 1                    # A1111 meaning: 1 = last text-encoder layer, 2 = penultimate
+    pretrained_model: str = setting("", "hub id, local diffusers folder, or a single .safetensors file")
+    model_config: str | None = setting(None, "local diffusers folder giving configs for a single-file model (offline)")
+    vae: str | None = setting(None, "replacement VAE (e.g. an fp16-safe SDXL VAE)")
+    family: str = setting("auto", "auto | sd1 | sd2 | sdxl")
+    prediction_type: str = setting("auto", "auto (from the model) | epsilon | v_prediction")
+    clip_skip: int = setting(1, "A1111 meaning: 1 = last text-encoder layer, 2 = penultimate")
 
     # --- data ---
-    train_data_dir: str = ""              # images with .txt captions; kohya "N_name" subfolders give N repeats
-    caption_extension: str = ".txt"
-    reg_data_dir: str | None = None       # regularization (class) images: prior preservation, weighted by prior_loss_weight
-    resolution: int = 512
-    enable_bucket: bool = True
-    min_bucket_reso: int = 256
-    max_bucket_reso: int = 1024
-    bucket_reso_steps: int = 64
-    bucket_no_upscale: bool = True
-    repeats: int = 1                      # for images not inside an "N_name" folder
-    flip_aug: bool = False
-    shuffle_caption: bool = False
-    keep_tokens: int = 0                  # leading comma-separated tags kept in place (the trigger word)
-    caption_dropout_rate: float = 0.0     # whole caption dropped -> unconditional sample
-    caption_tag_dropout_rate: float = 0.0
-    cache_latents: bool = True
-    cache_latents_to_disk: bool = False
+    train_data_dir: str = setting("", "images with .txt captions; kohya \"N_name\" subfolders give N repeats")
+    caption_extension: str = setting(".txt", "caption files beside the images")
+    reg_data_dir: str | None = setting(None,
+                                       "regularization (class) images: prior preservation, weighted by "
+                                       "prior_loss_weight")
+    resolution: int = setting(512, "training size in px: 512 SD 1.5, 768 SD 2, 1024 SDXL")
+    enable_bucket: bool = setting(True, "aspect-ratio buckets (no cropping to squares)")
+    min_bucket_reso: int = setting(256, "smallest bucket side in px")
+    max_bucket_reso: int = setting(1024, "largest bucket side in px")
+    bucket_reso_steps: int = setting(64, "bucket sides are multiples of this (64: SDXL-safe)")
+    bucket_no_upscale: bool = setting(True, "small images get a smaller bucket instead of being upscaled")
+    repeats: int = setting(1, "for images not inside an \"N_name\" folder")
+    flip_aug: bool = setting(False,
+                             "random horizontal flips (not for asymmetric subjects: text, logos)")
+    shuffle_caption: bool = setting(False, "shuffle comma-separated tags each step (after keep_tokens)")
+    keep_tokens: int = setting(0, "leading comma-separated tags kept in place (the trigger word)")
+    caption_dropout_rate: float = setting(0.0, "whole caption dropped -> unconditional sample")
+    caption_tag_dropout_rate: float = setting(0.0, "each tag dropped with this probability (keep_tokens stay)")
+    cache_latents: bool = setting(True, "encode every image once with the VAE (faster; flips are cached too)")
+    cache_latents_to_disk: bool = setting(False, "keep the latent cache in output_dir/latent_cache for the next run")
 
     # --- method ---
-    method: str = "lora"                  # lora | dreambooth (full fine-tune) | textual_inversion
-    token_string: str = ""                # new token to learn (textual_inversion; with lora: pivotal tuning)
-    init_word: str = ""                   # existing word the new token's vectors start from
-    num_vectors_per_token: int = 1
-    embedding_lr: float | None = None     # learning rate of the new token's vectors (defaults to learning_rate)
-    class_prompt: str = ""                # DreamBooth prior preservation: the class ("a photo of a flower")
-    num_class_images: int = 0             # generate class images with the base model until reg_data_dir has this many
+    method: str = setting("lora", "lora | dreambooth (full fine-tune) | textual_inversion")
+    token_string: str = setting("", "new token to learn (textual_inversion; with lora: pivotal tuning)")
+    init_word: str = setting("", "existing word the new token's vectors start from")
+    num_vectors_per_token: int = setting(1, "vectors the new token gets (more: more capacity, needs more steps)")
+    embedding_lr: float | None = setting(None, "learning rate of the new token's vectors (defaults to learning_rate)")
+    class_prompt: str = setting("", "DreamBooth prior preservation: the class (\"a photo of a flower\")")
+    num_class_images: int = setting(0, "generate class images with the base model until reg_data_dir has this many")
 
     # --- network (lora) ---
-    rank: int = 16                        # kohya: network_dim
-    alpha: float = 16.0                   # kohya: network_alpha; the LoRA scale is alpha / rank
-    lora_dropout: float = 0.0
-    target: str = "attention"             # attention (q,k,v,out) | full (sd-scripts' default set)
-    train_text_encoder: bool = False
+    rank: int = setting(16, "kohya: network_dim")
+    alpha: float = setting(16.0, "kohya: network_alpha; the LoRA scale is alpha / rank")
+    lora_dropout: float = setting(0.0, "dropout on the LoRA layers' input")
+    target: str = setting("attention", "attention (q,k,v,out) | full (sd-scripts' default set)")
+    train_text_encoder: bool = setting(False,
+                                       "LoRA (or DreamBooth weights) on the text encoder(s) too, at text_encoder_lr")
 
     # --- optimisation ---
-    optimizer: str = "adamw"
-    learning_rate: float = 1e-4           # UNet learning rate
-    text_encoder_lr: float | None = None  # defaults to learning_rate
-    weight_decay: float = 1e-2
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    lr_num_cycles: int = 1                # cosine_with_restarts
-    lr_power: float = 1.0                 # polynomial
-    max_grad_norm: float = 1.0            # 0 disables clipping
-    train_batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    max_train_steps: int = 1600
-    max_train_epochs: int | None = None   # when set, overrides max_train_steps
-    mixed_precision: str = "auto"         # auto: fp16 on T4-class GPUs, bf16 on Ampere+, no on CPU
-    gradient_checkpointing: bool = False
-    attention: str = "sdpa"
-    channels_last: bool = False           # UNet convolutions in channels-last layout (often faster on tensor cores)
-    torch_compile: bool = False           # torch.compile the UNet: a slow first step, then faster (fixed shapes)
-    compile_backend: str = "inductor"     # torch.compile backend (inductor generates fused kernels)
-    min_snr_gamma: float | None = None    # 5.0 is the paper's value
-    noise_offset: float = 0.0
-    prior_loss_weight: float = 1.0
-    seed: int = 42
+    optimizer: str = setting("adamw", "adamw | adamw8bit (bitsandbytes: less memory) | prodigy (its own step size)")
+    learning_rate: float = setting(1e-4, "UNet learning rate")
+    text_encoder_lr: float | None = setting(None, "defaults to learning_rate")
+    weight_decay: float = setting(1e-2, "AdamW weight decay (not on new token vectors)")
+    adam_beta1: float = setting(0.9, "Adam's first-moment decay")
+    adam_beta2: float = setting(0.999, "Adam's second-moment decay")
+    adam_epsilon: float = setting(1e-8, "Adam's denominator epsilon")
+    lr_scheduler: str = setting("constant", "the learning rate after the warmup: constant | cosine | "
+                                            "cosine_with_restarts | linear | polynomial")
+    lr_warmup_steps: int = setting(0, "steps of linear warmup from 0")
+    lr_num_cycles: int = setting(1, "cosine_with_restarts")
+    lr_power: float = setting(1.0, "polynomial")
+    max_grad_norm: float = setting(1.0, "0 disables clipping")
+    train_batch_size: int = setting(1, "images per step (per GPU)")
+    gradient_accumulation_steps: int = setting(1,
+                                               "batches summed into one optimizer step (a larger batch in the same "
+                                               "memory)")
+    max_train_steps: int = setting(1600, "optimizer steps to train")
+    max_train_epochs: int | None = setting(None, "when set, overrides max_train_steps")
+    mixed_precision: str = setting("auto", "auto: fp16 on T4-class GPUs, bf16 on Ampere+, no on CPU")
+    gradient_checkpointing: bool = setting(False,
+                                           "recompute activations in backward: much less memory, about 20% slower")
+    attention: str = setting("sdpa", "attention kernel: sdpa (PyTorch) | xformers")
+    channels_last: bool = setting(False, "UNet convolutions in channels-last layout (often faster on tensor cores)")
+    torch_compile: bool = setting(False, "torch.compile the UNet: a slow first step, then faster (fixed shapes)")
+    compile_backend: str = setting("inductor", "torch.compile backend (inductor generates fused kernels)")
+    min_snr_gamma: float | None = setting(None, "5.0 is the paper's value")
+    noise_offset: float = setting(0.0, "extra per-channel noise (0.05-0.1 helps very dark and very bright images)")
+    prior_loss_weight: float = setting(1.0, "loss weight of the class (regularization) images")
+    seed: int = setting(42, "one seed for data order, noise and LoRA init: the same seed gives the same run")
 
     # --- outputs ---
-    output_dir: str = "outputs"
-    output_name: str = "lora"
-    save_every_n_steps: int | None = None
-    save_every_n_epochs: int | None = None
-    save_last_n: int | None = None        # keep only the newest N intermediate saves
-    save_format: str = "kohya"            # kohya: one .safetensors (LoRA, or DreamBooth single-file checkpoint) | diffusers | both
-    save_precision: str = "fp16"
-    log_every_n_steps: int = 10           # loss values are logged at these steps (a finite-check syncs every step)
+    output_dir: str = setting("outputs", "where the LoRA, its config, log, samples and states go")
+    output_name: str = setting("lora", "file name of the LoRA (and prefix of intermediate saves)")
+    save_every_n_steps: int | None = setting(None, "also save the LoRA every N steps (name-stepNNNNNN)")
+    save_every_n_epochs: int | None = setting(None, "also save the LoRA every N epochs (name-NNNNNN)")
+    save_last_n: int | None = setting(None, "keep only the newest N intermediate saves")
+    save_format: str = setting("kohya",
+                               "kohya: one .safetensors (LoRA, or DreamBooth single-file checkpoint) | diffusers | "
+                               "both")
+    save_precision: str = setting("fp16", "dtype of the saved weights: fp16 | bf16 | float")
+    log_every_n_steps: int = setting(10, "loss values are logged at these steps (a finite-check syncs every step)")
 
     # --- resume and failures ---
-    save_state_every_n_steps: int | None = None   # full training state (to resume) under output_dir/states/
-    save_state_last_n: int = 2            # states kept (older ones deleted)
-    resume: str | None = None             # "latest" = newest state in output_dir (fresh start if none), or a state folder
-    nan_policy: str = "stop"              # NaN/inf loss: stop with advice, or skip the step (stops after 5 in a row)
+    save_state_every_n_steps: int | None = setting(None, "full training state (to resume) under output_dir/states/")
+    save_state_last_n: int = setting(2, "states kept (older ones deleted)")
+    resume: str | None = setting(None,
+                                 "\"latest\" = newest state in output_dir (fresh start if none), or a state folder")
+    nan_policy: str = setting("stop", "NaN/inf loss: stop with advice, or skip the step (stops after 5 in a row)")
 
     # --- samples and validation during training ---
-    sample_every_n_steps: int | None = None
-    sample_prompts: list[str] = field(default_factory=list)
-    sample_negative_prompt: str = ""
-    sample_seed: int = 1234
-    sample_steps: int = 20
-    sample_cfg: float = 7.0
-    sample_sampler: str = "Euler a"
-    validation_every_n_steps: int | None = None   # fixed-noise loss on a few training images
-    validation_images: int = 4
+    sample_every_n_steps: int | None = setting(None, "render sample_prompts every N steps into output_dir/samples")
+    sample_prompts: list[str] = setting(factory=list, help="prompts of the samples during training")
+    sample_negative_prompt: str = setting("", "negative prompt of the samples")
+    sample_seed: int = setting(1234, "seed of the first sample prompt (the next ones count up)")
+    sample_steps: int = setting(20, "sampler steps of each sample")
+    sample_cfg: float = setting(7.0, "CFG scale of the samples")
+    sample_sampler: str = setting("Euler a", "A1111 sampler name of the samples")
+    validation_every_n_steps: int | None = setting(None, "fixed-noise loss on a few training images")
+    validation_images: int = setting(4, "training images the validation loss uses")
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = TRAIN_CHOICES
 
@@ -327,23 +351,23 @@ class TagConfig(ConfigBase):
     """Captioning and whole-set caption edits (02_tagging, `python -m helpers tag`), applied in this order:
     caption, remove, replace, dedupe, trigger/class word, sort, limit."""
 
-    captioner: str = "none"               # none (keep the captions you have) | blip | florence2 | wd14
-    model: str | None = None              # hub id or local folder of the captioner (None: its standard model)
-    mode: str = "skip"                    # images that already have a caption: skip | overwrite | append | prepend
-    batch_size: int = 8
-    task: str | None = None               # Florence-2: <CAPTION> | <DETAILED_CAPTION> | <MORE_DETAILED_CAPTION>
-    general_threshold: float = 0.35       # WD14: general tags at or above this confidence
-    character_threshold: float = 0.85     # WD14: character tags
-    blacklist: list[str] = field(default_factory=list)   # WD14 tags never written
-    extension: str = ".txt"
-    remove: list[str] = field(default_factory=list)      # tags to remove; globs allowed ("watermark*")
-    replace: list[str] = field(default_factory=list)     # "old=new" per entry
-    dedupe: bool = False                  # remove repeated tags within a caption
-    trigger: str = ""                     # put first in every caption (keep_tokens=1 keeps it in place)
-    class_word: str = ""                  # put after the trigger
-    sort: bool = False                    # sort tags by frequency across the set
-    max_tags: int = 0                     # keep at most N tags per caption (0: no limit)
-    keep_tokens: int = 1                  # leading tags that sort and max_tags leave in place
+    captioner: str = setting("none", "none (keep the captions you have) | blip | florence2 | wd14")
+    model: str | None = setting(None, "hub id or local folder of the captioner (None: its standard model)")
+    mode: str = setting("skip", "images that already have a caption: skip | overwrite | append | prepend")
+    batch_size: int = setting(8, "images per captioner batch")
+    task: str | None = setting(None, "Florence-2: <CAPTION> | <DETAILED_CAPTION> | <MORE_DETAILED_CAPTION>")
+    general_threshold: float = setting(0.35, "WD14: general tags at or above this confidence")
+    character_threshold: float = setting(0.85, "WD14: character tags")
+    blacklist: list[str] = setting(factory=list, help="WD14 tags never written")
+    extension: str = setting(".txt", "caption file extension")
+    remove: list[str] = setting(factory=list, help="tags to remove; globs allowed (\"watermark*\")")
+    replace: list[str] = setting(factory=list, help="OLD=NEW: tag OLD becomes NEW", flag="replace")
+    dedupe: bool = setting(False, "remove repeated tags within a caption")
+    trigger: str = setting("", "put first in every caption (keep_tokens=1 keeps it in place)")
+    class_word: str = setting("", "put after the trigger")
+    sort: bool = setting(False, "sort tags by frequency across the set")
+    max_tags: int = setting(0, "keep at most N tags per caption (0: no limit)")
+    keep_tokens: int = setting(1, "leading tags that sort and max_tags leave in place")
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"captioner": CAPTIONERS, "mode": CAPTION_MODES}
 
@@ -373,23 +397,24 @@ class TagConfig(ConfigBase):
 class GenerateConfig(ConfigBase):
     """Settings of an image generation (04_inference, `python -m helpers generate`)."""
 
-    model: str = ""                       # hub id, local diffusers folder, or a single .safetensors checkpoint
-    model_config: str | None = None       # local diffusers folder giving configs for a single-file model (offline)
-    loras: list[str] = field(default_factory=list)       # LoRA files, each "path" or "path:weight"
-    embeddings: list[str] = field(default_factory=list)  # Textual Inversion files, "path" or "path=token"
-    prompts: list[str] = field(default_factory=list)
-    negative_prompt: str = ""
-    sampler: str = "Euler a"              # AUTOMATIC1111 name ("DPM++ 2M Karras", "DDIM", ...)
-    steps: int = 20
-    cfg_scale: float = 7.0
-    seed: int = 0
-    width: int | None = None              # None: the model's native size (512 SD 1.5, 1024 SDXL)
-    height: int | None = None
-    num_images: int = 1                   # per prompt; image i uses seed + i
-    clip_skip: int = 1
-    weighting: bool = False               # A1111 prompt syntax: (word:1.3), [word], BREAK, > 75 tokens
-    grid_weights: list[float] = field(default_factory=lambda: [0.0, 0.5, 0.75, 1.0])  # prompt x weight grid
-    out_dir: str = "outputs/generated"
+    model: str = setting("", "hub id, local diffusers folder, or a single .safetensors checkpoint")
+    model_config: str | None = setting(None, "local diffusers folder giving configs for a single-file model (offline)")
+    loras: list[str] = setting(factory=list, help="LoRA files, each \"path\" or \"path:weight\"", flag="lora")
+    embeddings: list[str] = setting(factory=list,
+                                    help="Textual Inversion files, \"path\" or \"path=token\"", flag="embedding")
+    prompts: list[str] = setting(factory=list, help="prompts to generate (each gets num_images images)", flag="prompt")
+    negative_prompt: str = setting("", "what the images should not show")
+    sampler: str = setting("Euler a", "AUTOMATIC1111 name (\"DPM++ 2M Karras\", \"DDIM\", ...)")
+    steps: int = setting(20, "sampler steps")
+    cfg_scale: float = setting(7.0, "classifier-free guidance scale")
+    seed: int = setting(0, "seed of the first image; image i uses seed + i")
+    width: int | None = setting(None, "None: the model's native size (512 SD 1.5, 1024 SDXL)")
+    height: int | None = setting(None, "None: the model's native size")
+    num_images: int = setting(1, "per prompt; image i uses seed + i")
+    clip_skip: int = setting(1, "A1111 meaning: 1 = last text-encoder layer, 2 = penultimate")
+    weighting: bool = setting(False, "A1111 prompt syntax: (word:1.3), [word], BREAK, > 75 tokens")
+    grid_weights: list[float] = setting(factory=lambda: [0.0, 0.5, 0.75, 1.0], help="prompt x weight grid")
+    out_dir: str = setting("outputs/generated", "folder the PNGs (with A1111 parameters) are written to", flag="out")
 
     def validate(self) -> None:
         """Check every field; raise ConfigError naming the first bad one."""
@@ -419,31 +444,34 @@ class GenerateConfig(ConfigBase):
 class EvalConfig(ConfigBase):
     """Settings of the evaluation protocol (05_eval, `python -m helpers evaluate`)."""
 
-    model: str = ""                       # the base model the LoRAs were trained on
-    model_config: str | None = None
-    loras: list[str] = field(default_factory=list)       # LoRA files to compare (runs, checkpoints)
-    weights: list[float] = field(default_factory=lambda: [1.0])
-    prompts: list[str] = field(default_factory=list)     # the concept in its natural setting, with the trigger
-    context_prompts: list[str] = field(default_factory=list)  # the concept somewhere new
-    prior_prompts: list[str] = field(default_factory=list)    # no concept: is the base model's prior kept?
-    trigger: str = ""                     # the trigger test removes it from the prompts
-    reference_dir: str | None = None      # the training images (CLIP-I, DINO, KID/FID)
-    num_seeds: int = 4                    # seeds 0..N-1 per prompt
-    steps: int = 25
-    sampler: str = "DDIM"
-    cfg_scale: float = 7.0
-    negative_prompt: str = ""
-    clip_skip: int = 1
-    clip_model: str | None = "openai/clip-vit-large-patch14"   # None: no CLIP-T / CLIP-I
-    dino_model: str | None = "facebook/dino-vits16"           # None: no DINO
-    fid_kid: bool = True                  # needs torch-fidelity's Inception weights (or inception_weights)
-    inception_weights: str | None = None
-    kid_subset_size: int | None = None    # images per KID subset; None: the smaller set's size, at most 1000
-    kid_subsets: int = 100                # KID is averaged over this many random subsets
-    batch_size: int = 8
-    grid_prompts: int = 4                 # the report's grids: this many prompts of each group ...
-    grid_seeds: int = 4                   # ... times this many seeds
-    out_dir: str = "outputs/eval"
+    model: str = setting("", "the base model the LoRAs were trained on")
+    model_config: str | None = setting(None, "local diffusers folder giving configs for a single-file model (offline)")
+    loras: list[str] = setting(factory=list, help="LoRA files to compare (runs, checkpoints)", flag="lora")
+    weights: list[float] = setting(factory=lambda: [1.0],
+                                   help="LoRA weights to evaluate (0 is the base model, always included)")
+    prompts: list[str] = setting(factory=list,
+                                 help="the concept in its natural setting, with the trigger", flag="prompt")
+    context_prompts: list[str] = setting(factory=list, help="the concept somewhere new", flag="context-prompt")
+    prior_prompts: list[str] = setting(factory=list,
+                                       help="no concept: is the base model's prior kept?", flag="prior-prompt")
+    trigger: str = setting("", "the trigger test removes it from the prompts")
+    reference_dir: str | None = setting(None, "the training images (CLIP-I, DINO, KID/FID)")
+    num_seeds: int = setting(4, "seeds 0..N-1 per prompt")
+    steps: int = setting(25, "sampler steps")
+    sampler: str = setting("DDIM", "A1111 sampler name")
+    cfg_scale: float = setting(7.0, "classifier-free guidance scale")
+    negative_prompt: str = setting("", "negative prompt of every image")
+    clip_skip: int = setting(1, "A1111 meaning: 1 = last text-encoder layer, 2 = penultimate")
+    clip_model: str | None = setting("openai/clip-vit-large-patch14", "CLIP id or folder for CLIP-T, CLIP-I; none: off")
+    dino_model: str | None = setting("facebook/dino-vits16", "DINO id or folder; none: off")
+    fid_kid: bool = setting(True, "KID and FID (torch-fidelity's Inception weights, or inception_weights)")
+    inception_weights: str | None = setting(None, "local InceptionV3 weights file for KID/FID (offline)")
+    kid_subset_size: int | None = setting(None, "images per KID subset; None: the smaller set's size, at most 1000")
+    kid_subsets: int = setting(100, "KID is averaged over this many random subsets")
+    batch_size: int = setting(8, "images per generation batch")
+    grid_prompts: int = setting(4, "the report's grids: this many prompts of each group ...")
+    grid_seeds: int = setting(4, "... times this many seeds")
+    out_dir: str = setting("outputs/eval", "folder of the images, table, plots and report", flag="out")
 
     def validate(self) -> None:
         """Check every field; raise ConfigError naming the first bad one."""
@@ -577,24 +605,24 @@ IMAGE_FORMATS = ("png", "jpg")
 class PrepareConfig(ConfigBase):
     """Every setting of a dataset preparation; plain types, so TOML, the CLI and widgets can build it."""
 
-    source: str = ""                      # a folder (recursive; kohya "N_name" subfolders kept) or a .zip file
-    output_dir: str = ""                  # the prepared copy; never inside the source
-    resolution: int = 512                 # 512 for SD 1.5, 768 for SD 2, 1024 for SDXL
-    crop: str = "bucket"                  # none | bucket | center | subject | pad
-    min_size: int | None = None           # shorter side below this is rejected; None: resolution // 2
-    max_pixels: int = 100_000_000         # larger declared sizes are rejected as decompression bombs
-    max_side: int | None = None           # crop="none" only: cap the long side (downscale)
-    allow_upscale: bool = False           # False: images smaller than the target keep their size (flagged)
-    background: str = "#ffffff"           # transparency is flattened on it; "pad" fills with it
-    caption_extension: str = ".txt"       # caption files beside images; "" to ignore captions
-    image_format: str = "png"             # png (lossless) | jpg (quality jpeg_quality, 4:4:4)
-    jpeg_quality: int = 95
-    near_dup_threshold: int = 10          # max Hamming distance of 64-bit perceptual hashes; -1: off
-    clip_model: str | None = None         # CLIP id or folder for embedding similarity; None: off
-    clip_threshold: float = 0.95          # cosine similarity at or above which images are grouped
-    min_bucket_reso: int = 256
-    max_bucket_reso: int = 1024
-    bucket_reso_steps: int = 64
+    source: str = setting("", "a folder (recursive; kohya \"N_name\" subfolders kept) or a .zip file")
+    output_dir: str = setting("", "the prepared copy; never inside the source")
+    resolution: int = setting(512, "512 for SD 1.5, 768 for SD 2, 1024 for SDXL")
+    crop: str = setting("bucket", "none | bucket | center | subject | pad")
+    min_size: int | None = setting(None, "shorter side below this is rejected; None: resolution // 2")
+    max_pixels: int = setting(100_000_000, "larger declared sizes are rejected as decompression bombs")
+    max_side: int | None = setting(None, "crop=\"none\" only: cap the long side (downscale)")
+    allow_upscale: bool = setting(False, "False: images smaller than the target keep their size (flagged)")
+    background: str = setting("#ffffff", "transparency is flattened on it; \"pad\" fills with it")
+    caption_extension: str = setting(".txt", "caption files beside images; \"\" to ignore captions")
+    image_format: str = setting("png", "png (lossless) | jpg (quality jpeg_quality, 4:4:4)")
+    jpeg_quality: int = setting(95, "JPEG quality when image_format is jpg")
+    near_dup_threshold: int = setting(10, "max Hamming distance of 64-bit perceptual hashes; -1: off")
+    clip_model: str | None = setting(None, "CLIP id or folder for embedding similarity; None: off")
+    clip_threshold: float = setting(0.95, "cosine similarity at or above which images are grouped")
+    min_bucket_reso: int = setting(256, "smallest bucket side in px")
+    max_bucket_reso: int = setting(1024, "largest bucket side in px")
+    bucket_reso_steps: int = setting(64, "bucket sides are multiples of this")
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"crop": CROP_MODES, "image_format": IMAGE_FORMATS}
 

@@ -4,28 +4,28 @@ import argparse
 
 import pytest
 
-from helpers.__main__ import build_train_config, main
+from helpers.__main__ import config_from_args, main
 from helpers.config import parse_lora_spec as _parse_lora
 from helpers.config import TrainConfig, save_config
 
 
 def _train_args(argv):
     parser = argparse.ArgumentParser()
-    from helpers.__main__ import _add_config_flags
+    from helpers.__main__ import add_config_flags
 
     parser.add_argument("--config")
-    _add_config_flags(parser, TrainConfig)
+    add_config_flags(parser, TrainConfig)
     return parser.parse_args(argv)
 
 
 def test_flags_override_the_toml_and_unset_flags_keep_it(tmp_path):
     path = save_config(TrainConfig(rank=32, alpha=16.0, flip_aug=True, learning_rate=3e-4), tmp_path / "c.toml")
-    cfg = build_train_config(_train_args(["--config", str(path), "--rank", "8", "--no-flip-aug",
+    cfg = config_from_args(TrainConfig, _train_args(["--config", str(path), "--rank", "8", "--no-flip-aug",
                                           "--sample-prompts", "a", "b c", "--text-encoder-lr", "none"]))
     assert (cfg.rank, cfg.alpha, cfg.flip_aug, cfg.learning_rate) == (8, 16.0, False, 3e-4)
     assert cfg.sample_prompts == ["a", "b c"] and cfg.text_encoder_lr is None
     # underscore spellings (kohya's) work too
-    assert build_train_config(_train_args(["--max_train_steps", "7"])).max_train_steps == 7
+    assert config_from_args(TrainConfig, _train_args(["--max_train_steps", "7"])).max_train_steps == 7
 
 
 def test_bad_flag_value_exits_2_with_the_field_named(capsys):
@@ -62,9 +62,10 @@ def test_lora_weight_syntax(text, expected):
 
 
 def test_resume_flag_alone_means_latest():
-    assert build_train_config(_train_args(["--resume"])).resume == "latest"
-    assert build_train_config(_train_args(["--resume", "out/states/t-step000100"])).resume == "out/states/t-step000100"
-    assert build_train_config(_train_args([])).resume is None
+    assert config_from_args(TrainConfig, _train_args(["--resume"])).resume == "latest"
+    resumed = config_from_args(TrainConfig, _train_args(["--resume", "out/states/t-step000100"]))
+    assert resumed.resume == "out/states/t-step000100"
+    assert config_from_args(TrainConfig, _train_args([])).resume is None
 
 
 def test_prepare_then_tag_from_the_command_line(tmp_path, capsys):
@@ -98,3 +99,48 @@ def test_evaluate_on_the_toy_world_from_the_command_line(tmp_path, capsys):
     assert "judge_concept_rate" in out and (tmp_path / "eval" / "report.md").is_file()
     assert main(["evaluate", "--model", "x"]) == 2
     assert "needs --model and at least one --prompt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command,cls", [("prepare", "PrepareConfig"), ("tag", "TagConfig"), ("train", "TrainConfig"),
+                                         ("generate", "GenerateConfig"), ("evaluate", "EvalConfig")])
+def test_every_setting_is_a_flag_listed_once_with_its_help(command, cls, capsys):
+    import dataclasses
+
+    import helpers.config as config
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    for f in dataclasses.fields(getattr(config, cls)):
+        shown = "--" + (f.metadata.get("flag") or f.name.replace("_", "-"))
+        assert shown in text, shown
+        if "_" in f.name:
+            assert "--" + f.name not in text  # kohya's spelling is accepted, not listed
+    if command == "train":
+        assert "--max-train-steps INT" in text and "optimizer steps to train (default: 1600)" in " ".join(text.split())
+
+
+def test_generate_and_evaluate_flags_come_from_their_configs():
+    import argparse
+
+    from helpers.__main__ import add_config_flags
+    from helpers.config import EvalConfig, GenerateConfig
+
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, GenerateConfig)
+    cfg = config_from_args(GenerateConfig, parser.parse_args(
+        ["--model", "m", "--prompt", "a b", "--prompt", "c", "--lora", "x.safetensors:0.5", "--grid-weights", "0", "1",
+         "--out", "o", "--num_images", "2"]))
+    assert (cfg.prompts, cfg.loras, cfg.grid_weights, cfg.out_dir, cfg.num_images) == (
+        ["a b", "c"], ["x.safetensors:0.5"], [0.0, 1.0], "o", 2)
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, EvalConfig)
+    cfg = config_from_args(EvalConfig, parser.parse_args(
+        ["--model", "m", "--prompt", "a sks dog", "--kid-subsets", "10", "--clip-model", "none", "--no-fid-kid"]))
+    assert (cfg.kid_subsets, cfg.clip_model, cfg.fid_kid, cfg.dino_model) == (10, None, False, "facebook/dino-vits16")
+
+
+def test_a_choice_outside_the_list_is_refused_by_name(capsys):
+    with pytest.raises(SystemExit):
+        main(["tag", ".", "--captioner", "gpt"])
+    assert "invalid choice: 'gpt'" in capsys.readouterr().err

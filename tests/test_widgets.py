@@ -6,11 +6,11 @@ import pytest
 
 pytest.importorskip("ipywidgets")
 
-from helpers.config import ConfigError, EvalConfig, GenerateConfig, TagConfig, TrainConfig, load_config
+from helpers.config import ConfigError, EvalConfig, GenerateConfig, TagConfig, TrainConfig, field_help, load_config
 from helpers.config import PrepareConfig
 from helpers.notebook.presets import PRESETS, default_preset, preset_values, presets_that_fit
 from helpers.notebook.widgets import (
-    caption_editor, eval_form, field_help, generate_form, prepare_form, tag_form, train_form
+    caption_editor, eval_form, generate_form, prepare_form, tag_form, train_form
 )
 
 
@@ -96,9 +96,9 @@ def test_save_writes_toml_the_cli_reads(tmp_path):
     assert load_config(tmp_path / "generate.toml", GenerateConfig).lora_weights() == [("x.safetensors", 0.7)]
     # the CLI runs the saved settings: `generate --config` reads the same file
     args = argparse.Namespace(config=str(tmp_path / "generate.toml"), steps=3)
-    from helpers.__main__ import _config_from_args
+    from helpers.__main__ import config_from_args
 
-    assert _config_from_args(GenerateConfig, args) == load_config(tmp_path / "generate.toml", GenerateConfig).replace(
+    assert config_from_args(GenerateConfig, args) == load_config(tmp_path / "generate.toml", GenerateConfig).replace(
         steps=3)
 
 
@@ -107,7 +107,7 @@ def test_a_form_refuses_settings_it_does_not_have():
         train_form(not_a_field=1)
 
 
-def test_field_help_comes_from_the_dataclass_comments():
+def test_field_help_comes_from_the_dataclass_fields():
     helps = field_help(TrainConfig)
     assert helps["rank"].startswith("kohya: network_dim")
     assert field_help(GenerateConfig)["sampler"].startswith("AUTOMATIC1111 name")

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import html
-import inspect
 import io
 import re
 from pathlib import Path
 from typing import Any, Callable, get_type_hints
 
 from ..config import (
-    ConfigError, EvalConfig, GenerateConfig, TagConfig, TrainConfig, allowed_types, list_item_type, load_config,
-    save_config
+    ConfigError, EvalConfig, GenerateConfig, TagConfig, TrainConfig, allowed_types, field_help, list_item_type,
+    load_config, save_config
 )
 
 # The groups a form shows open, in order; fields not named here go into "Advanced".
@@ -53,20 +52,6 @@ EVAL_GROUPS: dict[str, list[str]] = {
     "References and metrics": ["reference_dir", "clip_model", "dino_model", "fid_kid", "inception_weights"],
     "Sampling": ["num_seeds", "steps", "sampler", "cfg_scale", "clip_skip", "batch_size"],
 }
-
-
-def field_help(cls: type) -> dict[str, str]:
-    """The comment written after each field in the dataclass's source: the forms' tooltips."""
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    out = {}
-    for line in source.splitlines():
-        m = re.match(r"\s+(\w+):[^#=]+=[^#]*#\s*(.+)$", line)
-        if m:
-            out[m.group(1)] = m.group(2).strip()
-    return out
 
 
 def _choices(cls: type, name: str) -> tuple[str, ...] | None:
