@@ -1,7 +1,13 @@
-"""Drawing labelled image grids: fonts, wrapped labels, image strips and mosaics with row and column labels.
-The comparison grids, the demo, the evaluation report and the dataset sheets all draw with these."""
+"""Drawing labelled image grids: fonts, wrapped labels, image strips, mosaics with row and column labels, and
+thumbnail sheets. The comparison grids, the demo, the evaluation report, the dataset sheets and the notebooks'
+image views all draw with these."""
 
 from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -109,3 +115,62 @@ def labelled_grid(cells: list[list[list[Image.Image]]], col_labels: list[str], r
     """The demo's grid: strips of images per cell, fixed margins (GRID_LEFT, GRID_TOP, GRID_PAD), zoomed."""
     return image_grid(cells, row_labels, col_labels, pad=GRID_PAD, label_width=GRID_LEFT, label_height=GRID_TOP,
                       zoom=zoom, font_size=10)
+
+
+def _fit_text(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength("…" + text, font=font) > width:
+        text = text[1:]
+    return "…" + text
+
+
+def thumbnail_sheet(thumbs: Sequence[tuple[Image.Image, Sequence[str]]], columns: int = 10, cell: int = 160,
+                    title: str = "") -> Image.Image:
+    """A grid of thumbnails, each with its lines of text underneath (file name first)."""
+    font = load_font(12)
+    n_lines = max((len(lines) for _, lines in thumbs), default=1)
+    line_h = 15
+    cols = max(1, min(columns, len(thumbs)))
+    rows = max(1, math.ceil(len(thumbs) / cols))
+    pad = 6
+    title_h = 24 if title else 0
+    cw, ch = cell + 2 * pad, cell + 2 * pad + n_lines * line_h
+    sheet = Image.new("RGB", (cols * cw, title_h + rows * ch), (250, 250, 250))
+    draw = ImageDraw.Draw(sheet)
+    if title:
+        draw.text((pad, 5), title, fill=(0, 0, 0), font=load_font(14))
+    for k, (img, lines) in enumerate(thumbs):
+        x0, y0 = (k % cols) * cw, title_h + (k // cols) * ch
+        t = img.copy()
+        t.thumbnail((cell, cell), Image.Resampling.LANCZOS)
+        sheet.paste(t, (x0 + pad + (cell - t.width) // 2, y0 + pad + (cell - t.height) // 2))
+        for j, line in enumerate(lines):
+            draw.text((x0 + pad, y0 + pad + cell + 2 + j * line_h), _fit_text(draw, line, font, cell),
+                      fill=(0, 0, 0) if j == 0 else (90, 90, 90), font=font)
+    return sheet
+
+
+def fit_thumbnail(image: Any, cell: int):
+    """`image` scaled to fit a `cell` square: shrunk smoothly, or enlarged by a whole factor with hard pixels
+    (the toy's 32x32 samples stay crisp)."""
+    if max(image.size) > cell:
+        image = image.copy()
+        image.thumbnail((cell, cell), Image.Resampling.LANCZOS)
+    elif max(image.size) * 2 <= cell:
+        k = cell // max(image.size)
+        image = image.resize((image.width * k, image.height * k), Image.Resampling.NEAREST)
+    return image
+
+
+def contact_grid(images: Sequence[Any], labels: Sequence[str] | None = None, *, columns: int = 6,
+                 cell: int = 160):
+    """A PIL image: `images` (PIL images or paths) as thumbnails in rows of `columns`, each labelled
+    (by default with its file name); drawn as the prepare report's sheets are."""
+    pics = [p.convert("RGB") if isinstance(p, Image.Image) else Image.open(p).convert("RGB") for p in images]
+    if not pics:
+        raise ValueError("no images to show")
+    if labels is None:
+        labels = ["" if isinstance(p, Image.Image) else Path(p).name for p in images]
+    return thumbnail_sheet([(fit_thumbnail(im, cell), [label]) for im, label in zip(pics, labels)],
+                           columns=columns, cell=cell)

@@ -5,47 +5,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from ..atomic import atomic_path
-from ..drawing import load_font
+from ..drawing import thumbnail_sheet
 from .records import DuplicateGroup, FileRecord
-
-
-def _fit_text(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength("…" + text, font=font) > width:
-        text = text[1:]
-    return "…" + text
-
-
-def thumbnail_sheet(thumbs: Sequence[tuple[Image.Image, Sequence[str]]], columns: int = 10, cell: int = 160,
-                    title: str = "") -> Image.Image:
-    """A grid of thumbnails, each with its lines of text underneath (file name first)."""
-    font = load_font(12)
-    n_lines = max((len(lines) for _, lines in thumbs), default=1)
-    line_h = 15
-    cols = max(1, min(columns, len(thumbs)))
-    rows = max(1, math.ceil(len(thumbs) / cols))
-    pad = 6
-    title_h = 24 if title else 0
-    cw, ch = cell + 2 * pad, cell + 2 * pad + n_lines * line_h
-    sheet = Image.new("RGB", (cols * cw, title_h + rows * ch), (250, 250, 250))
-    draw = ImageDraw.Draw(sheet)
-    if title:
-        draw.text((pad, 5), title, fill=(0, 0, 0), font=load_font(14))
-    for k, (img, lines) in enumerate(thumbs):
-        x0, y0 = (k % cols) * cw, title_h + (k // cols) * ch
-        t = img.copy()
-        t.thumbnail((cell, cell), Image.Resampling.LANCZOS)
-        sheet.paste(t, (x0 + pad + (cell - t.width) // 2, y0 + pad + (cell - t.height) // 2))
-        for j, line in enumerate(lines):
-            draw.text((x0 + pad, y0 + pad + cell + 2 + j * line_h), _fit_text(draw, line, font, cell),
-                      fill=(0, 0, 0) if j == 0 else (90, 90, 90), font=font)
-    return sheet
 
 
 def _save_png(image: Image.Image, path: Path, fsync: bool = True) -> Path:

@@ -268,40 +268,11 @@ def _html(text: str):
         return text
 
 
-def fit_thumbnail(image: Any, cell: int):
-    """`image` scaled to fit a `cell` square: shrunk smoothly, or enlarged by a whole factor with hard pixels
-    (the toy's 32x32 samples stay crisp)."""
-    from PIL import Image
-
-    if max(image.size) > cell:
-        image = image.copy()
-        image.thumbnail((cell, cell), Image.Resampling.LANCZOS)
-    elif max(image.size) * 2 <= cell:
-        k = cell // max(image.size)
-        image = image.resize((image.width * k, image.height * k), Image.Resampling.NEAREST)
-    return image
-
-
-def contact_grid(images: Sequence[Any], labels: Sequence[str] | None = None, *, columns: int = 6,
-                 cell: int = 160):
-    """A PIL image: `images` (PIL images or paths) as thumbnails in rows of `columns`, each labelled
-    (by default with its file name); drawn by the prepare report's `thumbnail_sheet`."""
-    from PIL import Image
-
-    from ..data.sheets import thumbnail_sheet
-
-    pics = [p.convert("RGB") if isinstance(p, Image.Image) else Image.open(p).convert("RGB") for p in images]
-    if not pics:
-        raise ValueError("no images to show")
-    if labels is None:
-        labels = ["" if isinstance(p, Image.Image) else Path(p).name for p in images]
-    return thumbnail_sheet([(fit_thumbnail(im, cell), [label]) for im, label in zip(pics, labels)],
-                           columns=columns, cell=cell)
-
-
 def show_images(images: Sequence[Any], labels: Sequence[str] | None = None, *, columns: int = 6,
                 cell: int = 160, limit: int = 48) -> None:
     """Show up to `limit` images (PIL or paths) as a labelled thumbnail grid (`contact_grid` returns it)."""
+    from ..drawing import contact_grid
+
     images = list(images)[:limit]
     _display(contact_grid(images, labels[:limit] if labels is not None else None, columns=columns, cell=cell))
 
@@ -396,6 +367,8 @@ class TrainMonitor:
         elif kind == "sample":
             self.samples = [Path(p) for p in data["paths"]]
             labels = [f"step {data['step']}: {p.stem}" for p in self.samples]
+            from ..drawing import contact_grid
+
             grid = contact_grid(self.samples, labels, columns=min(4, len(self.samples)), cell=192)
             self._images = _display(grid, self._images)
         elif kind == "save":

@@ -346,7 +346,7 @@ class CaptionEditor:
     def _thumb_png(self, name: str) -> bytes:
         from PIL import Image
 
-        from .display import fit_thumbnail
+        from ..drawing import fit_thumbnail
 
         with Image.open(self.folder / name) as im:
             buf = io.BytesIO()
