@@ -229,7 +229,10 @@ def prepare(source: str | Path, output_dir: str | Path, *, resolution: int = 512
 
 
 def prepare_from_config(cfg: PrepareConfig, *, overwrite: bool = False, progress: bool = True) -> PrepareReport:
-    """`prepare` for a ready-made `PrepareConfig` (what the CLI and widgets build)."""
+    """`prepare` for a ready-made `PrepareConfig` (what the CLI and widgets build).
+
+    Sorts the source's files, prepares each image (decode, check, crop, save, caption) into a temporary
+    copy, groups duplicates, writes the manifest and the report, then renames the copy into place."""
     from tqdm.auto import tqdm
 
     if not cfg.source:
@@ -239,157 +242,28 @@ def prepare_from_config(cfg: PrepareConfig, *, overwrite: bool = False, progress
     source, output = Path(cfg.source).expanduser(), Path(cfg.output_dir).expanduser()
     source_kind = _check_paths(source, output, overwrite)
     clip = load_clip(cfg.clip_model) if cfg.clip_model else None  # fail before the long loop, not after it
-    buckets = make_buckets(cfg.resolution, cfg.min_bucket_reso - cfg.min_bucket_reso % cfg.bucket_reso_steps,
-                           cfg.max_bucket_reso + (-cfg.max_bucket_reso) % cfg.bucket_reso_steps, cfg.bucket_reso_steps)
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    ext_out = ".png" if cfg.image_format == "png" else ".jpg"
-    cap_ext = cfg.caption_extension.lower()
 
-    @contextmanager
-    def entries_cm() -> Iterator[tuple[list[SourceEntry], list[FileRecord]]]:
-        if source_kind == "zip":
-            with zip_entries(source) as entries:
-                yield entries, []
-        else:
-            yield folder_entries(source)
-
-    with entries_cm() as (entries, skipped), atomic_dir(output) as tmp:
-        records: list[FileRecord] = list(skipped)
-        images: list[SourceEntry] = []
-        captions: dict[tuple[str, str], SourceEntry] = {}
-        others: list[SourceEntry] = []
-        for e in entries:
-            p = PurePosixPath(e.rel)
-            parts = p.parts
-            if e.problem:
-                records.append(FileRecord(source=e.rel, kind="other", status="rejected", reason=e.problem,
-                                          file_bytes=e.size))
-            elif "__MACOSX" in parts or p.name.startswith("._"):
-                records.append(FileRecord(source=e.rel, kind="other", status="skipped",
-                                          reason=f"{NOT_AN_IMAGE} (macOS metadata)", file_bytes=e.size))
-            elif any(part.startswith(".") for part in parts[:-1]):
-                records.append(FileRecord(source=e.rel, kind="other", status="skipped",
-                                          reason="inside a hidden folder", file_bytes=e.size))
-            elif p.name.startswith(".") and p.suffix.lower() in INGEST_EXTENSIONS:
-                records.append(FileRecord(source=e.rel, kind="other", status="skipped",
-                                          reason="hidden file (name starts with '.')", file_bytes=e.size))
-            elif p.suffix.lower() in INGEST_EXTENSIONS:
-                images.append(e)
-            elif cap_ext and p.suffix.lower() == cap_ext:
-                captions[(str(p.parent), p.stem)] = e
-            else:
-                others.append(e)
-        for e in others:
-            records.append(FileRecord(source=e.rel, kind="other", status="skipped", reason=NOT_AN_IMAGE,
-                                      file_bytes=e.size))
-
-        names = _out_names([e.rel for e in images])
-        used: set[str] = set()
-        used_captions: dict[str, str] = {}   # caption rel -> what happened ("ok" or a reason)
+    with _source_entries(source, source_kind) as (entries, skipped), atomic_dir(output) as tmp:
+        records, images, captions = _sort_entries(entries, cfg.caption_extension.lower())
+        records = list(skipped) + records
+        job = _ImageJob(cfg, tmp, _out_names([e.rel for e in images]))
+        caption_outcomes: dict[str, str] = {}   # caption rel -> "ok" or why it was not used
         thumbs: dict[str, Image.Image] = {}
         ok: list[FileRecord] = []
-        bg = cfg.background_rgb
-        min_size = cfg.effective_min_size
-        bar = tqdm(total=len(images), desc="preparing images", unit="img", disable=not progress)
-        try:
-            for e in images:
-                p = PurePosixPath(e.rel)
-                rec = FileRecord(source=e.rel, kind="image", file_bytes=e.size)
-                records.append(rec)
-                cap = captions.get((str(p.parent), p.stem))
-                try:
-                    if e.size > MAX_FILE_BYTES:
-                        raise RejectedInput(f"file too large ({e.size:,} bytes; limit {MAX_FILE_BYTES:,})")
-                    data = e.read()
-                    rec.file_bytes = len(data)
-                    rec.sha256 = hashlib.sha256(data).hexdigest()
-                    dec = decode_image(data, max_pixels=cfg.max_pixels, background=bg, ext=p.suffix)
-                    rec.original_size, rec.original_mode, rec.original_format = dec.size, dec.mode, dec.format
-                    rec.flags = list(dec.flags)
-                    if min(dec.size) < min_size:
-                        raise RejectedInput(f"too small: {dec.size[0]}x{dec.size[1]} (short side "
-                                            f"{min(dec.size)} < min_size {min_size})")
-                    out_img, crop_flags = crop_image(dec.image, cfg, buckets)
-                except RejectedInput as err:
-                    rec.status, rec.reason = "rejected", str(err)
-                    if cap is not None:
-                        used_captions[cap.rel] = f"caption of a rejected image ({e.rel})"
-                    bar.update(1)
-                    continue
-                except Exception as err:  # reading failed, or a decoder bug: report it, never stop the run
-                    if isinstance(err, OSError):
-                        rec.reason = f"cannot read the file: {err}"
-                    else:
-                        logger.warning("Unexpected error preparing %s", e.rel, exc_info=True)
-                        rec.reason = f"unexpected error while preparing ({type(err).__name__}: {err})"
-                    rec.status = "rejected"
-                    if cap is not None:
-                        used_captions[cap.rel] = f"caption of a rejected image ({e.rel})"
-                    bar.update(1)
-                    continue
-                rec.flags += crop_flags
-                rec.pixel_sha256 = pixel_digest(dec.image)
-                rec.phash = f"{perceptual_hash(dec.image):016x}"
-                rec.color_sig = color_signature(dec.image).hex()
-
-                folder, stem, rec.repeats = names[e.rel]
-                base = f"{folder}/{stem}" if folder else stem
-                rel_out, n = base + ext_out, 2
-                while rel_out.lower() in used:
-                    rel_out, n = f"{base}-{n}{ext_out}", n + 1
-                if PurePosixPath(rel_out).stem != p.stem:
-                    rec.flags.append("renamed")
-                used.add(rel_out.lower())
-                rec.prepared = rel_out
-                rec.prepared_size = out_img.size
-                rec.bucket = select_bucket(out_img.width, out_img.height, buckets, cfg.resolution,
-                                           no_upscale=not cfg.allow_upscale, step=cfg.bucket_reso_steps)
-                target = tmp / rel_out
-                with atomic_path(target, fsync=False) as t:
-                    if cfg.image_format == "png":
-                        out_img.save(t, format="PNG")
-                    else:
-                        out_img.save(t, format="JPEG", quality=cfg.jpeg_quality, subsampling=0)
-
-                if cap is not None:
-                    try:
-                        text, note = read_caption(cap.read())
-                        if note:  # kept, written out as UTF-8; the report lists it
-                            rec.flags.append("caption_not_utf8")
-                            warnings.warn(f"caption {cap.rel}: {note}", UserWarning, stacklevel=2)
-                        rec.caption = text.strip()
-                        rec.caption_source = cap.rel
-                        with atomic_path(target.with_suffix(cfg.caption_extension), fsync=False) as t:
-                            t.write_text(text, encoding="utf-8")
-                        used_captions.setdefault(cap.rel, "ok")
-                    except OutputWriteError:
-                        raise  # the output disk is full or read-only: stop, the old output is intact
-                    except (RejectedInput, OSError) as err:
-                        rec.flags.append("caption_unreadable")
-                        used_captions[cap.rel] = "rejected:" + str(err)
-                elif cap_ext:
-                    rec.flags.append("no_caption")
-                t_img = out_img.copy()
-                t_img.thumbnail((200, 200), Image.Resampling.LANCZOS)
-                thumbs[rec.name] = t_img
+        for e in tqdm(images, desc="preparing images", unit="img", disable=not progress):
+            p = PurePosixPath(e.rel)
+            cap = captions.get((str(p.parent), p.stem))
+            rec, thumb, outcome = job.prepare(e, cap)
+            records.append(rec)
+            if outcome == "ok":
+                caption_outcomes.setdefault(cap.rel, "ok")
+            elif outcome is not None:
+                caption_outcomes[cap.rel] = outcome
+            if thumb is not None:
+                thumbs[rec.name] = thumb
                 ok.append(rec)
-                bar.update(1)
-        finally:
-            bar.close()
-
-        for key, e in sorted(captions.items(), key=lambda kv: kv[1].rel):
-            what = used_captions.get(e.rel)
-            if what == "ok":
-                continue
-            if what is None:
-                records.append(FileRecord(source=e.rel, kind="caption", status="skipped",
-                                          reason="caption file without an image", file_bytes=e.size))
-            elif what.startswith("rejected:"):
-                records.append(FileRecord(source=e.rel, kind="caption", status="rejected",
-                                          reason=what[len("rejected:"):], file_bytes=e.size))
-            else:
-                records.append(FileRecord(source=e.rel, kind="caption", status="skipped", reason=what,
-                                          file_bytes=e.size))
+        records += _caption_records(captions, caption_outcomes)
 
         embeddings = None
         if clip is not None and len(ok) > 1:
@@ -398,31 +272,192 @@ def prepare_from_config(cfg: PrepareConfig, *, overwrite: bool = False, progress
                 for s in range(0, len(ok), 64)])
         del clip
         groups = find_duplicates(ok, cfg.near_dup_threshold, embeddings, cfg.clip_threshold)
-
-        report_dir = tmp / REPORT_DIR
-        final_report = output / REPORT_DIR
-        by_name = {r.name: r for r in ok}
-        write_duplicate_sheets(groups, by_name, thumbs, tmp, report_dir, final_report, fsync=False)
-        table = compute_bucket_table(ok)
-        plot_buckets(table, report_dir / "buckets.png", cfg.resolution, fsync=False)
-        sheets = write_contact_sheets(tmp, ok, thumbs, report_dir, fsync=False)
-        records.sort(key=lambda r: (r.source, r.kind))
-        write_manifest(tmp, cfg, records, groups, source_kind, created, fsync=False)
-        with atomic_path(report_dir / "prepare_config.toml", fsync=False) as t:
-            t.write_text(config_to_toml(cfg), encoding="utf-8")
-
-        report = PrepareReport(
-            config=cfg, output_dir=output, items=ok,
-            rejected=[r for r in records if r.status == "rejected"],
-            skipped=[r for r in records if r.status == "skipped"],
-            duplicate_groups=groups, bucket_table=table,
-            manifest_json=output / MANIFEST_JSON, manifest_csv=output / MANIFEST_CSV,
-            contact_sheets=[final_report / p.name for p in sheets], bucket_plot=final_report / "buckets.png",
-            report_text=final_report / "report.txt", config_path=final_report / "prepare_config.toml")
-        with atomic_path(report_dir / "report.txt", fsync=False) as t:
-            t.write_text(report.summary() + "\n", encoding="utf-8")
+        report = _write_report(cfg, tmp, output, records, ok, thumbs, groups, source_kind, created)
     logger.info("Prepared %d images into %s (%d rejected, %d skipped, %d duplicate groups)", len(ok), output,
                 len(report.rejected), len(report.skipped), len(groups))
+    return report
+
+
+@contextmanager
+def _source_entries(source: Path, source_kind: str) -> Iterator[tuple[list[SourceEntry], list[FileRecord]]]:
+    """The files of the source (a zip stays open while they are read) and the ones skipped unread."""
+    if source_kind == "zip":
+        with zip_entries(source) as entries:
+            yield entries, []
+    else:
+        yield folder_entries(source)
+
+
+def _sort_entries(entries: list[SourceEntry], cap_ext: str
+                  ) -> tuple[list[FileRecord], list[SourceEntry], dict[tuple[str, str], SourceEntry]]:
+    """Records of the files not read (with why), the images to prepare, and the captions by (folder, stem)."""
+    records: list[FileRecord] = []
+    images: list[SourceEntry] = []
+    captions: dict[tuple[str, str], SourceEntry] = {}
+    others: list[SourceEntry] = []
+    for e in entries:
+        p = PurePosixPath(e.rel)
+        parts = p.parts
+        if e.problem:
+            records.append(FileRecord(source=e.rel, kind="other", status="rejected", reason=e.problem,
+                                      file_bytes=e.size))
+        elif "__MACOSX" in parts or p.name.startswith("._"):
+            records.append(FileRecord(source=e.rel, kind="other", status="skipped",
+                                      reason=f"{NOT_AN_IMAGE} (macOS metadata)", file_bytes=e.size))
+        elif any(part.startswith(".") for part in parts[:-1]):
+            records.append(FileRecord(source=e.rel, kind="other", status="skipped",
+                                      reason="inside a hidden folder", file_bytes=e.size))
+        elif p.name.startswith(".") and p.suffix.lower() in INGEST_EXTENSIONS:
+            records.append(FileRecord(source=e.rel, kind="other", status="skipped",
+                                      reason="hidden file (name starts with '.')", file_bytes=e.size))
+        elif p.suffix.lower() in INGEST_EXTENSIONS:
+            images.append(e)
+        elif cap_ext and p.suffix.lower() == cap_ext:
+            captions[(str(p.parent), p.stem)] = e
+        else:
+            others.append(e)
+    records += [FileRecord(source=e.rel, kind="other", status="skipped", reason=NOT_AN_IMAGE, file_bytes=e.size)
+                for e in others]
+    return records, images, captions
+
+
+class _ImageJob:
+    """Prepares one image after another into the temporary copy `tmp`; keeps the output names unique."""
+
+    def __init__(self, cfg: PrepareConfig, tmp: Path, names: dict[str, tuple[str, str, int]]):
+        self.cfg, self.tmp, self.names = cfg, tmp, names
+        self.buckets = make_buckets(cfg.resolution, cfg.min_bucket_reso - cfg.min_bucket_reso % cfg.bucket_reso_steps,
+                                    cfg.max_bucket_reso + (-cfg.max_bucket_reso) % cfg.bucket_reso_steps,
+                                    cfg.bucket_reso_steps)
+        self.ext_out = ".png" if cfg.image_format == "png" else ".jpg"
+        self.used: set[str] = set()
+
+    def prepare(self, e: SourceEntry, cap: SourceEntry | None) -> tuple[FileRecord, Image.Image | None, str | None]:
+        """The image's record, its thumbnail (None when rejected) and what became of its caption file
+        ("ok", why it was not used, or None when it has none). Never raises for a bad input file."""
+        cfg, p = self.cfg, PurePosixPath(e.rel)
+        rec = FileRecord(source=e.rel, kind="image", file_bytes=e.size)
+        try:
+            if e.size > MAX_FILE_BYTES:
+                raise RejectedInput(f"file too large ({e.size:,} bytes; limit {MAX_FILE_BYTES:,})")
+            data = e.read()
+            rec.file_bytes = len(data)
+            rec.sha256 = hashlib.sha256(data).hexdigest()
+            dec = decode_image(data, max_pixels=cfg.max_pixels, background=cfg.background_rgb, ext=p.suffix)
+            rec.original_size, rec.original_mode, rec.original_format = dec.size, dec.mode, dec.format
+            rec.flags = list(dec.flags)
+            min_size = cfg.effective_min_size
+            if min(dec.size) < min_size:
+                raise RejectedInput(f"too small: {dec.size[0]}x{dec.size[1]} (short side "
+                                    f"{min(dec.size)} < min_size {min_size})")
+            out_img, crop_flags = crop_image(dec.image, cfg, self.buckets)
+        except Exception as err:  # a bad file, a failed read or a decoder bug: report it, never stop the run
+            rec.status = "rejected"
+            if isinstance(err, RejectedInput):
+                rec.reason = str(err)
+            elif isinstance(err, OSError):
+                rec.reason = f"cannot read the file: {err}"
+            else:
+                logger.warning("Unexpected error preparing %s", e.rel, exc_info=True)
+                rec.reason = f"unexpected error while preparing ({type(err).__name__}: {err})"
+            return rec, None, None if cap is None else f"caption of a rejected image ({e.rel})"
+        rec.flags += crop_flags
+        rec.pixel_sha256 = pixel_digest(dec.image)
+        rec.phash = f"{perceptual_hash(dec.image):016x}"
+        rec.color_sig = color_signature(dec.image).hex()
+        target = self._save(rec, e, out_img)
+        outcome = self._caption(rec, cap, target) if cap is not None else None
+        if cap is None and cfg.caption_extension:
+            rec.flags.append("no_caption")
+        thumb = out_img.copy()
+        thumb.thumbnail((200, 200), Image.Resampling.LANCZOS)
+        return rec, thumb, outcome
+
+    def _save(self, rec: FileRecord, e: SourceEntry, out_img: Image.Image) -> Path:
+        """Write the prepared image under a unique name (kohya folders kept); fills the record's output fields."""
+        cfg = self.cfg
+        folder, stem, rec.repeats = self.names[e.rel]
+        base = f"{folder}/{stem}" if folder else stem
+        rel_out, n = base + self.ext_out, 2
+        while rel_out.lower() in self.used:
+            rel_out, n = f"{base}-{n}{self.ext_out}", n + 1
+        if PurePosixPath(rel_out).stem != PurePosixPath(e.rel).stem:
+            rec.flags.append("renamed")
+        self.used.add(rel_out.lower())
+        rec.prepared = rel_out
+        rec.prepared_size = out_img.size
+        rec.bucket = select_bucket(out_img.width, out_img.height, self.buckets, cfg.resolution,
+                                   no_upscale=not cfg.allow_upscale, step=cfg.bucket_reso_steps)
+        target = self.tmp / rel_out
+        with atomic_path(target, fsync=False) as t:
+            if cfg.image_format == "png":
+                out_img.save(t, format="PNG")
+            else:
+                out_img.save(t, format="JPEG", quality=cfg.jpeg_quality, subsampling=0)
+        return target
+
+    def _caption(self, rec: FileRecord, cap: SourceEntry, target: Path) -> str:
+        """Copy the image's caption beside it as UTF-8; "ok", or "rejected:<why>" for an unreadable one."""
+        try:
+            text, note = read_caption(cap.read())
+            if note:  # kept, written out as UTF-8; the report lists it
+                rec.flags.append("caption_not_utf8")
+                warnings.warn(f"caption {cap.rel}: {note}", UserWarning, stacklevel=4)
+            rec.caption = text.strip()
+            rec.caption_source = cap.rel
+            with atomic_path(target.with_suffix(self.cfg.caption_extension), fsync=False) as t:
+                t.write_text(text, encoding="utf-8")
+            return "ok"
+        except OutputWriteError:
+            raise  # the output disk is full or read-only: stop, the old output is intact
+        except (RejectedInput, OSError) as err:
+            rec.flags.append("caption_unreadable")
+            return "rejected:" + str(err)
+
+
+def _caption_records(captions: dict[tuple[str, str], SourceEntry], outcomes: dict[str, str]) -> list[FileRecord]:
+    """Records of the caption files that were not used: no image, a rejected image, or unreadable."""
+    records = []
+    for _, e in sorted(captions.items(), key=lambda kv: kv[1].rel):
+        what = outcomes.get(e.rel)
+        if what == "ok":
+            continue
+        if what is None:
+            records.append(FileRecord(source=e.rel, kind="caption", status="skipped",
+                                      reason="caption file without an image", file_bytes=e.size))
+        elif what.startswith("rejected:"):
+            records.append(FileRecord(source=e.rel, kind="caption", status="rejected",
+                                      reason=what[len("rejected:"):], file_bytes=e.size))
+        else:
+            records.append(FileRecord(source=e.rel, kind="caption", status="skipped", reason=what,
+                                      file_bytes=e.size))
+    return records
+
+
+def _write_report(cfg: PrepareConfig, tmp: Path, output: Path, records: list[FileRecord], ok: list[FileRecord],
+                  thumbs: dict[str, Image.Image], groups, source_kind: str, created: str) -> PrepareReport:
+    """Duplicate sheets, bucket plot, contact sheets, manifest, config and report text, into `tmp`."""
+    report_dir = tmp / REPORT_DIR
+    final_report = output / REPORT_DIR
+    by_name = {r.name: r for r in ok}
+    write_duplicate_sheets(groups, by_name, thumbs, tmp, report_dir, final_report, fsync=False)
+    table = compute_bucket_table(ok)
+    plot_buckets(table, report_dir / "buckets.png", cfg.resolution, fsync=False)
+    sheets = write_contact_sheets(tmp, ok, thumbs, report_dir, fsync=False)
+    records.sort(key=lambda r: (r.source, r.kind))
+    write_manifest(tmp, cfg, records, groups, source_kind, created, fsync=False)
+    with atomic_path(report_dir / "prepare_config.toml", fsync=False) as t:
+        t.write_text(config_to_toml(cfg), encoding="utf-8")
+    report = PrepareReport(
+        config=cfg, output_dir=output, items=ok,
+        rejected=[r for r in records if r.status == "rejected"],
+        skipped=[r for r in records if r.status == "skipped"],
+        duplicate_groups=groups, bucket_table=table,
+        manifest_json=output / MANIFEST_JSON, manifest_csv=output / MANIFEST_CSV,
+        contact_sheets=[final_report / p.name for p in sheets], bucket_plot=final_report / "buckets.png",
+        report_text=final_report / "report.txt", config_path=final_report / "prepare_config.toml")
+    with atomic_path(report_dir / "report.txt", fsync=False) as t:
+        t.write_text(report.summary() + "\n", encoding="utf-8")
     return report
 
 
