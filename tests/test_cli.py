@@ -4,14 +4,15 @@ import argparse
 
 import pytest
 
-from helpers.__main__ import config_from_args, main
+from helpers.__main__ import main
+from helpers.cli import config_from_args
 from helpers.config import parse_lora_spec as _parse_lora
 from helpers.config import TrainConfig, save_config
 
 
 def _train_args(argv):
     parser = argparse.ArgumentParser()
-    from helpers.__main__ import add_config_flags
+    from helpers.cli import add_config_flags
 
     parser.add_argument("--config")
     add_config_flags(parser, TrainConfig)
@@ -123,7 +124,7 @@ def test_every_setting_is_a_flag_listed_once_with_its_help(command, cls, capsys)
 def test_generate_and_evaluate_flags_come_from_their_configs():
     import argparse
 
-    from helpers.__main__ import add_config_flags
+    from helpers.cli import add_config_flags
     from helpers.config import EvalConfig, GenerateConfig
 
     parser = argparse.ArgumentParser()

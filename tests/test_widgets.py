@@ -96,7 +96,7 @@ def test_save_writes_toml_the_cli_reads(tmp_path):
     assert load_config(tmp_path / "generate.toml", GenerateConfig).lora_weights() == [("x.safetensors", 0.7)]
     # the CLI runs the saved settings: `generate --config` reads the same file
     args = argparse.Namespace(config=str(tmp_path / "generate.toml"), steps=3)
-    from helpers.__main__ import config_from_args
+    from helpers.cli import config_from_args
 
     assert config_from_args(GenerateConfig, args) == load_config(tmp_path / "generate.toml", GenerateConfig).replace(
         steps=3)

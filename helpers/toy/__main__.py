@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS:
         add(sub)
-    from ..__main__ import run_command
+    from ..cli import run_command
 
     return run_command(parser.parse_args(argv))
 

@@ -19,12 +19,12 @@ from tqdm.auto import tqdm
 from ..config import TrainConfig
 from .errors import TrainingError, oom_advice
 from .log import CsvLog, Event, TrainResult, no_events
-from .methods import describe_methods
+from .methods import SaveTarget, describe_methods
 from .monitor import fixed_noise_loss, sample_images, validation_batches
 from .progress import Due, NanWatch, Progress
 from .saves import SAVE_DTYPES, KeptSaves
 from .setup import Run, resume_into, setup
-from .state import save_run_state
+from .state import capture_rng, prune_states, save_state, state_name, states_dir, trainable_tensors
 
 
 def train(cfg: TrainConfig, *, base=None, on_event: Event | None = None, progress: bool = True,
@@ -214,8 +214,8 @@ class _Actions:
         acc.wait_for_everyone()
         if not acc.is_main_process:
             return []
-        dtype = SAVE_DTYPES[run.cfg.save_precision]
-        written = [p for m in run.methods for p in m.save(run, name, self.prog.step, epoch, dtype)]
+        to = SaveTarget(run.base, run.dataset.items, acc.mixed_precision, SAVE_DTYPES[run.cfg.save_precision])
+        written = [p for m in run.methods for p in m.save(to, name, self.prog.step, epoch)]
         if not final:
             self.kept.add(written)
             self.result.saved += written
@@ -224,11 +224,27 @@ class _Actions:
         return written
 
     def save_state(self, epoch: int, batch_in_epoch: int) -> None:
-        folder = save_run_state(self.run, self.prog, self.kept.to_json(), epoch, batch_in_epoch)
-        if folder is not None:
+        """A training state to continue at (`epoch`, `batch_in_epoch`): every process sends its RNG states to
+        rank 0, which writes the folder (helpers.train.state) and prunes old ones."""
+        from accelerate.utils import gather_object
+
+        run, prog, acc, cfg = self.run, self.prog, self.run.accelerator, self.run.cfg
+        mine = capture_rng(run.generators)
+        mine["loss_sum"], mine["loss_count"] = prog.loss_sum.item(), prog.loss_count
+        every_rank = gather_object([mine])
+        if acc.is_main_process:
+            folder = states_dir(cfg.output_dir) / state_name(cfg.output_name, prog.step)
+            save_state(folder, trainable=trainable_tensors(run.modules()), optimizer=run.optimizer.state_dict(),
+                       lr_scheduler=run.lr_scheduler.state_dict(),
+                       scaler=acc.scaler.state_dict() if acc.scaler is not None else None, rng=every_rank,
+                       info={"step": prog.step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                             "num_processes": acc.num_processes, "family": run.base.family,
+                             "config": cfg.to_dict(), "lora_saves": self.kept.to_json()})
+            prune_states(cfg.output_dir, cfg.output_name, cfg.save_state_last_n)
             self.result.states.append(folder)
-            self.prog.last_saved = folder
-            self.emit("state", {"step": self.prog.step, "path": folder})
+            prog.last_saved = folder
+            self.emit("state", {"step": prog.step, "path": folder})
+        acc.wait_for_everyone()
 
     def finish(self) -> TrainResult:
         """The final save; the base model is left ready for prompts."""

@@ -9,8 +9,9 @@ read. A method is a list of them: LoRA `[LoraLayers]`, DreamBooth `[WholeUNet]`,
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
@@ -18,8 +19,16 @@ from ..config import TrainConfig
 from ..formats.lora import model_name_for_metadata
 from .saves import build_timestamp, cast_safetensors_files, ss_tag_frequency
 
-if TYPE_CHECKING:
-    from .setup import Run
+
+@dataclass
+class SaveTarget:
+    """What a save needs besides the trained weights: the base model (family, pipeline, configs), the
+    training images (sd-scripts' counts and tag frequencies), the run's precision and the file dtype."""
+
+    base: Any
+    items: list
+    mixed_precision: str
+    dtype: torch.dtype
 
 
 class Trainable:
@@ -56,7 +65,7 @@ class Trainable:
     def describe(self) -> str:
         raise NotImplementedError
 
-    def save(self, run: Run, name: str, step: int, epoch: int, dtype: torch.dtype) -> list[Path]:
+    def save(self, to: SaveTarget, name: str, step: int, epoch: int) -> list[Path]:
         """Write what was trained as `name` (rank 0 only); returns the files and folders written."""
         raise NotImplementedError
 
@@ -92,33 +101,33 @@ class LoraLayers(Trainable):
         te = " + text encoder" if self.text_encoders else ""
         return f"LoRA rank {self.cfg.rank} alpha {self.cfg.alpha} ({self.cfg.target}{te})"
 
-    def save(self, run, name, step, epoch, dtype) -> list[Path]:
+    def save(self, to, name, step, epoch) -> list[Path]:
         from ..formats.lora import extract_peft_lora, save_lora
 
-        cfg, base = self.cfg, run.base
+        cfg, base = self.cfg, to.base
         weights = {"unet": extract_peft_lora(self.unet)}
         for key, te in zip(("text_encoder", "text_encoder_2"), self.text_encoders):
             weights[key] = extract_peft_lora(te)
-        metadata = self.metadata(run, name, step, epoch)
+        metadata = self.metadata(to, name, step, epoch)
         out = Path(cfg.output_dir)
         written: list[Path] = []
         for fmt, path in (("kohya", out / f"{name}.safetensors"), ("diffusers", out / f"{name}_diffusers")):
             if cfg.save_format in (fmt, "both"):
                 written.append(save_lora(path, weights, family=base.family, unet_config=dict(base.unet.config),
-                                         format=fmt, metadata=metadata, dtype=dtype))
+                                         format=fmt, metadata=metadata, dtype=to.dtype))
         return written
 
-    def metadata(self, run: Run, name: str, step: int, epoch: int) -> dict[str, str]:
+    def metadata(self, to: SaveTarget, name: str, step: int, epoch: int) -> dict[str, str]:
         """sd-scripts' `ss_*` keys: LoRA browsers and A1111 read the training settings from them."""
         from ..formats.lora import kohya_metadata
 
-        cfg, items = self.cfg, run.dataset.items
+        cfg, items = self.cfg, to.items
         instance = [i for i in items if not i.is_class]
         return kohya_metadata(
-            family=run.base.family, rank=cfg.rank, alpha=cfg.alpha, output_name=name, resolution=cfg.resolution,
+            family=to.base.family, rank=cfg.rank, alpha=cfg.alpha, output_name=name, resolution=cfg.resolution,
             clip_skip=cfg.clip_skip, num_train_images=sum(i.repeats for i in instance),  # sd-scripts counts repeats
             tag_frequency=ss_tag_frequency(instance), steps=step, epoch=epoch,
-            prediction_type=run.base.prediction_type, timestamp=build_timestamp(),
+            prediction_type=to.base.prediction_type, timestamp=build_timestamp(),
             extra={"ss_num_reg_images": str(sum(i.repeats for i in items if i.is_class)),
                    "ss_prior_loss_weight": str(cfg.prior_loss_weight),
                    "ss_learning_rate": str(cfg.learning_rate), "ss_text_encoder_lr": str(cfg.te_lr),
@@ -126,7 +135,7 @@ class LoraLayers(Trainable):
                    "ss_lr_scheduler": cfg.lr_scheduler, "ss_seed": str(cfg.seed),
                    "ss_network_dropout": str(cfg.lora_dropout), "ss_min_snr_gamma": str(cfg.min_snr_gamma),
                    "ss_noise_offset": str(cfg.noise_offset), "ss_max_train_steps": str(step),
-                   "ss_mixed_precision": run.accelerator.mixed_precision,
+                   "ss_mixed_precision": to.mixed_precision,
                    "ss_sd_model_name": model_name_for_metadata(cfg.pretrained_model),
                    "ss_training_comment": f"helpers target={cfg.target}",
                    "ss_network_args": json.dumps({"target": cfg.target})})
@@ -149,12 +158,12 @@ class WholeUNet(Trainable):
     def describe(self) -> str:
         return "DreamBooth: full UNet" + (" + text encoder" if self.text_encoders else "")
 
-    def save(self, run, name, step, epoch, dtype) -> list[Path]:
+    def save(self, to, name, step, epoch) -> list[Path]:
         """The whole pipeline as one original-layout file (A1111, ComfyUI) and/or a diffusers folder."""
         from ..atomic import atomic_dir
         from ..formats.checkpoint import save_single_file
 
-        cfg, base = self.cfg, run.base
+        cfg, base, dtype = self.cfg, to.base, to.dtype
         out = Path(cfg.output_dir)
         pipe = base.pipe  # its UNet (and text encoders) are the trained modules themselves
         written: list[Path] = []
@@ -206,10 +215,10 @@ class NewTokens(Trainable):
         cfg = self.cfg
         return f"new token {cfg.token_string!r} x{cfg.num_vectors_per_token} from {cfg.init_word!r}"
 
-    def save(self, run, name, step, epoch, dtype) -> list[Path]:
+    def save(self, to, name, step, epoch) -> list[Path]:
         from ..formats.embedding import save_embedding
 
-        cfg, family = self.cfg, run.base.family
+        cfg, family = self.cfg, to.base.family
         path = Path(cfg.output_dir) / f"{name}{self.file_suffix}.safetensors"
         return [save_embedding(path, self.embeddings.file_tensors(family), token=cfg.token_string, family=family,
                                metadata={"init_word": cfg.init_word, "step": str(step),

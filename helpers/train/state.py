@@ -16,17 +16,13 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..atomic import atomic_dir
 from ..config import ConfigError
-
-if TYPE_CHECKING:
-    from .progress import Progress
-    from .setup import Run
 
 STATE_FORMAT = "helpers-train-state"
 STATE_VERSION = 1
@@ -235,26 +231,3 @@ def prune_states(output_dir: str | Path, output_name: str, keep: int) -> list[Pa
     for p in removed:
         shutil.rmtree(p, ignore_errors=True)
     return removed
-
-
-def save_run_state(run: Run, prog: Progress, lora_saves: list[list[str]], epoch: int, batch_in_epoch: int) -> Path | None:
-    """Save the state of `run` to continue at (`epoch`, `batch_in_epoch`): every process sends its RNG states
-    to rank 0, which writes the folder and prunes old ones. Returns the folder on rank 0, else None."""
-    from accelerate.utils import gather_object
-
-    cfg, acc = run.cfg, run.accelerator
-    mine = capture_rng(run.generators)
-    mine["loss_sum"], mine["loss_count"] = prog.loss_sum.item(), prog.loss_count
-    every_rank = gather_object([mine])
-    folder = None
-    if acc.is_main_process:
-        folder = states_dir(cfg.output_dir) / state_name(cfg.output_name, prog.step)
-        save_state(folder, trainable=trainable_tensors(run.modules()), optimizer=run.optimizer.state_dict(),
-                   lr_scheduler=run.lr_scheduler.state_dict(),
-                   scaler=acc.scaler.state_dict() if acc.scaler is not None else None, rng=every_rank,
-                   info={"step": prog.step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                         "num_processes": acc.num_processes, "family": run.base.family, "config": cfg.to_dict(),
-                         "lora_saves": lora_saves})
-        prune_states(cfg.output_dir, cfg.output_name, cfg.save_state_last_n)
-    acc.wait_for_everyone()
-    return folder
