@@ -12,8 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers.data.decode import IMAGE_EXTENSIONS
 from helpers.data.dataset import (
-    IMAGE_EXTENSIONS, BucketBatchSampler, CaptionProcessor, ImageItem, TrainDataset, bucket_table, collate,
+    BucketBatchSampler, CaptionProcessor, ImageItem, TrainDataset, bucket_table, collate,
     image_to_tensor, load_image, load_image_folder, make_buckets, resize_and_crop, select_bucket
 )
 

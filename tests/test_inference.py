@@ -12,7 +12,6 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-from helpers.generate import inference as inf
 from helpers.generate.grids import (
     grid_prompt_x_checkpoint, grid_prompt_x_weight, grid_sampler_x_steps, image_grid, save_grid
 )

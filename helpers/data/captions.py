@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePosixPath
 
 from ..atomic import atomic_dir, write_bytes, write_text
-from .dataset import IMAGE_EXTENSIONS, CaptionDecodeError, read_caption_file
+from .decode import IMAGE_EXTENSIONS, CaptionDecodeError, read_caption_file
 
 HISTORY_DIR = ".caption_history"
 MANIFEST = "manifest.json"
@@ -312,7 +312,7 @@ def load_captions(folder: str | Path, extension: str = ".txt") -> CaptionSet:
     """Load the captions of every image of a set (`list_images` conventions); no caption file = empty caption.
 
     Raises `CaptionReadError` naming every caption file that holds no text; a caption in another encoding
-    than UTF-8 (cp1252, Latin-1) is read with a warning (`dataset.decode_caption`).
+    than UTF-8 (cp1252, Latin-1) is read with a warning (`decode.decode_caption`).
     """
     folder = Path(folder)
     extension = _norm_extension(extension)

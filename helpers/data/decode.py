@@ -18,13 +18,13 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .dataset import IMAGE_EXTENSIONS, CaptionDecodeError, decode_caption
 from .records import FileRecord
 
 HEIC_EXTENSIONS = frozenset({".heic", ".heif"})
 
 
 #: Extensions treated as images (anything else is "skipped: not an image").
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}  # what a training set holds
 INGEST_EXTENSIONS = frozenset(IMAGE_EXTENSIONS | {".jpe", ".jfif", ".avif"} | HEIC_EXTENSIONS)
 
 
@@ -311,8 +311,48 @@ def decode_image(data: bytes, *, max_pixels: int = 100_000_000,
     return _Decoded(image=im, size=im.size, mode=mode, format=fmt, flags=flags)
 
 
+class CaptionDecodeError(ValueError):
+    """A caption file holds no text (binary data, or not decodable)."""
+
+
+def decode_caption(data: bytes) -> tuple[str, str | None]:
+    """Caption text from a file's bytes, and a note when it was not UTF-8.
+
+    UTF-8 (a BOM allowed) and UTF-16 with a BOM are read as they are. Anything else is read as Windows-1252
+    (what Notepad and older Windows tools write; it reads Latin-1 text the same), so the text is kept and
+    the note says so; the five bytes cp1252 leaves undefined become U+FFFD. Binary data raises
+    `CaptionDecodeError`.
+    """
+    note = None
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            text = data.decode("utf-16")
+        except UnicodeDecodeError as e:
+            raise CaptionDecodeError(f"caption file is not valid UTF-16 ({e.reason} at byte {e.start})") from None
+    else:
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            bad = data[e.start:e.start + 1].hex()
+            text = data.decode("cp1252", errors="replace")
+            note = (f"not valid UTF-8 (byte 0x{bad} at position {e.start}); read as Windows-1252 (cp1252)"
+                    + (", with undecodable bytes as \ufffd" if "\ufffd" in text else "")
+                    + ": check the accented letters, and re-save the file as UTF-8")
+    if any(not (c.isprintable() or c in "\r\n\t") for c in text.replace("\ufeff", "")):
+        raise CaptionDecodeError("caption file holds binary data, not text")
+    return text, note
+
+
+def read_caption_file(path: Path) -> str:
+    """The text of a caption file (see `decode_caption`); a non-UTF-8 file warns, naming the file."""
+    text, note = decode_caption(Path(path).read_bytes())
+    if note:
+        warnings.warn(f"caption file {path}: {note}", UserWarning, stacklevel=2)
+    return text
+
+
 def read_caption(data: bytes) -> tuple[str, str | None]:
-    """Caption text from file bytes and a note when it was not UTF-8 (`dataset.decode_caption`); raise
+    """Caption text from file bytes and a note when it was not UTF-8 (`decode_caption`); raise
     `RejectedInput` when the file holds no text."""
     try:
         return decode_caption(data)

@@ -527,7 +527,7 @@ class CaptionResult(dict):
 
 def find_images(folder: str | os.PathLike, *, recursive: bool = True) -> list[str]:
     """Image paths relative to `folder` (POSIX), sorted; hidden files and folders and `_dropped/` are skipped."""
-    from .dataset import IMAGE_EXTENSIONS
+    from .decode import IMAGE_EXTENSIONS
 
     folder = Path(folder)
     found: list[str] = []

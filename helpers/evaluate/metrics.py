@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from ..atomic import atomic_path
+from ..data.decode import IMAGE_EXTENSIONS
 from ..sd.models import ModelLoadError, url_reachable
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
@@ -29,7 +30,6 @@ INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.
 FID_MIN_IMAGES = 2048
 
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 class MetricModelError(ModelLoadError):
@@ -419,7 +419,7 @@ def load_images(source: str | Path | Sequence[str | Path]) -> list[Image.Image]:
             raise EvaluationError(f"reference image folder {folder} does not exist")
         paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         if not paths:
-            raise EvaluationError(f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            raise EvaluationError(f"{folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     else:
         paths = [Path(p) for p in source]
     out = []

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..atomic import write_text
-from ..data.dataset import IMAGE_EXTENSIONS
+from ..data.decode import IMAGE_EXTENSIONS
 
 CLASS_IMAGE_NAME = "class_{:05d}.png"
 
