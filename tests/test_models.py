@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from helpers.sd import models, precision  # noqa: E402
+from helpers.sd import models, notices  # noqa: E402
 from helpers.sd.models import (
     FAMILIES, BaseModel, ModelLoadError, detect_family, detect_family_from_checkpoint, load_base, pick_dtype,
     read_safetensors_header, set_attention, vae_dtype_for
@@ -181,7 +181,7 @@ class _nullctx:
 # ---------------------------------------------------------------------------------- pick_dtype
 
 def test_pick_dtype_cpu(monkeypatch):
-    monkeypatch.setattr(precision, "_WARNED", set())
+    monkeypatch.setattr(notices, "WARNED", set())
     assert pick_dtype("cpu") == torch.float32
     assert pick_dtype("cpu", "auto") == torch.float32
     assert pick_dtype("cpu", "no") == torch.float32 and pick_dtype("cpu", "fp32") == torch.float32
@@ -205,7 +205,7 @@ def test_pick_dtype_cuda(monkeypatch, capability, auto, explicit_fp16):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setattr(precision, "_WARNED", set())
+    monkeypatch.setattr(notices, "WARNED", set())
     assert pick_dtype("cuda") == auto
     assert pick_dtype(torch.device("cuda:0"), "auto") == auto
     assert pick_dtype("cuda", "fp16") == explicit_fp16
@@ -219,7 +219,7 @@ def test_pick_dtype_cuda(monkeypatch, capability, auto, explicit_fp16):
 
 def test_pick_dtype_cuda_missing(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(precision, "_WARNED", set())
+    monkeypatch.setattr(notices, "WARNED", set())
     with pytest.warns(UserWarning, match="no CUDA GPU"):
         assert pick_dtype("cuda") == torch.float32
 
@@ -492,7 +492,7 @@ def test_set_attention(tiny_dirs, monkeypatch):
     assert set_attention(m.unet) == "sdpa"
     procs = m.unet.attn_processors
     assert procs and all(isinstance(p, AttnProcessor2_0) for p in procs.values())
-    monkeypatch.setattr(models, "_WARNED", set())
+    monkeypatch.setattr(notices, "WARNED", set())
     if not torch.cuda.is_available():
         with pytest.warns(UserWarning, match="using PyTorch SDPA attention instead"):
             assert set_attention(m.unet, "xformers") == "sdpa"

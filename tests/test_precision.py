@@ -9,7 +9,7 @@ import torch
 
 from helpers.notebook import display as notebook
 from helpers.notebook.presets import default_preset, presets_that_fit
-from helpers.sd import precision
+from helpers.sd import notices, precision
 from helpers.sd.models import pick_dtype
 from helpers.sd.precision import decide_precision
 from helpers.train.setup import resolve_mixed_precision
@@ -24,7 +24,7 @@ def _simulate_gpu(monkeypatch, name: str, capability: tuple[int, int], gib: floa
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     props = SimpleNamespace(name=name, total_memory=int(gib * 2**30), major=capability[0], minor=capability[1])
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
-    monkeypatch.setattr(precision, "_WARNED", set())
+    monkeypatch.setattr(notices, "WARNED", set())
 
 
 def test_auto_on_a_t4_is_fp16_in_every_place_that_decides(monkeypatch):
@@ -67,7 +67,7 @@ def test_auto_on_an_a100_is_bf16_everywhere(monkeypatch):
 
 def test_auto_on_cpu_is_fp32_everywhere(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(precision, "_WARNED", set())
+    monkeypatch.setattr(notices, "WARNED", set())
     assert decide_precision("auto", "cpu") == "fp32"
     assert pick_dtype("cpu") == torch.float32
     assert resolve_mixed_precision("auto", "cpu") == "no"

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from helpers.config import TrainConfig
-from helpers.sd import precision
+from helpers.sd import notices
 from helpers.train.log import read_log
 from helpers.train.loop import train
 from helpers.train.setup import resolve_mixed_precision
@@ -105,7 +105,7 @@ def test_saved_lora_reproduces_the_trained_pipeline(family, tiny_sd15_dir, tiny_
 
 
 def test_fp16_on_cpu_warns_and_trains_in_fp32(monkeypatch):
-    monkeypatch.setattr(precision, "_WARNED", set())  # the warning is once per process
+    monkeypatch.setattr(notices, "WARNED", set())  # the warning is once per process
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert resolve_mixed_precision("fp16", "cpu") == "no"

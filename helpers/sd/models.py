@@ -17,13 +17,13 @@ import re
 import struct
 import tempfile
 import threading
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
+from .notices import warn_once
 from .precision import decide_precision, normalize_precision, precision_dtype
 
 if TYPE_CHECKING:  # heavy imports stay lazy: importing this module must be cheap and GPU-free
@@ -46,19 +46,8 @@ _PREDICTION_ALIASES = {"epsilon": "epsilon", "eps": "epsilon", "v_prediction": "
 _DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
-_WARNED: set[str] = set()
-
-
 class ModelLoadError(RuntimeError):
     """A base model could not be loaded; the message says what to do about it."""
-
-
-def _warn_once(key: str, message: str) -> None:
-    """Emit `message` as a UserWarning the first time `key` is seen in this process."""
-    if key in _WARNED:
-        return
-    _WARNED.add(key)
-    warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def _say(message: str) -> None:
@@ -658,8 +647,8 @@ def load_base(source: str, *, device: str = "cpu", dtype: torch.dtype | str | No
                              "<repo> <file>.safetensors` or wget) and pass the local .safetensors path.")
     else:
         if config is not None:
-            _warn_once("config-ignored", "config= is only used for single-file checkpoints; ignored for "
-                                         f"{source!r}")
+            warn_once("config-ignored", "config= is only used for single-file checkpoints; ignored for "
+                                        f"{source!r}", stacklevel=2)
         if kind == "folder":
             pipe = _load_folder(Path(source).expanduser(), wdtype, variant)
         else:
@@ -721,7 +710,7 @@ def set_attention(unet: torch.nn.Module, backend: str = "sdpa") -> str:
                 return "xformers"
             except Exception as e:  # wrong build for this torch/CUDA, unsupported GPU...
                 reason = f"xformers failed to start ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
-        _warn_once(f"xformers-fallback:{reason}", f"{reason}; using PyTorch SDPA attention instead "
-                                                  "(about as fast on torch 2.x).")
+        warn_once(f"xformers-fallback:{reason}", f"{reason}; using PyTorch SDPA attention instead "
+                                                 "(about as fast on torch 2.x).", stacklevel=2)
     unet.set_attn_processor(AttnProcessor2_0())
     return "sdpa"

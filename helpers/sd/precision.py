@@ -8,9 +8,10 @@ the presets all ask this module.
 
 from __future__ import annotations
 
-import warnings
 
 import torch
+
+from .notices import warn_once
 
 PRECISIONS = ("fp16", "bf16", "fp32")
 _ALIASES = {"auto": "auto", "fp16": "fp16", "float16": "fp16", "half": "fp16", "bf16": "bf16",
@@ -18,13 +19,6 @@ _ALIASES = {"auto": "auto", "fp16": "fp16", "float16": "fp16", "half": "fp16", "
             "no": "fp32", "none": "fp32"}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _NAMES = {v: k for k, v in DTYPES.items()}
-_WARNED: set[str] = set()
-
-
-def _warn_once(key: str, message: str) -> None:
-    if key not in _WARNED:
-        _WARNED.add(key)
-        warnings.warn(message, UserWarning, stacklevel=4)
 
 
 def native_bf16(capability: tuple[int, int]) -> bool:
@@ -71,17 +65,17 @@ def decide_precision(requested: str | torch.dtype = "auto", device: str | torch.
     want = normalize_precision(requested)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        _warn_once("cuda-missing", f"device {str(device)!r} asked for, but no CUDA GPU is visible; choosing the "
+        warn_once("cuda-missing", f"device {str(device)!r} asked for, but no CUDA GPU is visible; choosing the "
                                    "precision as for CPU (on Colab: Runtime > Change runtime type > GPU).")
         dev = torch.device("cpu")
     capability = cuda_capability(dev)
     if want == "auto":
         return auto_precision(capability)
     if want == "bf16" and capability is not None and not native_bf16(capability):
-        _warn_once("bf16-emulated", "bf16 on a GPU older than Ampere (compute capability < 8.0, e.g. T4/V100) "
+        warn_once("bf16-emulated", "bf16 on a GPU older than Ampere (compute capability < 8.0, e.g. T4/V100) "
                                     "is emulated and slow; mixed_precision='fp16' is the usual choice there.")
     if want == "fp16" and capability is None and dev.type != "mps":
-        _warn_once("fp16-cpu", "mixed_precision='fp16' needs a CUDA GPU; on this device the run uses fp32 "
+        warn_once("fp16-cpu", "mixed_precision='fp16' needs a CUDA GPU; on this device the run uses fp32 "
                                "instead (use 'bf16' for reduced precision on CPU).")
         return "fp32"
     return want
