@@ -332,13 +332,20 @@ def _sampler_names() -> tuple[str, ...]:
 
 
 def parse_lora_spec(text: str) -> tuple[str, float]:
-    """`path` or `path:weight` (the weight defaults to 1.0), the CLI's --lora syntax."""
+    """`path` or `path:weight` (the weight defaults to 1.0), the CLI's --lora syntax. A weight that is not a
+    number raises ConfigError naming it (unless the whole text is an existing file with a colon in its name)."""
     path, sep, weight = text.rpartition(":")
     if sep and path and not (len(path) == 1 and path.isalpha()):  # keep C:\ paths whole
         try:
-            return path, float(weight)
+            value = float(weight)
         except ValueError:
-            pass
+            if "/" in weight or "\\" in weight or Path(text).exists():
+                return text, 1.0  # the colon belongs to the path
+            raise ConfigError(f"the LoRA weight in {text!r} is not a number ({weight!r}); write path:weight, "
+                              f"e.g. {path}:0.8") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"the LoRA weight in {text!r} must be a finite number, e.g. {path}:0.8")
+        return path, value
     return text, 1.0
 
 
@@ -432,6 +439,8 @@ class GenerateConfig(ConfigBase):
         _positive_int("clip_skip", self.clip_skip)
         if any(not spec.strip() for spec in self.loras):
             raise ConfigError("loras has an empty entry")
+        for spec in self.loras:
+            parse_lora_spec(spec)  # a weight that is not a number is named here, before any model loads
         for w in self.grid_weights:
             _number_in("grid_weights", w, -10.0, 10.0)
 

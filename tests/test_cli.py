@@ -145,3 +145,13 @@ def test_a_choice_outside_the_list_is_refused_by_name(capsys):
     with pytest.raises(SystemExit):
         main(["tag", ".", "--captioner", "gpt"])
     assert "invalid choice: 'gpt'" in capsys.readouterr().err
+
+
+def test_a_lora_weight_that_is_not_a_number_is_named():
+    from helpers.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"the LoRA weight in 'a.safetensors:abc' is not a number.*a.safetensors:0.8"):
+        _parse_lora("a.safetensors:abc")
+    with pytest.raises(ConfigError, match="finite"):
+        _parse_lora("a.safetensors:nan")
+    assert _parse_lora("run:2/a.safetensors") == ("run:2/a.safetensors", 1.0)  # a colon inside the path

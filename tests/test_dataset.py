@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -479,3 +480,32 @@ def test_cache_latents_rejects_random_crop_and_bad_encoder(tmp_path):
         TrainDataset(items, **SMALL, random_crop=True).cache_latents(FakeEncoder(), show_progress=False)
     with pytest.raises(ValueError, match="encode_fn"):
         TrainDataset(items, **SMALL).cache_latents(lambda x: x[0], show_progress=False)
+
+
+def test_missing_and_empty_captions_warn_with_counts_and_kohya_folders_fall_back_to_their_name(tmp_path):
+    sub = tmp_path / "3_sks flower"
+    sub.mkdir()
+    for folder, name, caption in [(tmp_path, "a", None), (tmp_path, "b", "a red circle"), (sub, "c", None),
+                                  (sub, "d", "")]:
+        Image.new("RGB", (8, 8)).save(folder / f"{name}.png")
+        if caption is not None:
+            (folder / f"{name}.txt").write_text(caption)
+    with pytest.warns(UserWarning) as record:
+        items = load_image_folder(tmp_path)
+    captions = {Path(i.path).name: i.caption for i in items}
+    assert captions == {"a.png": "", "b.png": "a red circle", "c.png": "sks flower", "d.png": ""}
+    text = " ".join(str(w.message) for w in record)
+    assert "2 of the 4 images" in text and "(e.g. c.png, a.png)" in text  # sorted by path: 3_sks flower/ first
+    assert "1 in '<repeats>_<name>' folders use the folder's name as caption" in text
+    assert "1 caption file(s) are empty (e.g. d.png); 2 image(s) train with an empty caption" in text
+    assert "python -m helpers tag" in text
+
+
+def test_a_caption_extension_that_matches_nothing_says_what_the_files_end_in(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "a.caption").write_text("sks flower")
+    with pytest.warns(UserWarning, match=r"no \.txt caption file beside any of the 1 images .*\.caption"):
+        load_image_folder(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_image_folder(tmp_path, caption_extension=".caption")[0].caption == "sks flower"

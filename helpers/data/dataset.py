@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import random
 import re
 import warnings
@@ -50,6 +51,17 @@ def image_size(path: str | Path) -> tuple[int, int]:
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"Cannot read image {path}: {e}. Remove or re-save this file.") from e
     return (h, w) if orientation in _SWAPPING_ORIENTATIONS else (w, h)
+
+
+def unreadable_message(bad: list[tuple[Path, BaseException]], total: int) -> str:
+    """One message for every image of a training set that cannot be opened, with the way to a clean copy."""
+    folder = Path(os.path.commonpath([str(p.parent) for p, _ in bad]))
+    examples = "; ".join(f"{p.name}: {str(e).splitlines()[0][:80]}" for p, e in bad[:3])
+    which = (f"none of the {total} images in {folder} can be read" if len(bad) == total
+             else f"{len(bad)} of the {total} images in {folder} cannot be read")
+    return (f"{which} ({examples}"
+            f"{'; ...' if len(bad) > 3 else ''}). `python -m helpers prepare --source {folder} --output-dir "
+            f"{folder}_prepared` lists every bad file with its reason and writes a clean copy to train on")
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -152,12 +164,47 @@ def load_image_folder(folder: str | Path, caption_extension: str = ".txt", defau
             "or in subfolders named '<repeats>_<name>', e.g. '10_sks flower'.")
 
     items = []
-    for _, path, repeats, folder_caption in sorted(found, key=lambda t: t[0]):
+    missing: list[tuple[str, str]] = []   # (relative path, the folder caption it falls back to)
+    empty: list[str] = []
+    for rel, path, repeats, folder_caption in sorted(found, key=lambda t: t[0]):
         caption = _read_caption(path, caption_extension) if caption_extension else None
         if caption is None:
+            missing.append((rel, folder_caption))
             caption = default_caption or folder_caption
+        elif not caption:
+            empty.append(rel)
         items.append(ImageItem(path=path, caption=caption, repeats=repeats, is_class=is_class))
+    if caption_extension and not default_caption and (missing or empty):
+        warnings.warn(caption_gaps_message(folder, caption_extension, len(items), missing, empty), UserWarning,
+                      stacklevel=2)
     return items
+
+
+def caption_gaps_message(folder: Path, extension: str, total: int, missing: list[tuple[str, str]],
+                         empty: list[str]) -> str:
+    """What a training set without (some) captions trains on, and how to caption it."""
+    parts = []
+    if len(missing) == total:
+        others = sorted({p.suffix for p in folder.rglob("*") if p.is_file() and p.suffix.lower() not in
+                         IMAGE_EXTENSIONS and not p.name.startswith(".")})
+        parts.append(f"no {extension} caption file beside any of the {total} images in {folder}"
+                     + (f" (other files there end in {', '.join(others[:5])}: is caption_extension right?)"
+                        if others else ""))
+    elif missing:
+        names = ", ".join(Path(rel).name for rel, _ in missing[:3])
+        parts.append(f"{len(missing)} of the {total} images in {folder} have no {extension} caption (e.g. {names})")
+    by_folder = [rel for rel, fc in missing if fc]
+    bare = [rel for rel, fc in missing if not fc]
+    if by_folder:
+        parts.append(f"{len(by_folder)} in '<repeats>_<name>' folders use the folder's name as caption, "
+                     "as sd-scripts does")
+    if bare or empty:
+        n = len(bare) + len(empty)
+        what = f"{len(empty)} caption file(s) are empty" + (f" (e.g. {Path(empty[0]).name})" if empty else "")
+        parts.append((what + "; " if empty else "") + f"{n} image(s) train with an empty caption, so no word "
+                     "(the trigger included) is tied to them")
+    return ("; ".join(parts) + f". Caption them: python -m helpers tag {folder} --captioner blip --trigger <word>"
+            " (or write the .txt files yourself)")
 
 
 class CaptionProcessor:
@@ -417,8 +464,13 @@ class TrainDataset(torch.utils.data.Dataset):
 
         self.sizes: list[tuple[int, int]] = []   # (width, height) of each item's source, EXIF-rotated
         self.item_buckets: list[Bucket] = []
+        unreadable: list[tuple[Path, BaseException]] = []
         for item in self.items:
-            w, h = image_size(item.path)
+            try:
+                w, h = image_size(item.path)
+            except ValueError as e:
+                unreadable.append((Path(item.path), e.__cause__ or e))
+                continue
             self.sizes.append((w, h))
             if not enable_bucket:
                 bucket = self.resolution
@@ -427,6 +479,8 @@ class TrainDataset(torch.utils.data.Dataset):
                                        no_upscale=bucket_no_upscale, step=bucket_reso_steps)
             self.item_buckets.append(bucket)
 
+        if unreadable:
+            raise ValueError(unreadable_message(unreadable, len(self.items)))
         self.entries: list[int] = [i for i, item in enumerate(self.items) for _ in range(int(item.repeats))]
         # In-memory latents, keyed by (resolved source path, bucket): (latents, flipped latents or None).
         self._latent_keys: list[tuple[str, Bucket]] = [

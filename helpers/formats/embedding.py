@@ -25,9 +25,9 @@ def read_embedding(path: str | Path) -> tuple[dict[str, torch.Tensor], str | Non
     if not path.is_file():
         raise FileNotFoundError(f"embedding file not found: {path}")
     if path.suffix == ".safetensors":
-        import safetensors.torch
+        from ..files import load_safetensors
 
-        data: Any = safetensors.torch.load_file(str(path))
+        data: Any = load_safetensors(path, "embedding file")[0]
     elif path.suffix in (".pt", ".bin"):
         try:
             data = torch.load(str(path), map_location="cpu", weights_only=True)

@@ -23,6 +23,7 @@ import torch
 
 from .. import __version__
 from ..atomic import atomic_dir, save_safetensors
+from ..files import load_safetensors
 from ..sd.lora_targets import base_layer, inject_lora, model_module_names
 
 FAMILIES = ("sd1", "sd2", "sdxl")
@@ -373,9 +374,6 @@ def save_lora(path, weights: LoraWeights, *, family: str, unet_config: Mapping |
 # ---------------------------------------------------------------------------------- reading
 
 def _read_state_dict(path_or_state_dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    import safetensors
-    import safetensors.torch
-
     if isinstance(path_or_state_dict, Mapping):
         return dict(path_or_state_dict), {}
     path = Path(path_or_state_dict)
@@ -391,9 +389,8 @@ def _read_state_dict(path_or_state_dict) -> tuple[dict[str, torch.Tensor], dict[
     if path.suffix != ".safetensors":
         raise ValueError(f"{path.name}: only .safetensors LoRA files are read (pickled .pt/.bin/.ckpt files "
                          "can run code when loaded); convert it to safetensors first")
-    with safetensors.safe_open(str(path), framework="pt") as f:
-        metadata = dict(f.metadata() or {})
-    return safetensors.torch.load_file(str(path)), metadata
+    tensors, metadata = load_safetensors(path, "LoRA file")
+    return tensors, dict(metadata)
 
 
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")

@@ -68,6 +68,7 @@ def _set_active(pipe, names: list[str], scales: dict[str, float] | None = None) 
 
 def _load_grid_loras(pipe, paths: list[str | Path]) -> list[str]:
     """Load each LoRA file as its own adapter (inactive); adapters already active stay active."""
+    from ..files import BadFileError
     from ..formats.lora import apply_lora, load_lora
 
     before = _active_adapters(pipe)
@@ -76,6 +77,8 @@ def _load_grid_loras(pipe, paths: list[str | Path]) -> list[str]:
     for k, path in enumerate(paths):
         try:
             weights, _ = load_lora(path, pipe)
+        except BadFileError:
+            raise  # it names the file already
         except ValueError as e:
             raise ValueError(f"LoRA {Path(path).name}: {e}") from None
         name = f"grid{k}_{Path(path).stem}".replace(".", "_")

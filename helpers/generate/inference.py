@@ -142,12 +142,15 @@ def load_loras(pipe, loras: list[tuple[str | Path, float]]) -> list[str]:
     Each entry is (path, weight); files may be kohya/A1111 or diffusers layout. A LoRA made for another
     family (an SDXL LoRA on SD 1.5) or with keys the model lacks raises a ValueError saying so.
     Returns the adapter names."""
+    from ..files import BadFileError
     from ..formats.lora import apply_lora, load_lora
 
     names: list[str] = []
     for i, (path, weight) in enumerate(loras):
         try:
             weights, _ = load_lora(path, pipe)
+        except BadFileError:
+            raise  # it names the file already
         except ValueError as e:
             raise ValueError(f"LoRA {Path(path).name}: {e}") from None
         name = f"lora{i}_{Path(path).stem}".replace(".", "_")

@@ -14,7 +14,6 @@ import importlib.util
 import json
 import os
 import re
-import struct
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -129,23 +128,12 @@ def detect_family(pipe_or_unet_config: Any) -> str:
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str]]:
     """The tensor index ({key: {"dtype", "shape", ...}}) and the string metadata of a .safetensors
     file, read from its JSON header only (no tensor data is touched)."""
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ModelLoadError(f"{path.name} is not a safetensors file (too short)")
-        (n,) = struct.unpack("<Q", raw)
-        if n <= 1 or n > min(size - 8, 200 * 1024 * 1024):
-            raise ModelLoadError(f"{path.name} is not a valid safetensors file (bad header length); "
-                                 "is the download complete?")
-        header = f.read(n)
+    from ..files import BadFileError, safetensors_header
+
     try:
-        index = json.loads(header)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"{path.name} is not a valid safetensors file (unreadable header)") from e
-    metadata = index.pop("__metadata__", None) or {}
-    return index, metadata
+        return safetensors_header(path, "checkpoint", complete=False)
+    except BadFileError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 def _checkpoint_index(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
@@ -533,6 +521,13 @@ def _load_single_file(path: Path, kind: str, family_arg: str | None, dtype: torc
     # of diffusers' "Unable to locate the file" (diffusers itself also loads with weights_only=True).
     keys, metadata = _checkpoint_index(path)
     family = _family_from_keys(keys, path.name)
+    if kind != "pickle":  # the whole file must be there before diffusers reads it
+        from ..files import BadFileError, safetensors_header
+
+        try:
+            safetensors_header(path, "checkpoint")
+        except BadFileError as e:
+            raise ModelLoadError(str(e)) from None
     if family_arg is not None and family_arg != family:
         raise ModelLoadError(f"family={family_arg!r} was given but {path.name} is {FAMILY_NAMES[family]} "
                              f"({family!r}) by its keys")

@@ -23,6 +23,7 @@ import torch
 
 from ..atomic import atomic_dir
 from ..config import ConfigError
+from ..files import BadFileError, load_safetensors
 
 STATE_FORMAT = "helpers-train-state"
 STATE_VERSION = 1
@@ -173,8 +174,6 @@ def _load_pt(path: Path) -> Any:
 
 def load_state(folder: str | Path) -> TrainState:
     """Read a state folder (weights_only unpickling; safetensors for the parameters)."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     if not (folder / "state.json").is_file():
         raise ConfigError(f"{folder} is not a complete training state (no state.json): choose a folder under "
@@ -186,9 +185,10 @@ def load_state(folder: str | Path) -> TrainState:
         raise ConfigError(f"{folder} was saved by a newer version of helpers (state version {info['version']}); "
                           f"update helpers to resume it")
     try:
-        trainable = load_file(str(folder / "trainable.safetensors"))
-    except Exception as e:
-        raise ConfigError(f"{folder}/trainable.safetensors is damaged ({e}); resume from an older state") from None
+        trainable = load_safetensors(folder / "trainable.safetensors", "training state",
+                                     remedy="resume from an older state (resume=<its folder>)")[0]
+    except (BadFileError, FileNotFoundError) as e:
+        raise ConfigError(str(e)) from None
     opt = _load_pt(folder / "optimizer.pt")
     rng = _load_pt(folder / "rng.pt")
     return TrainState(path=folder, step=int(info["step"]), epoch=int(info["epoch"]),
