@@ -204,10 +204,20 @@ def _evaluate_parser(sub) -> None:
 def _demo_parser(sub) -> None:
     p = _verb(sub, "demo", None, "offline demo: teach the toy base model a new concept, write grids and scores",
               cmd_demo)
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
-    p.add_argument("--samples", type=int, default=32, help="samples the judge scores per cell")
+    p.add_argument("--steps", type=_positive_int, default=None, help="training steps (default: the demo's own)")
+    p.add_argument("--samples", type=_positive_int, default=32, help="samples the judge scores per cell")
     p.add_argument("--out", default=".", help="folder that receives lora_files/ and demo_images/")
     p.add_argument("--no-progress", action="store_true")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _cuda() -> bool:

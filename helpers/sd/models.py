@@ -420,10 +420,26 @@ def _load_folder(folder: Path, dtype: torch.dtype, variant: str | None):
         raise ModelLoadError(f"{str(folder)!r} is not a diffusers model folder (no model_index.json).{hint}")
     index = json.loads(index_path.read_text(encoding="utf-8"))
     fam = _family_from_model_index(index, str(folder)) or detect_family(folder)
+    _check_component_files(folder, index)
     cls = _pipeline_class(fam)
     pipe = cls.from_pretrained(str(folder), dtype=dtype, variant=variant, local_files_only=True,
                                **_extra_kwargs(fam))
     return pipe
+
+
+def _check_component_files(folder: Path, index: dict) -> None:
+    """Every weight file of the pipeline's components is whole (a cut-off copy fails here, named)."""
+    from ..files import BadFileError, safetensors_header
+
+    for component in index:
+        sub = folder / component
+        if component.startswith("_") or not sub.is_dir():
+            continue
+        for file in sorted(sub.glob("*.safetensors")):
+            try:
+                safetensors_header(file, f"{component} weights")
+            except BadFileError as e:
+                raise ModelLoadError(f"{e} (in the model folder {folder})") from None
 
 
 def download_hub_file(repo_id: str, filename: str, *, offline: bool, offline_error: Callable[[], Exception],
