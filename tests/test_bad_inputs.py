@@ -94,10 +94,16 @@ CASES = [
     ("train", "--config {d}/typo.toml", "unknown setting(s): rnak"),
     ("train", "--family sd3", "invalid choice: 'sd3'"),
     ("prepare", "--source {d}/no_such_folder --output-dir {o}", "no_such_folder"),
+    ("prepare", "--source {x} --output-dir {x}/prepared", "is inside the source folder"),
     ("tag", "{d}/no_such_folder", "no such folder"),
+    ("tag", "{x} --replace foo", "replace entries must read OLD=NEW"),
+    ("tag", "{x} --max-tags -1", "max_tags must be an integer >= 0"),
+    ("tag", "{x} --captioner wd14 --model {d}/no_such_model", "does not exist"),
+    ("tag", "{x} --captioner florence2", "Cannot load"),
     ("evaluate", "--model x", "needs --model and at least one --prompt"),
     ("evaluate", "--model {m} --prompt 'a sks dog' --lora {d}/missing.safetensors", "does not exist"),
     ("evaluate", "--model {m} --prompt 'a dog' --trigger sks", "missing from concept prompt"),
+    ("evaluate", "--model {m} --prompt 'a sks dog' --clip-model openai/clip-vit-base-patch32", "Cannot load the CLIP"),
     ("demo", "--steps 0", "must be at least 1"),
 ]
 
