@@ -90,6 +90,8 @@ CASES = [
     ("train", "--pretrained-model {m} --train-data-dir {x} --output-dir {d}/out --output-name t --resume "
      "{d}/out/states/t-step000002", "training state"),
     ("train", "--pretrained-model {d}/cut_model.safetensors --train-data-dir {x} --output-dir {o}", "is cut off"),
+    ("train", "--pretrained-model {m} --train-data-dir {x} --vae {d}/cut_lora.safetensors --output-dir {o}",
+     "VAE file"),
     ("train", "--config {d}/bad.toml", "is not valid TOML"),
     ("train", "--config {d}/typo.toml", "unknown setting(s): rnak"),
     ("train", "--family sd3", "invalid choice: 'sd3'"),

@@ -593,7 +593,12 @@ def load_vae(vae: str, *, base_pipe=None, dtype: torch.dtype = torch.float32, lo
         if base_pipe is None:
             raise ModelLoadError(f"vae={vae!r}: a single-file VAE needs the base model it belongs to; "
                                  "pass it as load_base(..., vae=...)")
-        index, _ = read_safetensors_header(p)
+        from ..files import BadFileError, safetensors_header
+
+        try:
+            index, _ = safetensors_header(p, "VAE file")
+        except BadFileError as e:
+            raise ModelLoadError(str(e)) from None
         with tempfile.TemporaryDirectory() as tmp:
             base_pipe.vae.save_config(tmp)  # same architecture as the base: its config fits, offline too
             if any(k.startswith("encoder.down_blocks.") for k in index):  # diffusers layout in one file
