@@ -64,11 +64,12 @@ def test_setup_never_replaces_torch(monkeypatch):
 def test_project_folders_and_the_env_override(tmp_path, monkeypatch):
     from helpers.notebook import display as nb
 
-    monkeypatch.setenv(nb.PROJECT_ENV, str(tmp_path / "p"))
+    monkeypatch.setenv(nb.PROJECTS_ENV, str(tmp_path / "p"))
     project = nb.project("anything")
-    assert project.root == (tmp_path / "p").resolve() and project.prepared.is_dir()
+    assert project.root == (tmp_path / "p" / "anything").resolve() and project.prepared.is_dir()
+    assert project.name == "anything"  # outputs are named after the project, wherever it lives
     assert project.config("train") == project.root / "configs" / "train.toml"
-    monkeypatch.delenv(nb.PROJECT_ENV)
+    monkeypatch.delenv(nb.PROJECTS_ENV)
     monkeypatch.chdir(tmp_path)
     assert nb.project("mine").root == (tmp_path / "projects" / "mine").resolve()
     with pytest.raises(ValueError, match="plain folder name"):
@@ -122,10 +123,10 @@ def test_the_five_notebooks_run_top_to_bottom_on_the_toy_model(tmp_path):
     from helpers.config import PrepareConfig
 
     run = _tool("run_notebooks")
-    project = tmp_path / "project"
+    project = tmp_path / "projects" / "my_lora"  # the notebooks' PROJECT
     texts = {}
     for name in NAMES:
-        nb = run.execute(name, project)   # raises CellExecutionError naming the cell if one fails
+        nb = run.execute(name, project.parent)   # raises CellExecutionError naming the cell if one fails
         outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
         assert not [o for o in outputs if o.output_type == "error"]
         texts[name] = "\n".join(o.get("text", "") for o in outputs if o.output_type == "stream")
@@ -135,7 +136,7 @@ def test_the_five_notebooks_run_top_to_bottom_on_the_toy_model(tmp_path):
     assert load_config(project / "configs" / "prepare.toml", PrepareConfig).resolution == 32
     assert load_config(project / "configs" / "tag.toml", TagConfig).captioner == "none"
     assert "done: 30 steps" in texts["03_train_lora"]
-    lora = load_file(project / "lora_files" / "project.safetensors")
+    lora = load_file(project / "lora_files" / "my_lora.safetensors")
     assert any(k.startswith("lora_unet_") and k.endswith(".lora_down.weight") for k in lora)
     assert load_config(project / "configs" / "train.toml", TrainConfig).max_train_steps == 30
     assert len(list((project / "samples").glob("000_*.png"))) == 2
@@ -144,4 +145,4 @@ def test_the_five_notebooks_run_top_to_bottom_on_the_toy_model(tmp_path):
     assert load_config(project / "configs" / "generate.toml", GenerateConfig).sampler == "DDIM"
     assert (project / "reports" / "eval" / "report.html").is_file()
     assert load_config(project / "configs" / "eval.toml", EvalConfig).loras == [
-        str(project / "lora_files" / "project.safetensors")]
+        str(project / "lora_files" / "my_lora.safetensors")]

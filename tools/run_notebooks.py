@@ -2,7 +2,10 @@
 project folder; optionally write each executed notebook as HTML.
 
     python tools/run_notebooks.py --html docs/notebooks     # the rendered copies in the repository
-    python tools/run_notebooks.py --project /tmp/p           # just run them (what the tests do)
+    python tools/run_notebooks.py --projects /tmp/p          # just run them (what the tests do)
+
+The rendered copies run in /content/projects/my_lora, the folder a Colab session without Drive uses, so
+the pages show the paths a user sees there (not a temporary folder).
 
 A cell that raises stops the run with the notebook's name and the cell's error.
 """
@@ -18,16 +21,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ["01_dataset", "02_tagging", "03_train_lora", "04_inference", "05_eval"]
+RENDER_PROJECTS = Path("/content/projects")
 
 
-def execute(name: str, project_dir: Path, *, timeout: int = 600, kernel: str = "python3"):
-    """Run one notebook in a kernel started in notebooks/ with the toy switch on; returns the executed
-    notebook. Raises nbclient's CellExecutionError (with the cell's traceback) if a cell fails."""
+def execute(name: str, projects_dir: Path, *, timeout: int = 600, kernel: str = "python3"):
+    """Run one notebook in a kernel started in notebooks/ with the toy switch on, its project under
+    `projects_dir`; returns the executed notebook. Raises nbclient's CellExecutionError (with the cell's
+    traceback) if a cell fails."""
     import nbformat
     from nbclient import NotebookClient
 
     nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
-    env = {"HELPERS_TOY": "1", "HELPERS_PROJECT_DIR": str(project_dir), "HF_HUB_OFFLINE": "1",
+    env = {"HELPERS_TOY": "1", "HELPERS_PROJECTS_DIR": str(projects_dir), "HF_HUB_OFFLINE": "1",
            "MPLBACKEND": "Agg", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the kernel inherits this process's environment
@@ -65,15 +70,20 @@ def to_html(nb, path: Path, title: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--project", help="project folder (default: a temporary one)")
+    p.add_argument("--projects", help="folder that holds the project (default: a temporary one; with --html "
+                                      "/content/projects, as on Colab without Drive)")
     p.add_argument("--html", help="write <name>.html of each executed notebook into this folder")
     p.add_argument("--only", nargs="+", choices=NOTEBOOKS, help="run only these (they need the earlier ones' files)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        project = Path(args.project or Path(tmp) / "project").resolve()
+        projects = Path(args.projects or (RENDER_PROJECTS if args.html else Path(tmp))).resolve()
+        if args.html and not args.only and (projects / "my_lora").exists():
+            import shutil
+
+            shutil.rmtree(projects / "my_lora")  # the pages show one fresh run
         for name in args.only or NOTEBOOKS:
             t0 = time.perf_counter()
-            nb = execute(name, project)
+            nb = execute(name, projects)
             print(f"{name}: ran in {time.perf_counter() - t0:.1f} s")
             if args.html:
                 print("  ", to_html(nb, Path(args.html) / f"{name}.html", name))

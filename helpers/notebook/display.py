@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 TOY_ENV = "HELPERS_TOY"              # "1": the notebooks run on the shipped toy model (what CI does)
-PROJECT_ENV = "HELPERS_PROJECT_DIR"  # overrides where the project folder lives
+PROJECTS_ENV = "HELPERS_PROJECTS_DIR"  # the folder that holds the projects (tests and the rendered pages set it)
 DRIVE_ROOT = Path("/content/drive/MyDrive")
 
 
@@ -174,12 +174,12 @@ class Project:
 
 
 def project(name: str = "my_lora", *, on_drive: bool | None = None) -> Project:
-    """The project folder: $HELPERS_PROJECT_DIR if set; on Colab with Drive mounted,
+    """The project folder `<name>`: under $HELPERS_PROJECTS_DIR if set; on Colab with Drive mounted,
     MyDrive/sd-lora/<name> (survives a disconnect); else ./projects/<name>. Created if missing."""
     if not name or any(c in name for c in '/\\:*?"<>|'):
         raise ValueError(f"project name must be a plain folder name, got {name!r}")
-    if os.environ.get(PROJECT_ENV):
-        root = Path(os.environ[PROJECT_ENV])
+    if os.environ.get(PROJECTS_ENV):
+        root = Path(os.environ[PROJECTS_ENV]) / name
     elif (on_drive is None or on_drive) and in_colab() and DRIVE_ROOT.is_dir():
         root = DRIVE_ROOT / "sd-lora" / name
     else:
