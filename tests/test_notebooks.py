@@ -146,3 +146,22 @@ def test_the_five_notebooks_run_top_to_bottom_on_the_toy_model(tmp_path):
     assert (project / "reports" / "eval" / "report.html").is_file()
     assert load_config(project / "configs" / "eval.toml", EvalConfig).loras == [
         str(project / "lora_files" / "my_lora.safetensors")]
+
+
+def test_use_your_lora_names_the_file_the_family_the_trigger_and_the_folders(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from helpers.notebook import display as nb
+
+    path = tmp_path / "my_style.safetensors"
+    save_file({"x": torch.zeros(1)}, str(path), metadata={"ss_base_model_version": "sdxl_base_v1-0",
+                                                          "ss_clip_skip": "2",
+                                                          "ss_sd_model_name": "sd_xl_base_1.0.safetensors"})
+    text = nb.use_your_lora(path, trigger="zkx", weight=0.7)
+    assert "**SDXL**" in text and "SD 1.5 LoRA on SDXL" in text
+    assert "`zkx <lora:my_style:0.7>`" in text and "clip skip 2" in text
+    assert "models/Lora/" in text and "ComfyUI/models/loras/" in text and "LoraLoader" in text
+    assert f'pipe.load_lora_weights("{path}", adapter_name="my_style")' in text
+    toy = nb.use_your_lora(nb.repo_root() / "lora_files" / "toy_concept.safetensors", trigger="sks")
+    assert "**SD 1.x**" in toy and "toy model only" in toy

@@ -188,6 +188,9 @@ lora_file = project.lora_files / result.lora_path.name
 shutil.copyfile(result.lora_path, lora_file)
 shutil.copyfile(project.config("train"), project.lora_files / f"{train_cfg.output_name}.toml")
 nb.download([lora_file]);'''),
+    ("md", "## 4. Use your LoRA\nWhere the file goes in AUTOMATIC1111 and ComfyUI, how to call it, and which base "
+           "models it fits."),
+    ("code", '''nb.show_markdown(nb.use_your_lora(lora_file, trigger="sks"))'''),
 ]
 
 NB04 = header("04_inference", "4 · Generate with your LoRA", """
@@ -291,6 +294,8 @@ if RUN_METHODS:
     compare_methods(project.root)
 table = (project.root if RUN_METHODS else nb.repo_root()) / "demo_images" / "toy_methods.md"
 nb.show_markdown(table.read_text() if table.exists() else f"(no {table}: set RUN_METHODS = True)")'''),
+    ("md", "## 5. Use your LoRA\nThe LoRA this report judged, in the tools you generate with."),
+    ("code", '''nb.show_markdown(nb.use_your_lora(eval_cfg.loras[0], trigger=eval_cfg.trigger))'''),
 ]
 
 NOTEBOOKS_CELLS = {"01_dataset": NB01, "02_tagging": NB02, "03_train_lora": NB03, "04_inference": NB04,

@@ -104,20 +104,25 @@ def _unload(pipe, names: list[str], before: list[str]) -> None:
 
 
 def _run_grid(pipe, col_values: list, row_values: list, cell_fn, seeds: list[int], images_per_cell: int,
-              gen: dict[str, Any]) -> tuple[list[list[list[Image.Image]]], list[list[list[str]]]]:
-    from .inference import generate
+              gen: dict[str, Any], desc: str) -> tuple[list[list[list[Image.Image]]], list[list[list[str]]]]:
+    """Every cell of a grid, with one progress bar for the grid (`desc`) instead of one per image."""
+    from tqdm.auto import tqdm
+
+    from .inference import generate, quiet_pipeline
 
     cells, texts = [], []
-    for i, row in enumerate(row_values):
-        row_cells, row_texts = [], []
-        for j, col in enumerate(col_values):
-            kwargs = {**gen, **cell_fn(i, row, j, col)}
-            images, params = generate(pipe, kwargs.pop("prompt"), seed=seeds[j], num_images=images_per_cell,
-                                      **kwargs)
-            row_cells.append(images)
-            row_texts.append(params)
-        cells.append(row_cells)
-        texts.append(row_texts)
+    with quiet_pipeline(pipe), tqdm(total=len(row_values) * len(col_values), desc=desc, unit="cell") as bar:
+        for i, row in enumerate(row_values):
+            row_cells, row_texts = [], []
+            for j, col in enumerate(col_values):
+                kwargs = {**gen, **cell_fn(i, row, j, col)}
+                images, params = generate(pipe, kwargs.pop("prompt"), seed=seeds[j], num_images=images_per_cell,
+                                          **kwargs)
+                row_cells.append(images)
+                row_texts.append(params)
+                bar.update(1)
+            cells.append(row_cells)
+            texts.append(row_texts)
     return cells, texts
 
 
@@ -146,7 +151,8 @@ def grid_prompt_x_weight(pipe, prompts: list[str], lora_path: str | Path, weight
             _set_active(pipe, before + [adapter], {adapter: float(w)})
             return {"prompt": prompt, "loras": [(name, float(w))], "extra": extra}
 
-        cells, texts = _run_grid(pipe, prompts, weights, cell, seeds, images_per_cell, generate_kwargs)
+        cells, texts = _run_grid(pipe, prompts, weights, cell, seeds, images_per_cell, generate_kwargs,
+                                 "grid: prompt x LoRA weight")
     finally:
         _unload(pipe, [adapter], before)
     return _finish(cells, texts, prompts, [f"{name} weight {w:g}" for w in weights], title, layout or {},
@@ -169,7 +175,8 @@ def grid_prompt_x_checkpoint(pipe, prompts: list[str], lora_paths: list[str | Pa
             return {"prompt": prompt, "loras": [(lora_name(path), float(weight))],
                     "extra": {**extra, **lora_hashes_field([(path, weight)])}}
 
-        cells, texts = _run_grid(pipe, prompts, lora_paths, cell, seeds, images_per_cell, generate_kwargs)
+        cells, texts = _run_grid(pipe, prompts, lora_paths, cell, seeds, images_per_cell, generate_kwargs,
+                                 "grid: prompt x checkpoint")
     finally:
         _unload(pipe, adapters, before)
     names = [lora_name(p) for p in lora_paths]
@@ -203,7 +210,8 @@ def grid_trigger_test(pipe, prompts: list[str], trigger: str, lora_path: str | P
             return {"prompt": prompt if keep else remove_trigger(prompt, trigger), "loras": [(name, float(w))],
                     "extra": extra}
 
-        cells, texts = _run_grid(pipe, prompts, rows, cell, seeds, images_per_cell, generate_kwargs)
+        cells, texts = _run_grid(pipe, prompts, rows, cell, seeds, images_per_cell, generate_kwargs,
+                                 "grid: trigger test")
     finally:
         _unload(pipe, [adapter], before)
     labels = [f"{label} ({name} {w:g})" if w else label for label, w, _ in rows]
@@ -220,7 +228,8 @@ def grid_sampler_x_steps(pipe, prompt: str, samplers: list[str], steps_list: lis
     def cell(i, steps, j, sampler):
         return {"prompt": prompt, "sampler": sampler, "steps": int(steps)}
 
-    cells, texts = _run_grid(pipe, samplers, steps_list, cell, seeds, images_per_cell, generate_kwargs)
+    cells, texts = _run_grid(pipe, samplers, steps_list, cell, seeds, images_per_cell, generate_kwargs,
+                             "grid: sampler x steps")
     return _finish(cells, texts, samplers, [f"{s} steps" for s in steps_list], title, layout or {},
                    "Sampler", samplers, "Steps", [int(s) for s in steps_list])
 

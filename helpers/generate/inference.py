@@ -4,6 +4,7 @@ carry A1111's `parameters` text (written and read back) so other tools can read 
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -278,6 +279,17 @@ def apply_generate_config(base, cfg, *, memory: dict[str, bool] | None = None) -
     return {"adapters": adapters, "tokens": tokens}
 
 
+@contextlib.contextmanager
+def quiet_pipeline(pipe):
+    """The pipeline's own per-call progress bar off for a while (a caller shows one bar for many calls)."""
+    before = dict(getattr(pipe, "_progress_bar_config", {}) or {})
+    pipe.set_progress_bar_config(**{**before, "disable": True})
+    try:
+        yield pipe
+    finally:
+        pipe._progress_bar_config = before
+
+
 def generate_to_folder(base, cfg, *, memory: dict[str, bool] | None = None, log=None) -> list[Path]:
     """Everything a GenerateConfig asks for: load its LoRAs/embeddings, generate `num_images` per prompt
     and save PNGs with A1111 parameters as `out_dir/<prompt index>_<seed>.png`. Returns the paths.
@@ -287,16 +299,20 @@ def generate_to_folder(base, cfg, *, memory: dict[str, bool] | None = None, log=
         log("embeddings: " + ", ".join(loaded["tokens"]))
     loras = cfg.lora_weights()
     names = [(lora_name(p), w) for p, w in loras]
+    from tqdm.auto import tqdm
+
     out = Path(cfg.out_dir)
     paths = []
-    for pi, prompt in enumerate(cfg.prompts):
-        images, params = generate(base.pipe, prompt, negative_prompt=cfg.negative_prompt, steps=cfg.steps,
-                                  cfg_scale=cfg.cfg_scale, seed=cfg.seed, sampler=cfg.sampler, width=cfg.width,
-                                  height=cfg.height, num_images=cfg.num_images, clip_skip=cfg.clip_skip,
-                                  family=base.family, model_name=Path(cfg.model).name, loras=names,
-                                  weighting=cfg.weighting, extra=lora_hashes_field(loras))
-        for i, (image, text) in enumerate(zip(images, params)):
-            paths.append(save_png(image, out / f"{pi:03d}_{cfg.seed + i}.png", text))
+    with quiet_pipeline(base.pipe):
+        for pi, prompt in enumerate(tqdm(cfg.prompts, desc=f"generating {cfg.num_images} image(s) per prompt",
+                                         unit="prompt")):
+            images, params = generate(base.pipe, prompt, negative_prompt=cfg.negative_prompt, steps=cfg.steps,
+                                      cfg_scale=cfg.cfg_scale, seed=cfg.seed, sampler=cfg.sampler, width=cfg.width,
+                                      height=cfg.height, num_images=cfg.num_images, clip_skip=cfg.clip_skip,
+                                      family=base.family, model_name=Path(cfg.model).name, loras=names,
+                                      weighting=cfg.weighting, extra=lora_hashes_field(loras))
+            for i, (image, text) in enumerate(zip(images, params)):
+                paths.append(save_png(image, out / f"{pi:03d}_{cfg.seed + i}.png", text))
     if loaded["adapters"]:
         base.pipe.delete_adapters(loaded["adapters"])
     return paths

@@ -287,6 +287,42 @@ def show_file(path: str | Path, width: int | None = None) -> None:
     _display(image)
 
 
+def use_your_lora(path: str | Path, *, trigger: str = "", weight: float = 0.8) -> str:
+    """How to use a LoRA file in AUTOMATIC1111, ComfyUI and diffusers, as Markdown with its real name, trigger
+    word, clip skip and base-model family (read from the file's sd-scripts metadata)."""
+    from ..files import safetensors_header
+
+    path = Path(path)
+    _, meta = safetensors_header(path, "LoRA file")
+    version = meta.get("ss_base_model_version", "")
+    family = "SDXL" if version.startswith("sdxl") else "SD 2.x" if version.startswith("sd_v2") else "SD 1.x"
+    examples = {"SDXL": "SDXL 1.0 or an SDXL fine-tune (Pony, Juggernaut XL)",
+                "SD 2.x": "SD 2.1 or a fine-tune of it",
+                "SD 1.x": "SD 1.5 or an SD 1.5 fine-tune (Realistic Vision, DreamShaper, Anything)"}[family]
+    clip_skip = meta.get("ss_clip_skip") if meta.get("ss_clip_skip") not in (None, "None") else "1"
+    name, word = path.stem, f"{trigger} " if trigger else ""
+    calls = f" (the trigger word `{trigger}` calls the concept)" if trigger else ""
+    subject = f"`{trigger}`" if trigger else "your concept"
+    base = Path(meta.get("ss_sd_model_name", "") or ".")
+    toy = (base.parent.name, base.name) == ("toy", "base")
+    fits = ("the package's toy model only (a demonstration: its layers are smaller than SD 1.5's). A LoRA "
+            f"trained on a real {family} base is used as below" if toy else f"{examples}. A LoRA for one family "
+            "does not load into another (an SD 1.5 LoRA on SDXL gives errors or no effect)")
+    return f"""### Use your LoRA: `{path.name}`
+It was trained on an **{family}** base: use it with {fits}.
+
+- **AUTOMATIC1111 / Forge**: copy `{path.name}` into `stable-diffusion-webui/models/Lora/`, then write
+  `{word}<lora:{name}:{weight:g}>` in the prompt{calls}. It was trained with clip skip {clip_skip}: set the same
+  under Settings > Stable Diffusion > Clip skip.
+- **ComfyUI**: copy it into `ComfyUI/models/loras/`, add a *LoraLoader* node between the checkpoint loader
+  and the sampler, choose `{path.name}`, strength_model and strength_clip {weight:g}, and put {subject} in
+  the prompt.
+- **diffusers**: `pipe.load_lora_weights("{path}", adapter_name="{name}")`, then
+  `pipe.set_adapters(["{name}"], adapter_weights=[{weight:g}])`.
+- Weights from 0.6 to 1.0 usually work: lower it if images look overcooked, and compare weights with the grids
+  of `04_inference`."""
+
+
 def show_markdown(text: str):
     try:
         from IPython.display import Markdown
