@@ -304,7 +304,7 @@ def use_your_lora(path: str | Path, *, trigger: str = "", weight: float = 0.8) -
     calls = f" (the trigger word `{trigger}` calls the concept)" if trigger else ""
     subject = f"`{trigger}`" if trigger else "your concept"
     base = Path(meta.get("ss_sd_model_name", "") or ".")
-    toy = (base.parent.name, base.name) == ("toy", "base")
+    toy = base.name == "base" and meta.get("modelspec.resolution") == "32x32"  # the shipped toy model
     fits = ("the package's toy model only (a demonstration: its layers are smaller than SD 1.5's). A LoRA "
             f"trained on a real {family} base is used as below" if toy else f"{examples}. A LoRA for one family "
             "does not load into another (an SD 1.5 LoRA on SDXL gives errors or no effect)")
