@@ -179,14 +179,13 @@ def _sample(cfg: EvalConfig, base: BaseModel | None, groups: dict[str, list[str]
     from tqdm.auto import tqdm
 
     from ..formats.png_info import save_png
-    from ..generate.inference import generate, load_loras
+    from ..generate.inference import generate, load_loras, quiet_pipeline
     from ..sd.models import detect_family, load_base
 
     own_model = base is None
     if own_model:
         base = load_base(cfg.model, device=dev, dtype=dtype, config=cfg.model_config)
     pipe = base.pipe
-    pipe.set_progress_bar_config(disable=True)
     family = base.family if hasattr(base, "family") else detect_family(pipe)
     adapters: list[str] = []
     if cfg.loras:
@@ -197,28 +196,27 @@ def _sample(cfg: EvalConfig, base: BaseModel | None, groups: dict[str, list[str]
     model_name = Path(str(getattr(base, "source", cfg.model))).name
     manifest: list[dict[str, Any]] = []
     total = len(variants) * sum(len(p) for p in groups.values()) * len(seed_list)
-    bar = tqdm(total=total, desc="sampling", disable=not progress)
-    try:
-        for v in variants:
-            if adapters:   # base = every adapter at weight 0 (exactly the base model)
-                pipe.set_adapters(adapters, adapter_weights=[v.weight if a == v.adapter else 0.0 for a in adapters])
-            for g, prompts in groups.items():
-                for pi, prompt in enumerate(prompts):
-                    for start, count in _seed_runs(seed_list, cfg.batch_size):
-                        images, params = generate(
-                            pipe, prompt, negative_prompt=cfg.negative_prompt, steps=cfg.steps,
-                            cfg_scale=cfg.cfg_scale, seed=start, sampler=cfg.sampler, num_images=count,
-                            clip_skip=cfg.clip_skip, family=family, model_name=model_name,
-                            loras=[(Path(v.lora).stem, v.weight)] if v.lora else None)
-                        for k, (im, text) in enumerate(zip(images, params)):
-                            rel = Path("images") / v.slug / g / f"p{pi:02d}_s{start + k}.png"
-                            save_png(im, out / rel, text)
-                            manifest.append({"variant": v.label, "lora": v.lora, "weight": v.weight, "group": g,
-                                             "prompt_index": pi, "prompt": prompt, "seed": start + k,
-                                             "path": rel.as_posix()})
-                        bar.update(count)
+    try:  # one bar for the protocol; a live base gets its own progress settings back
+        with quiet_pipeline(pipe), tqdm(total=total, desc="sampling", disable=not progress) as bar:
+            for v in variants:
+                if adapters:   # base = every adapter at weight 0 (exactly the base model)
+                    pipe.set_adapters(adapters, adapter_weights=[v.weight if a == v.adapter else 0.0 for a in adapters])
+                for g, prompts in groups.items():
+                    for pi, prompt in enumerate(prompts):
+                        for start, count in _seed_runs(seed_list, cfg.batch_size):
+                            images, params = generate(
+                                pipe, prompt, negative_prompt=cfg.negative_prompt, steps=cfg.steps,
+                                cfg_scale=cfg.cfg_scale, seed=start, sampler=cfg.sampler, num_images=count,
+                                clip_skip=cfg.clip_skip, family=family, model_name=model_name,
+                                loras=[(Path(v.lora).stem, v.weight)] if v.lora else None)
+                            for k, (im, text) in enumerate(zip(images, params)):
+                                rel = Path("images") / v.slug / g / f"p{pi:02d}_s{start + k}.png"
+                                save_png(im, out / rel, text)
+                                manifest.append({"variant": v.label, "lora": v.lora, "weight": v.weight, "group": g,
+                                                 "prompt_index": pi, "prompt": prompt, "seed": start + k,
+                                                 "path": rel.as_posix()})
+                            bar.update(count)
     finally:
-        bar.close()
         if adapters:
             pipe.delete_adapters(adapters)
     manifest_path = write_text(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")

@@ -281,13 +281,18 @@ def apply_generate_config(base, cfg, *, memory: dict[str, bool] | None = None) -
 
 @contextlib.contextmanager
 def quiet_pipeline(pipe):
-    """The pipeline's own per-call progress bar off for a while (a caller shows one bar for many calls)."""
+    """The pipeline's own per-call progress bar off for a while (a caller shows one bar for many calls);
+    its settings are put back as they were afterwards."""
+    had_config = hasattr(pipe, "_progress_bar_config")
     before = dict(getattr(pipe, "_progress_bar_config", {}) or {})
     pipe.set_progress_bar_config(**{**before, "disable": True})
     try:
         yield pipe
     finally:
-        pipe._progress_bar_config = before
+        if had_config:
+            pipe._progress_bar_config = before
+        else:
+            del pipe._progress_bar_config
 
 
 def generate_to_folder(base, cfg, *, memory: dict[str, bool] | None = None, log=None) -> list[Path]:

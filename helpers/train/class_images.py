@@ -51,7 +51,7 @@ def generate_class_images(pipe, class_prompt: str, out_dir: str | Path, n: int, 
     from tqdm.auto import tqdm
 
     from ..sd.samplers import SAMPLERS
-    from ..generate.inference import generate
+    from ..generate.inference import generate, quiet_pipeline
     from ..formats.png_info import save_png
 
     if isinstance(n, bool) or not isinstance(n, int):
@@ -82,30 +82,22 @@ def generate_class_images(pipe, class_prompt: str, out_dir: str | Path, n: int, 
     if not todo:
         return []
     new: list[Path] = []
-    had_config = hasattr(pipe, "_progress_bar_config")
-    old_config = dict(getattr(pipe, "_progress_bar_config", {}))
-    pipe.set_progress_bar_config(disable=True)  # one bar for the whole job instead of one per batch
-    try:
-        with tqdm(total=len(todo), desc="class images", unit="img", disable=not progress) as bar:
-            wanted = set(todo)
-            for block in _blocks(todo, batch_size):
-                first = block * batch_size
-                # Always the whole block, so image i comes out of the same batch as in any other run.
-                images, params = generate(pipe, class_prompt, negative_prompt=negative_prompt, steps=int(steps),
-                                          cfg_scale=float(cfg_scale), seed=int(seed) + first, sampler=sampler,
-                                          num_images=batch_size, family=family)
-                for i, image, text in zip(range(first, first + batch_size), images, params):
-                    if i not in wanted:
-                        continue  # already on disk, or beyond n
-                    path = out_dir / CLASS_IMAGE_NAME.format(i)
-                    # Caption first: a run killed between the two leaves no image, so it is redone.
-                    write_text(path.with_suffix(".txt"), class_prompt)
-                    save_png(image, path, text)
-                    new.append(path)
-                    bar.update(1)
-    finally:
-        if had_config:
-            pipe._progress_bar_config = old_config
-        else:
-            del pipe._progress_bar_config
+    # one bar for the whole job instead of one per batch
+    with quiet_pipeline(pipe), tqdm(total=len(todo), desc="class images", unit="img", disable=not progress) as bar:
+        wanted = set(todo)
+        for block in _blocks(todo, batch_size):
+            first = block * batch_size
+            # Always the whole block, so image i comes out of the same batch as in any other run.
+            images, params = generate(pipe, class_prompt, negative_prompt=negative_prompt, steps=int(steps),
+                                      cfg_scale=float(cfg_scale), seed=int(seed) + first, sampler=sampler,
+                                      num_images=batch_size, family=family)
+            for i, image, text in zip(range(first, first + batch_size), images, params):
+                if i not in wanted:
+                    continue  # already on disk, or beyond n
+                path = out_dir / CLASS_IMAGE_NAME.format(i)
+                # Caption first: a run killed between the two leaves no image, so it is redone.
+                write_text(path.with_suffix(".txt"), class_prompt)
+                save_png(image, path, text)
+                new.append(path)
+                bar.update(1)
     return new
