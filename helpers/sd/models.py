@@ -125,21 +125,23 @@ def detect_family(pipe_or_unet_config: Any) -> str:
 
 # ----------------------------------------------------------------------------- single-file header
 
-def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str]]:
+def read_safetensors_header(path: str | os.PathLike, *, complete: bool = False
+                            ) -> tuple[dict[str, dict], dict[str, str]]:
     """The tensor index ({key: {"dtype", "shape", ...}}) and the string metadata of a .safetensors
-    file, read from its JSON header only (no tensor data is touched)."""
+    file, read from its JSON header only (no tensor data is touched). `complete`: the file must also hold
+    every byte the header promises (before a load; detecting the family needs no more than the header)."""
     from ..files import BadFileError, safetensors_header
 
     try:
-        return safetensors_header(path, "checkpoint", complete=False)
+        return safetensors_header(path, "checkpoint", complete=complete)
     except BadFileError as e:
         raise ModelLoadError(str(e)) from None
 
 
-def _checkpoint_index(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+def _checkpoint_index(path: Path, *, complete: bool = False) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     """{key: shape} and metadata of a single-file checkpoint, without loading safetensors data."""
     if path.suffix.lower() in SINGLE_FILE_SAFE:
-        index, metadata = read_safetensors_header(path)
+        index, metadata = read_safetensors_header(path, complete=complete)
         return {k: tuple(v.get("shape", ())) for k, v in index.items()}, metadata
     if path.suffix.lower() in SINGLE_FILE_PICKLE:
         sd = _load_pickle_weights_only(path)
@@ -535,15 +537,8 @@ def _load_single_file(path: Path, kind: str, family_arg: str | None, dtype: torc
                       local_files_only: bool | None):
     # For pickles this is a weights-only torch.load: a refused file gets a clear message here instead
     # of diffusers' "Unable to locate the file" (diffusers itself also loads with weights_only=True).
-    keys, metadata = _checkpoint_index(path)
+    keys, metadata = _checkpoint_index(path, complete=True)  # the whole file must be there before diffusers reads it
     family = _family_from_keys(keys, path.name)
-    if kind != "pickle":  # the whole file must be there before diffusers reads it
-        from ..files import BadFileError, safetensors_header
-
-        try:
-            safetensors_header(path, "checkpoint")
-        except BadFileError as e:
-            raise ModelLoadError(str(e)) from None
     if family_arg is not None and family_arg != family:
         raise ModelLoadError(f"family={family_arg!r} was given but {path.name} is {FAMILY_NAMES[family]} "
                              f"({family!r}) by its keys")
@@ -596,7 +591,7 @@ def load_vae(vae: str, *, base_pipe=None, dtype: torch.dtype = torch.float32, lo
         from ..files import BadFileError, safetensors_header
 
         try:
-            index, _ = safetensors_header(p, "VAE file")
+            index, _ = safetensors_header(p, "VAE file")  # the whole file: it is loaded next
         except BadFileError as e:
             raise ModelLoadError(str(e)) from None
         with tempfile.TemporaryDirectory() as tmp:
