@@ -65,6 +65,33 @@ def test_presets_set_their_fields_and_switching_back_leaves_no_sdxl_setting_behi
     assert toy.pretrained_model.endswith("helpers/toy/base") and toy.resolution == 32
 
 
+def test_the_preset_picker_never_names_a_preset_its_values_do_not_match():
+    form = train_form(preset="Toy (CPU, offline)", train_data_dir="d")
+    assert form.preset_picker.value == "Toy (CPU, offline)"     # folders are not preset settings
+    form.fields["train_batch_size"].widget.value = 8
+    assert form.preset_picker.value == "custom" and form.value().train_batch_size == 8
+    form.fields["train_batch_size"].widget.value = 32            # back to the preset's value
+    assert form.preset_picker.value == "Toy (CPU, offline)"
+    form.preset_picker.value = "SD 1.5 · T4"
+    assert form.value().resolution == 512 and form.preset_picker.value == "SD 1.5 · T4"
+    prep = prepare_form(preset="Toy (32 px)")
+    assert (prep.value().resolution, prep.preset_picker.value) == (32, "Toy (32 px)")
+    assert prepare_form().preset_picker.value == "SD 1.5 (512)"   # the defaults are that preset
+    prep.fields["resolution"].widget.value = 48
+    assert prep.preset_picker.value == "custom"
+    tags = tag_form(preset="keep my captions", trigger="")
+    assert (tags.value().captioner, tags.preset_picker.value) == ("none", "keep my captions")
+
+
+def test_a_form_prints_its_settings_as_text_for_readers_offline(capsys):
+    form = prepare_form(preset="Toy (32 px)", source="in", output_dir="out")
+    text = form.summary()
+    assert text.splitlines()[0] == "preset: Toy (32 px)"
+    assert "resolution = 32" in text and "source = 'in'" in text and "crop = " not in text  # defaults left out
+    form.show()   # outside a notebook display() prints the widget's repr first
+    assert capsys.readouterr().out.strip().endswith("\n" + text)
+
+
 def test_every_preset_is_a_valid_train_config():
     for name in PRESETS:
         TrainConfig(train_data_dir="d", **preset_values(name))
@@ -124,8 +151,13 @@ def test_caption_editor_edits_saves_and_undoes(tmp_path):
     before = {p.name: p.read_bytes() for p in tmp_path.glob("*.txt")}
     editor = caption_editor(tmp_path, page_size=2)
     assert len(editor.grid.children) == 2 and "page 1 of 3" in editor.status.value
+    assert editor.status.value.startswith("images 1–2 of 5 ")   # what the page shows, not all five
+    editor.turn(2)
+    assert editor.status.value.startswith("images 5–5 of 5 &middot; page 3 of 3")
     editor.filter.value = "tag4"
     assert editor.visible() == ["img4.png"]
+    assert editor.status.value.startswith("images 1–1 of 1 matching &#x27;tag4&#x27; (5 in all)") or \
+        editor.status.value.startswith("images 1–1 of 1 matching 'tag4' (5 in all)")
     box = editor.grid.children[0].children[1].children[1]
     box.value = "sks, blue, tag4"   # typing in the box
     assert "<b>1</b> unsaved" in editor.status.value

@@ -131,6 +131,9 @@ class _Field:
             raise ConfigError(f"{self.name} must be {word} or empty (unset), got {value!r}") from None
 
 
+CUSTOM = "custom"   # the preset picker's label when the values match no preset
+
+
 def _escape(text: str) -> str:
     return html.escape(text, quote=False)
 
@@ -159,10 +162,12 @@ class ConfigForm:
         self.accordion = W.Accordion(children=boxes, titles=tuple(groups))
         self.accordion.selected_index = 0
         header = [W.HTML(f"<b>{_escape(title)}</b>")] if title else []
+        self.preset_picker = None
+        self._applying = False
         if self.presets:
-            self.preset_picker = W.Dropdown(options=list(self.presets), description="preset",
+            self.preset_picker = W.Dropdown(options=[*self.presets, CUSTOM], value=CUSTOM, description="preset",
                                             style={"description_width": "200px"}, layout=W.Layout(width="560px"))
-            self.preset_picker.observe(lambda change: self.apply_preset(change["new"]), names="value")
+            self.preset_picker.observe(self._picked, names="value")
             header.append(self.preset_picker)
         self.widget = W.VBox(header + [self.accordion, self.status, self.saved_to])
         self.set_value(value)
@@ -171,8 +176,35 @@ class ConfigForm:
         if overrides:
             self.set_value(overrides)
         for fld in self.fields.values():
-            fld.widget.observe(lambda change: self.check(), names="value")
+            fld.widget.observe(lambda change: self._changed(), names="value")
+        self._changed()
+
+    # -- presets -----------------------------------------------------------------------------
+    def _picked(self, change: dict) -> None:
+        if change["new"] != CUSTOM and not self._applying:
+            self.apply_preset(change["new"])
+
+    def _changed(self) -> None:
         self.check()
+        if self.preset_picker is not None and not self._applying:
+            self._applying = True   # relabelling the picker must not apply a preset
+            try:
+                self.preset_picker.value = self.matching_preset()
+            finally:
+                self._applying = False
+
+    def matching_preset(self) -> str:
+        """The preset whose values the form holds now (the picked one first), or "custom" when none does:
+        the picker never names a preset whose values are not the ones below it."""
+        try:
+            raw = self.raw()
+        except ConfigError:
+            return CUSTOM
+        picked = self.preset_picker.value if self.preset_picker is not None else CUSTOM
+        for name in sorted(self.presets, key=lambda n: n != picked):
+            if all(raw.get(k) == v for k, v in self.presets[name]().items()):
+                return name
+        return CUSTOM
 
     # -- values ------------------------------------------------------------------------------
     def set_value(self, value: Any) -> None:
@@ -191,9 +223,14 @@ class ConfigForm:
         """Set the preset's fields (the others keep their values)."""
         if name not in self.presets:
             raise KeyError(f"no preset {name!r}; presets: {', '.join(self.presets)}")
-        self.set_value(self.presets[name]())
-        if getattr(self, "preset_picker", None) is not None and self.preset_picker.value != name:
-            self.preset_picker.value = name
+        self._applying = True
+        try:
+            self.set_value(self.presets[name]())
+            if self.preset_picker is not None:
+                self.preset_picker.value = name
+        finally:
+            self._applying = False
+        self.check()
 
     def raw(self) -> dict[str, Any]:
         """The widgets' values as field values (not validated)."""
@@ -227,10 +264,23 @@ class ConfigForm:
         self.set_value(cfg)
         return cfg
 
+    def summary(self) -> str:
+        """The settings as plain text: the preset and every value that differs from the dataclass default."""
+        try:
+            raw = self.raw()
+        except ConfigError as e:
+            return f"settings not valid: {e}"
+        defaults = dataclasses.asdict(self.cls())
+        lines = [f"preset: {self.preset_picker.value}"] if self.preset_picker is not None else []
+        lines += [f"{k} = {v!r}" for k, v in raw.items() if v != defaults.get(k)]
+        return "\n".join(lines) or "all settings at their defaults"
+
     def show(self) -> None:
+        """Display the form, and under it its settings as text (what a page read offline still shows)."""
         from IPython.display import display
 
         display(self.widget)
+        print(self.summary())
 
     def _repr_mimebundle_(self, **kwargs):
         return self.widget._repr_mimebundle_(**kwargs)
@@ -250,7 +300,14 @@ def train_form(value: TrainConfig | None = None, *, preset: str | None = None, *
                       title="Training settings", **overrides)
 
 
-def prepare_form(value=None, **overrides: Any) -> ConfigForm:
+PREPARE_PRESETS: dict[str, dict[str, Any]] = {
+    "SD 1.5 (512)": {"resolution": 512, "min_bucket_reso": 256, "max_bucket_reso": 1024, "bucket_reso_steps": 64},
+    "SDXL (1024)": {"resolution": 1024, "min_bucket_reso": 512, "max_bucket_reso": 2048, "bucket_reso_steps": 64},
+    "Toy (32 px)": {"resolution": 32, "min_bucket_reso": 16, "max_bucket_reso": 64, "bucket_reso_steps": 8},
+}
+
+
+def prepare_form(value=None, *, preset: str | None = None, **overrides: Any) -> ConfigForm:
     """The dataset preparation settings (01_dataset)."""
     from ..config import PrepareConfig
 
@@ -258,13 +315,12 @@ def prepare_form(value=None, **overrides: Any) -> ConfigForm:
               "Size and crop": ["resolution", "crop", "min_size", "allow_upscale", "background"],
               "Duplicates": ["near_dup_threshold", "clip_model", "clip_threshold"],
               "Buckets": ["min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"]}
-    presets = {"SD 1.5 (512)": lambda: {"resolution": 512, "min_bucket_reso": 256, "max_bucket_reso": 1024},
-               "SDXL (1024)": lambda: {"resolution": 1024, "min_bucket_reso": 512, "max_bucket_reso": 2048}}
-    return ConfigForm(PrepareConfig, value, groups=groups, presets=presets, title="Dataset preparation",
-                      **overrides)
+    presets = {name: (lambda v=v: dict(v)) for name, v in PREPARE_PRESETS.items()}
+    return ConfigForm(PrepareConfig, value, groups=groups, presets=presets, preset=preset,
+                      title="Dataset preparation", **overrides)
 
 
-def tag_form(value: TagConfig | None = None, **overrides: Any) -> ConfigForm:
+def tag_form(value: TagConfig | None = None, *, preset: str | None = None, **overrides: Any) -> ConfigForm:
     """The captioning and tag-editing settings (02_tagging)."""
     groups = {"Captioner": ["captioner", "model", "mode", "task", "batch_size"],
               "WD14": ["general_threshold", "character_threshold", "blacklist"],
@@ -273,7 +329,8 @@ def tag_form(value: TagConfig | None = None, **overrides: Any) -> ConfigForm:
                "photos: BLIP sentences": lambda: {"captioner": "blip", "task": None},
                "anime/illustration: WD14 tags": lambda: {"captioner": "wd14", "task": None, "dedupe": True},
                "keep my captions": lambda: {"captioner": "none", "task": None}}
-    return ConfigForm(TagConfig, value, groups=groups, presets=presets, title="Captions and tags", **overrides)
+    return ConfigForm(TagConfig, value, groups=groups, presets=presets, preset=preset, title="Captions and tags",
+                      **overrides)
 
 
 def generate_form(value: GenerateConfig | None = None, **overrides: Any) -> ConfigForm:
@@ -368,10 +425,18 @@ class CaptionEditor:
         self._update_status()
 
     def _update_status(self) -> None:
+        self.status.value = f"{self.counts()} &middot; <b>{len(self.edited)}</b> unsaved edit(s)"
+
+    def counts(self) -> str:
+        """What the page shows: 'images 1-12 of 24 · page 1 of 2' (with a filter: 'of 20 matching "x" (24 in all)')."""
         n = len(self.visible())
         pages = max(1, -(-n // self.page_size))
-        self.status.value = (f"page {self.page + 1} of {pages} &middot; {n} of {len(self.captions)} images shown "
-                             f"&middot; <b>{len(self.edited)}</b> unsaved edit(s)")
+        first = self.page * self.page_size
+        shown = f"images {first + 1}–{min(n, first + self.page_size)} of {n}" if n else "no images"
+        needle = self.filter.value.strip()
+        if needle:
+            shown += f" matching {_escape(repr(needle))} ({len(self.captions)} in all)"
+        return f"{shown} &middot; page {self.page + 1} of {pages}"
 
     def save(self) -> Path | None:
         """Write the edited captions (undoable); returns the history entry, or None when nothing changed."""
