@@ -8,6 +8,7 @@ import html
 import io
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 from PIL import Image
 
 from ..atomic import atomic_path, write_bytes, write_text
+from .verdict import verdict
 
 GROUPS = ("natural", "new_context", "prior", "no_trigger")
 
@@ -58,6 +60,7 @@ class ProtocolResult:
     plot_paths: list[Path] = field(default_factory=list)
     grid_paths: list[Path] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    verdict: list[str] = field(default_factory=list)   # the report's verdict, sentence by sentence
 
     def row(self, variant: str, group: str) -> dict[str, Any]:
         """The table row of `variant` ("base", "name @ 1") and `group` ("natural", "prior", ...)."""
@@ -245,8 +248,14 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], settings: dict[str, Any
     columns = table_columns(rows)
     csv_path = write_text(out / "metrics.csv", table_csv(rows, columns))
     md_path = write_text(out / "metrics.md", table_markdown(rows, columns))
-    plots = [p for p in (plot_variants(rows, columns, out / "plots" / "variants.png"),
-                         plot_weights(rows, columns, out / "plots" / "weights.png")) if p is not None]
+    # one LoRA at several weights: the lines against weight say all the bars would; several LoRAs at one
+    # weight: only bars; otherwise both
+    loras = {r["lora"] for r in rows if r["lora"]}
+    weights = {r["weight"] for r in rows if r["lora"]}
+    plots = [p for p in ((plot_variants(rows, columns, out / "plots" / "variants.png")
+                          if len(loras) != 1 or len(weights) < 2 else None),
+                         (plot_weights(rows, columns, out / "plots" / "weights.png") if len(weights) >= 2 else None))
+             if p is not None]
     seeds = sorted({e["seed"] for e in manifest})[:grid_seeds]
     grids: list[Path] = []
     for g, prompts in groups.items():
@@ -272,7 +281,7 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], settings: dict[str, Any
     html_path = write_text(out / "report.html", _report_html(settings, rows, columns, trigger_table, notes,
                                                              [rel(p) for p in plots], [rel(p) for p in grids], groups))
     return ProtocolResult(out, columns, rows, csv_path, md_path, report_path, html_path, json_path, manifest_path,
-                          plots, grids, notes)
+                          plots, grids, notes, verdict(rows, settings))
 
 
 def _trigger_summary(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> list[dict[str, Any]]:
@@ -308,7 +317,8 @@ METRIC_NOTES = [
 
 def _report_markdown(settings, rows, columns, trigger_table, notes, plots, grids, groups) -> str:
     s = settings
-    lines = ["# Evaluation report", "",
+    lines = ["# Evaluation report", "", "## Verdict", ""] + [f"- {v}" for v in verdict(rows, s)] + [
+             "", "## Settings", "",
              f"- model: `{s['model']}`", f"- LoRAs: {', '.join(f'`{p}`' for p in s['loras']) or 'none'}",
              f"- LoRA weights: {', '.join(f'{w:g}' for w in s['weights'])}",
              f"- sampler {s['sampler']}, {s['steps']} steps, CFG {s['cfg_scale']:g}, seeds {s['seeds']}"
@@ -317,7 +327,8 @@ def _report_markdown(settings, rows, columns, trigger_table, notes, plots, grids
              f"- reference (training) images: {s['n_reference_images']}",
              f"- CLIP: `{s['clip_model'] or 'off'}`, DINO: `{s['dino_model'] or 'off'}`, "
              f"FID/KID features: {s['fid_kid_features'] or 'off'}",
-             "", "## Prompt groups", ""]
+             ""]
+    lines += ["## Prompt groups", ""]
     for g, prompts in groups.items():
         lines.append(f"- **{g}** ({GROUP_TITLES[g]}): " + "; ".join(f"`{p}`" for p in prompts))
     lines += ["", "## Metrics", "", table_markdown(rows, columns), "Columns:", ""]
@@ -343,6 +354,11 @@ def _report_markdown(settings, rows, columns, trigger_table, notes, plots, grids
     return "\n".join(lines) + "\n"
 
 
+def _md_inline(text: str) -> str:
+    """Escape for HTML, with Markdown's `code` spans as <code>."""
+    return re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(text))
+
+
 def _html_table(rows, columns) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_md_cell(r.get(c), c))}</td>" for c in columns) + "</tr>"
@@ -356,7 +372,9 @@ def _report_html(settings, rows, columns, trigger_table, notes, plots, grids, gr
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>Evaluation report</title><style>"
              "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
              "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}img{max-width:100%}</style></head><body>",
-             "<h1>Evaluation report</h1><ul>",
+             "<h1>Evaluation report</h1><h2>Verdict</h2><ul>",
+             *[f"<li>{_md_inline(v)}</li>" for v in verdict(rows, s)],
+             "</ul><h2>Settings</h2><ul>",
              f"<li>model: <code>{e(s['model'])}</code></li>",
              f"<li>LoRAs: {e(', '.join(s['loras']) or 'none')}; weights {e(', '.join(f'{w:g}' for w in s['weights']))}</li>",
              f"<li>sampler {e(s['sampler'])}, {s['steps']} steps, CFG {s['cfg_scale']:g}, seeds {e(str(s['seeds']))}</li>",
