@@ -36,7 +36,10 @@ def toy_judge_scorer(judge_path: str | Path | None = None) -> Callable[[list[Ima
 
     def toy_judge(images: list[Image.Image], prompts: list[str], group: str) -> dict[str, float | None]:
         s = score(judge, images, prompts)
-        return {f"judge_{k}": s[k] for k in keys}
+        out = {f"judge_{k}": s[k] for k in keys}
+        # violet five-petal flowers by their pixels; a new context asks for other colours, so not there
+        out["looks_concept_rate"] = s["concept_look_rate"] if group != "new_context" else None
+        return out
 
     return toy_judge
 

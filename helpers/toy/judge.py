@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import world
+from .looks import concept_look_rate
 
 DEFAULT_PATH = Path(__file__).with_name("judge.safetensors")
 FORMAT = "toy-judge-v1"
@@ -316,7 +317,9 @@ def classify(judge: Judge, images: Sequence[Image.Image]) -> list[dict]:
 
 def score(judge: Judge, images: Sequence[Image.Image], prompts: Sequence[str]) -> dict:
     """How often the judge sees what each prompt asked for (world.parse_caption); a field counts only
-    where the prompt names it (accuracy None when no prompt does). concept_rate: share judged a flower."""
+    where the prompt names it (accuracy None when no prompt does). concept_rate: share judged a flower;
+    concept_look_rate: share that is a violet five-petal flower by its pixels (looks.py), which no training
+    of the judge can make lenient."""
     if len(images) != len(prompts):
         raise ValueError(f"score needs one prompt per image, got {len(images)} images and {len(prompts)} prompts")
     seen = classify(judge, images)
@@ -337,6 +340,7 @@ def score(judge: Judge, images: Sequence[Image.Image], prompts: Sequence[str]) -
     for k in hits:
         result[f"{k}_acc"] = hits[k] / counts[k] if counts[k] else None
     result["concept_rate"] = sum(s["shape"] == world.CONCEPT_SHAPE for s in seen) / n if n else None
+    result["concept_look_rate"] = concept_look_rate(images)
     result.update({f"n_{k}": counts[k] for k in hits})
     result["per_image"] = per_image
     return result
