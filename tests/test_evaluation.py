@@ -286,7 +286,7 @@ def test_protocol_on_the_toy_model_writes_the_full_report(tmp_path, tiny_clip_di
     variants = ["base", "toy_concept @ 0.5", "toy_concept @ 1"]
     groups = ["natural", "new_context", "prior", "no_trigger"]
     judge_cols = ["judge_concept_rate", "judge_shape_acc", "judge_colour_acc", "judge_shape_and_colour_acc",
-                  "judge_background_acc"]
+                  "judge_background_acc", "looks_concept_rate"]
     with open(res.csv_path, newline="") as f:
         table = list(csv.DictReader(f))
     assert list(table[0]) == report_mod.BASE_COLUMNS + judge_cols == res.columns
@@ -308,7 +308,7 @@ def test_protocol_on_the_toy_model_writes_the_full_report(tmp_path, tiny_clip_di
 
     md = res.markdown_path.read_text()
     assert md.count("\n") == 2 + 12 and "| variant | lora | weight | group |" in md
-    assert {p.name for p in res.plot_paths} == {"variants.png", "weights.png"}
+    assert {p.name for p in res.plot_paths} == {"weights.png"}   # one LoRA at two weights: the bars would repeat it
     assert {p.name for p in res.grid_paths} == {f"{g}.png" for g in groups} | {"trigger.png"}
     for p in res.plot_paths + res.grid_paths:
         with Image.open(p) as im:
@@ -318,10 +318,14 @@ def test_protocol_on_the_toy_model_writes_the_full_report(tmp_path, tiny_clip_di
 
     report = res.report_path.read_text()
     links = re.findall(r"\]\(([^)]+)\)", report)
-    for rel in ["plots/variants.png", "plots/weights.png", "grids/trigger.png", "metrics.csv", "results.json"]:
+    for rel in ["plots/weights.png", "grids/trigger.png", "metrics.csv", "results.json"]:
         assert rel in links
     assert all((out / rel).exists() for rel in links) and not any(link.startswith("/") for link in links)
     assert "## Trigger-word test" in report and "judge_concept_rate" in report and "2,048" in report
+    # the report opens with its verdict, computed from the pixel check on the strongest LoRA
+    assert report.index("## Verdict") < report.index("## Settings") < report.index("## Metrics")
+    assert res.verdict[0].startswith("The LoRA ") and "at toy_concept @ 1" in res.verdict[0]
+    assert "`looks_concept_rate`" in res.verdict[0] and res.verdict[0] in report
     html_text = res.html_path.read_text()
     assert "src='grids/prior.png'" in html_text and "<table>" in html_text
 
