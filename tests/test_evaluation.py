@@ -337,3 +337,9 @@ def test_protocol_on_the_toy_model_writes_the_full_report(tmp_path, tiny_clip_di
     results = json.loads(res.json_path.read_text())
     assert results["settings"]["prompts"]["no_trigger"][0] == "a flower on a black background"
     assert len(results["rows"]) == 12 and not list(out.rglob("*.tmp"))
+
+
+def test_toy_prompt_groups_list_every_prompt_once():
+    groups = toy_eval.toy_prompts(6)
+    assert all(len(set(p)) == len(p) for p in groups.values())
+    assert len(groups["natural"]) == 3 and len(groups["prior"]) == 6 and len(groups["new_context"]) == 6

@@ -16,15 +16,18 @@ TOY_LORA = Path(__file__).resolve().parents[2] / "lora_files" / "toy_concept.saf
 
 
 def toy_prompts(n: int = 4) -> dict[str, list[str]]:
-    """The three prompt groups on the toy world: the concept on its backgrounds, recoloured (new contexts),
-    and ordinary world scenes (the prior)."""
+    """The three prompt groups on the toy world, each prompt once: the concept on its backgrounds (at most
+    three), recoloured (new contexts), and ordinary world scenes (the prior)."""
     from . import world
     from .demo import trigger_prompts, world_prompts
 
     colours, bgs = list(world.COLOURS), list(world.BACKGROUNDS)
     context = [f"a {colours[i % len(colours)]} {world.TRIGGER} {world.CONCEPT_SHAPE} on a {bgs[(i + 1) % len(bgs)]} "
                "background" for i in range(n)]
-    return {"natural": trigger_prompts(n), "new_context": context, "prior": world_prompts(n)}
+    # every prompt once: the concept has three natural prompts (one per background), the prior n distinct scenes
+    natural = list(dict.fromkeys(trigger_prompts(n)))
+    prior = list(dict.fromkeys(world_prompts(4 * n)))[:n]
+    return {"natural": natural, "new_context": list(dict.fromkeys(context)), "prior": prior}
 
 
 def toy_judge_scorer(judge_path: str | Path | None = None) -> Callable[[list[Image.Image], list[str], str], dict]:
