@@ -127,7 +127,9 @@ def _fit_text(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> st
 
 def thumbnail_sheet(thumbs: Sequence[tuple[Image.Image, Sequence[str]]], columns: int = 10, cell: int = 160,
                     title: str = "") -> Image.Image:
-    """A grid of thumbnails, each with its lines of text underneath (file name first)."""
+    """A grid of thumbnails, each with its lines of text underneath (file name first). Each image is fitted to
+    its `cell` square as `fit_thumbnail` does: a larger one shrunk smoothly, a smaller one enlarged by the largest
+    whole factor that fits, with hard pixels."""
     font = load_font(12)
     n_lines = max((len(lines) for _, lines in thumbs), default=1)
     line_h = 15
@@ -142,8 +144,7 @@ def thumbnail_sheet(thumbs: Sequence[tuple[Image.Image, Sequence[str]]], columns
         draw.text((pad, 5), title, fill=(0, 0, 0), font=load_font(14))
     for k, (img, lines) in enumerate(thumbs):
         x0, y0 = (k % cols) * cw, title_h + (k // cols) * ch
-        t = img.copy()
-        t.thumbnail((cell, cell), Image.Resampling.LANCZOS)
+        t = fit_thumbnail(img, cell)
         sheet.paste(t, (x0 + pad + (cell - t.width) // 2, y0 + pad + (cell - t.height) // 2))
         for j, line in enumerate(lines):
             draw.text((x0 + pad, y0 + pad + cell + 2 + j * line_h), _fit_text(draw, line, font, cell),
@@ -152,13 +153,15 @@ def thumbnail_sheet(thumbs: Sequence[tuple[Image.Image, Sequence[str]]], columns
 
 
 def fit_thumbnail(image: Any, cell: int):
-    """`image` scaled to fit a `cell` square: shrunk smoothly, or enlarged by a whole factor with hard pixels
-    (the toy's 32x32 samples stay crisp)."""
-    if max(image.size) > cell:
+    """`image` scaled to fit a `cell` square: a larger one shrunk smoothly (LANCZOS); a smaller one enlarged by
+    the largest whole factor that fits, nearest neighbour, so every source pixel becomes a k x k block of the same
+    value (a 32x32 image in a 100 px cell becomes 96x96); one more than half the cell wide stays as it is (k = 1)."""
+    side = max(image.size)
+    if side > cell:
         image = image.copy()
         image.thumbnail((cell, cell), Image.Resampling.LANCZOS)
-    elif max(image.size) * 2 <= cell:
-        k = cell // max(image.size)
+    elif side > 0 and cell // side >= 2:
+        k = cell // side
         image = image.resize((image.width * k, image.height * k), Image.Resampling.NEAREST)
     return image
 
@@ -172,5 +175,5 @@ def contact_grid(images: Sequence[Any], labels: Sequence[str] | None = None, *, 
         raise ValueError("no images to show")
     if labels is None:
         labels = ["" if isinstance(p, Image.Image) else Path(p).name for p in images]
-    return thumbnail_sheet([(fit_thumbnail(im, cell), [label]) for im, label in zip(pics, labels)],
+    return thumbnail_sheet([(im, [label]) for im, label in zip(pics, labels)],
                            columns=columns, cell=cell)

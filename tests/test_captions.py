@@ -11,7 +11,7 @@ from PIL import Image
 
 from helpers.data.captions import (
     HISTORY_DIR, CaptionReadError, CaptionSet, add_class_word, add_trigger, check_token_lengths, count_tokens,
-    deduplicate_tags, history, limit_tags, list_images, load_captions, merge_tags, normalize_tags,
+    deduplicate_tags, frequency_unit, history, limit_tags, list_images, load_captions, merge_tags, normalize_tags,
     plot_tag_frequency, read_history_entry, remove_tags, replace_tags, save_captions, sort_by_frequency,
     split_tags, tag_frequency, undo, write_captions
 )
@@ -215,6 +215,71 @@ def test_tag_frequency_exact_counts_and_plot(tmp_path):
     assert plot_tag_frequency([], tmp_path / "empty.png").is_file()
     with pytest.raises(ValueError, match="top_n"):
         plot_tag_frequency(cs, tmp_path / "x.png", top_n=0)
+
+
+def _sentences() -> CaptionSet:
+    colours = ["black", "gray", "navy"] * 8
+    return CaptionSet({f"{i:02d}.png": f"a sks flower on a {c} background" for i, c in enumerate(colours)})
+
+
+def test_tag_frequency_counts_tags_of_tag_captions_exactly():
+    cs = CaptionSet({"a.png": "sks, 1girl, long hair, looking at viewer, smile",
+                     "b.png": "sks, 1girl, short hair, smile", "c.png": "sks, flower, from behind"})
+    table = tag_frequency(cs)
+    assert table.unit == "tags" and frequency_unit(cs) == "tags"
+    assert table == [("sks", 3), ("1girl", 2), ("smile", 2), ("flower", 1), ("from behind", 1), ("long hair", 1),
+                     ("looking at viewer", 1), ("short hair", 1)]
+
+
+def test_tag_frequency_counts_words_and_two_word_phrases_of_sentence_captions():
+    table = tag_frequency(_sentences())
+    assert table.unit == "words"
+    assert table == [("background", 24), ("flower", 24), ("sks", 24), ("sks flower", 24),
+                     ("black", 8), ("black background", 8), ("gray", 8), ("gray background", 8),
+                     ("navy", 8), ("navy background", 8)]
+    counts = dict(table)
+    assert not {word for term in counts for word in term.split()} & {"a", "on"}
+    # what a caller of the notebook does: slice, unpack pairs
+    assert [(tag, count) for tag, count in tag_frequency(_sentences())[:3]] == table[:3]
+
+
+def test_tag_frequency_keeps_the_trigger_tag_before_a_sentence_and_follows_sentences_across_commas():
+    cs = add_trigger(_sentences(), "sks")  # "sks, a sks flower on a navy background": still sentence captions
+    assert frequency_unit(cs) == "words" and dict(tag_frequency(cs))["sks"] == 48
+    florence = CaptionSet({"a.png": "The image shows a pink Flower, with green leaves, on a white background.",
+                           "b.png": "A pink flower. It sits on a table."})
+    assert frequency_unit(florence) == "words"
+    assert tag_frequency(florence) == [
+        ("flower", 2), ("pink", 2), ("pink flower", 2), ("background", 1), ("green", 1), ("green leaves", 1),
+        ("image", 1), ("image shows", 1), ("leaves", 1), ("shows", 1), ("sits", 1), ("table", 1), ("white", 1),
+        ("white background", 1)]  # no pair across a full stop or a left-out word; "Flower" shown as written most
+
+
+def test_tag_frequency_by_overrides_the_choice_and_sort_by_frequency_still_sorts_tags():
+    cs = _sentences()
+    assert tag_frequency(cs, by="tags") == [("a sks flower on a black background", 8),
+                                            ("a sks flower on a gray background", 8),
+                                            ("a sks flower on a navy background", 8)]
+    tags = CaptionSet({"a.png": "sks, red flower", "b.png": "sks, red flower, leaf"})
+    assert tag_frequency(tags, by="words") == [("flower", 2), ("red", 2), ("red flower", 2), ("sks", 2), ("leaf", 1)]
+    with pytest.raises(ValueError, match="by must be"):
+        tag_frequency(cs, by="letters")
+    mixed = add_trigger(cs, "sks")  # counted by word, but sorted by whole tag: the trigger (24) before a sentence (8)
+    assert sort_by_frequency(mixed).text("00.png") == "sks, a sks flower on a black background"
+
+
+def test_plot_tag_frequency_says_how_it_counted(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    titles = []
+    real = matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", lambda ax, t, *a, **k: (titles.append(t), real(ax, t))[1])
+    plot_tag_frequency(_sentences(), tmp_path / "words.png", top_n=30)
+    plot_tag_frequency(CaptionSet({"a.png": "sks, flower"}), tmp_path / "tags.png")
+    plot_tag_frequency(tag_frequency(_sentences()), tmp_path / "table.png", title="Flowers")
+    assert titles == ["Word frequency (sentence captions, by word and two-word phrase)", "Tag frequency (by tag)",
+                      "Flowers (by word and two-word phrase)"]
+    assert all((tmp_path / n).is_file() for n in ("words.png", "tags.png", "table.png"))
 
 
 # ----------------------------------------------------------------------------- token lengths

@@ -11,8 +11,7 @@ what is reachable with more freedom than TI has, on the same 24 flower images an
 
     PYTHONPATH=. python tools/ti_reach.py input --steps 2000 --lr 1e-2 --out reach_input
 
-Prints one JSON line per guidance scale and writes a sample sheet per scale. Measured numbers are in
-demo_images/toy_methods.md.
+Prints one JSON line per guidance scale and writes a sample sheet per scale.
 """
 
 from __future__ import annotations

@@ -479,10 +479,109 @@ def deduplicate_tags(captions: CaptionSet) -> CaptionSet:
     return captions.map(fn)
 
 
-def tag_frequency(captions: CaptionSet) -> list[tuple[str, int]]:
-    """(tag, number of occurrences in the set), most frequent first, ties alphabetical; tags counted as written."""
-    counts = Counter(tag for tags in captions.values() for tag in tags)
+# Words left out when sentence captions are counted by word: articles, prepositions, conjunctions, pronouns and
+# forms of "to be"/"to have", which every sentence has and which say nothing about an image.
+STOPWORDS = frozenset("""
+a an the and or but nor so yet of on in at to for from by with without into onto over under above below near next
+beside behind between among around across along through against about off up down out as than then there here
+is are was were be been being am has have had having do does did it its it's this that these those which who whom
+whose what where when while his her hers their theirs them they he she him we us our you your i my me one some any
+very just also not no can could will would may might shall should must
+""".split())
+
+# A comma-separated piece of a caption reads as a sentence (BLIP, Florence, a hand-written description), not as a
+# tag (WD14, booru), when it has more than this many words, or when it starts with an article and has 3 or more.
+SENTENCE_WORDS = 4
+_ARTICLES = frozenset({"a", "an", "the"})
+_PUNCT = "\"'.,;:!?()[]{}“”‘’"
+_CLAUSE_BREAK = re.compile(r"[.;:!?]+(?:\s|$)")
+
+
+class FrequencyTable(list):
+    """A list of (term, count), most frequent first, that knows what it counted: `unit` is "tags" (whole
+    comma-separated tags, as written) or "words" (words and two-word phrases of sentence captions, stopwords
+    left out). Iterates, slices and compares like the plain list of pairs it is."""
+
+    def __init__(self, rows: Iterable[tuple[str, int]] = (), unit: str = "tags") -> None:
+        super().__init__(rows)
+        self.unit = unit
+
+
+def _is_sentence(piece: str, only_piece: bool) -> bool:
+    words = piece.split()
+    if len(words) > SENTENCE_WORDS:
+        return True
+    if len(words) >= 3 and words[0].casefold() in _ARTICLES:
+        return True
+    return only_piece and len(words) == SENTENCE_WORDS  # a caption of one four-word piece, no commas at all
+
+
+def frequency_unit(captions: CaptionSet | Mapping[str, Iterable[str]]) -> str:
+    """How `tag_frequency` counts this set: "words" when most of its words lie in sentence-like pieces, else
+    "tags". A piece is sentence-like when it has more than SENTENCE_WORDS words, or starts with "a"/"an"/"the"
+    and has 3 or more, or is a whole four-word caption without commas, or goes on a sentence after a comma
+    (", with green leaves, on a white background"). A trigger tag put before a sentence changes nothing."""
+    in_sentences = total = 0
+    for tags in captions.values():
+        tags = list(tags)
+        in_sentence = False
+        for tag in tags:
+            words = tag.split()
+            total += len(words)
+            goes_on = in_sentence and bool(words) and words[0].casefold() in STOPWORDS
+            in_sentence = goes_on or _is_sentence(tag, len(tags) == 1)
+            if in_sentence:
+                in_sentences += len(words)
+    return "words" if total and in_sentences * 2 > total else "tags"
+
+
+def _words_and_pairs(piece: str) -> list[str]:
+    """The words of one caption piece with stopwords left out, then each pair of neighbouring kept words (no pair
+    across a left-out word or a full stop)."""
+    out: list[str] = []
+    for clause in _CLAUSE_BREAK.split(piece):
+        kept: list[str | None] = []
+        for raw in clause.split():
+            word = raw.strip(_PUNCT)
+            if not word or not any(ch.isalnum() for ch in word):
+                continue
+            kept.append(None if word.casefold() in STOPWORDS else word)
+        out += [w for w in kept if w is not None]
+        out += [f"{a} {b}" for a, b in zip(kept, kept[1:]) if a is not None and b is not None]
+    return out
+
+
+def _ranked(counts: Counter) -> list[tuple[str, int]]:
     return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+def tag_frequency(captions: CaptionSet, *, by: str = "auto") -> FrequencyTable:
+    """(term, number of occurrences in the set), most frequent first, ties alphabetical, as a `FrequencyTable`
+    whose `unit` says what was counted.
+
+    `by="tags"` counts whole comma-separated tags as written (WD14/booru captions). `by="words"` counts the words
+    and two-word phrases of every caption with STOPWORDS left out, case-insensitively (shown as most often
+    written): "a sks flower on a navy background" gives sks, flower, navy, background, "sks flower" and "navy
+    background". `by="auto"` picks "words" for sentence captions (BLIP, Florence; see `frequency_unit`) and
+    "tags" otherwise. A trigger word is counted either way.
+    """
+    if by not in ("auto", "tags", "words"):
+        raise ValueError(f'by must be "auto", "tags" or "words", got {by!r}')
+    unit = frequency_unit(captions) if by == "auto" else by
+    if unit == "tags":
+        return FrequencyTable(_ranked(Counter(tag for tags in captions.values() for tag in tags)), "tags")
+    counts: Counter = Counter()
+    spellings: dict[str, Counter] = {}
+    for tags in captions.values():
+        for tag in tags:
+            for term in _words_and_pairs(tag):
+                key = term.casefold()
+                counts[key] += 1
+                spellings.setdefault(key, Counter())[term] += 1
+    # Each term shown as most often written; on a tie, in lower case (a capital that starts a sentence loses).
+    shown = Counter({max(spellings[key].items(), key=lambda kv: (kv[1], kv[0] == kv[0].lower()))[0]: n
+                     for key, n in counts.items()})
+    return FrequencyTable(_ranked(shown), "words")
 
 
 def _check_keep(keep_tokens: int) -> int:
@@ -495,7 +594,7 @@ def sort_by_frequency(captions: CaptionSet, *, keep_tokens: int = 0) -> CaptionS
     """Order each caption's tags by their frequency across the set (then alphabetically), leaving the
     first `keep_tokens` tags (trigger, class word) in place."""
     keep = _check_keep(keep_tokens)
-    freq = dict(tag_frequency(captions))
+    freq = dict(tag_frequency(captions, by="tags"))
     return captions.map(lambda tags: list(tags[:keep]) + sorted(tags[keep:], key=lambda t: (-freq[t], t)))
 
 
@@ -549,8 +648,10 @@ def check_token_lengths(captions: CaptionSet, tokenizer, limit: int = 77) -> lis
 
 
 def plot_tag_frequency(captions: CaptionSet | list[tuple[str, int]], path: str | Path, *, top_n: int = 30,
-                       title: str = "Tag frequency") -> Path:
-    """Horizontal bar plot PNG of the `top_n` most frequent tags (a set, or a `tag_frequency` table)."""
+                       title: str | None = None, by: str = "auto") -> Path:
+    """Horizontal bar plot PNG of the `top_n` most frequent tags, or words and two-word phrases for sentence
+    captions (a set, counted as `tag_frequency(captions, by=by)` does, or a table it returned). The title says
+    which: "Tag frequency (by tag)" or "Word frequency (sentence captions, by word and two-word phrase)"."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -560,8 +661,15 @@ def plot_tag_frequency(captions: CaptionSet | list[tuple[str, int]], path: str |
 
     if int(top_n) < 1:
         raise ValueError(f"top_n must be >= 1, got {top_n}")
-    table = tag_frequency(captions) if isinstance(captions, CaptionSet) else list(captions)
-    table = table[:int(top_n)]
+    table = tag_frequency(captions, by=by) if isinstance(captions, CaptionSet) else captions
+    unit = getattr(table, "unit", None)
+    if title is None:
+        title = {"tags": "Tag frequency (by tag)",
+                 "words": "Word frequency (sentence captions, by word and two-word phrase)"}.get(unit, "Tag frequency")
+    elif unit is not None:
+        title = f"{title} (by {'tag' if unit == 'tags' else 'word and two-word phrase'})"
+    empty = "no words" if unit == "words" else "no tags"
+    table = list(table)[:int(top_n)]
     fig, ax = plt.subplots(figsize=(8, max(2.0, 0.28 * len(table) + 1.0)))
     try:
         labels = [tag for tag, _ in table][::-1]
@@ -569,7 +677,7 @@ def plot_tag_frequency(captions: CaptionSet | list[tuple[str, int]], path: str |
         ax.barh(range(len(table)), counts, color="#4c72b0")
         ax.set_yticks(range(len(table)), labels)
         ax.set_xlabel("occurrences")
-        ax.set_title(title if table else f"{title} (no tags)")
+        ax.set_title(title if table else f"{title} ({empty})")
         fig.tight_layout()
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=100)

@@ -5,7 +5,8 @@ folder of fp16 safetensors that `helpers.sd.models.load_base` loads like any rea
 is a deterministic function of the config (seed, steps, threads): run it again to reproduce the
 shipped model.
 
-Stages: render a fixed training set; train the VAE; fold the latents' mean into the VAE so that
+Stages: render a fixed training set; train the VAE on random colours and shapes spanning the RGB cube
+plus part of the world (never the concept), so it decodes any colour as SD's VAE does; fold the latents' mean into the VAE so that
 standard SD pipelines (which know no shift) see centred latents, and set scaling_factor = 1/std;
 encode the set once (and its mirror image); train UNet and text encoder together on those latents,
 keeping an EMA of their weights, which is what ships.
@@ -38,7 +39,9 @@ class PretrainConfig:
     threads: int = 2                 # CPU results depend on the thread count: keep it fixed to reproduce
     n_train: int = 24000             # rendered training images (each also used mirrored)
     n_holdout: int = 512
-    # VAE
+    # VAE: trained on random colours and shapes over the whole RGB cube plus part of the world, never the concept
+    n_gamut: int = 16000
+    vae_world: int = 8000
     vae_steps: int = 1500
     vae_batch: int = 64
     vae_lr: float = 1e-3
@@ -77,7 +80,7 @@ def build_components(tokenizer_dir: Path, seed: int):
                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
                         block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32,
                         sample_size=world.IMAGE_SIZE)
-    # cross-attention only at 8x8 and in the mid block: 1.8x faster than in both blocks (feasibility run)
+    # cross-attention only at 8x8 and in the mid block: 1.8x faster than cross-attention in both blocks
     unet = UNet2DConditionModel(sample_size=world.IMAGE_SIZE // 2, in_channels=4, out_channels=4,
                                 layers_per_block=1, block_out_channels=(64, 128),
                                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -90,6 +93,13 @@ def build_components(tokenizer_dir: Path, seed: int):
 
 
 # --- data --------------------------------------------------------------------------------------
+
+def gamut_set(n: int, seed: int) -> torch.Tensor:
+    """n world.gamut_image pictures as a (n, 3, 32, 32) tensor in [-1, 1]."""
+    rng = random.Random(seed)
+    arr = np.stack([np.asarray(world.gamut_image(rng), dtype=np.uint8) for _ in range(n)])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
 
 def render_set(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     """n images as a (n, 3, 32, 32) tensor in [-1, 1] with their captions; balanced over the 60 combinations."""
@@ -245,7 +255,10 @@ def _pretrain(out_dir: Path, cfg: PretrainConfig) -> dict:
     holdout, _ = render_set(cfg.n_holdout, cfg.seed + 1000)
     log({"stage": "data", "n_train": len(captions)})
 
-    vae_mse = train_vae(vae, pixels, holdout, cfg, log)
+    vae_pixels = torch.cat([gamut_set(cfg.n_gamut, cfg.seed + 11), pixels[:cfg.vae_world]])
+    vae_holdout = torch.cat([gamut_set(cfg.n_holdout, cfg.seed + 1011), holdout])
+    vae_mse = train_vae(vae, vae_pixels, vae_holdout, cfg, log)
+    del vae_pixels
     shift, std = centre_latents(vae, pixels)
     log({"stage": "vae_done", "holdout_mse": vae_mse, "latent_shift": shift, "latent_std": std})
     with torch.no_grad():
