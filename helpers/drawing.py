@@ -169,11 +169,13 @@ def fit_thumbnail(image: Any, cell: int):
 def contact_grid(images: Sequence[Any], labels: Sequence[str] | None = None, *, columns: int = 6,
                  cell: int = 160):
     """A PIL image: `images` (PIL images or paths) as thumbnails in rows of `columns`, each labelled
-    (by default with its file name); drawn as the prepare report's sheets are."""
+    (by default with its file name, wrapped to the cell's width); drawn as the prepare report's sheets are."""
     pics = [p.convert("RGB") if isinstance(p, Image.Image) else Image.open(p).convert("RGB") for p in images]
     if not pics:
         raise ValueError("no images to show")
     if labels is None:
         labels = ["" if isinstance(p, Image.Image) else Path(p).name for p in images]
-    return thumbnail_sheet([(im, [label]) for im, label in zip(pics, labels)],
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    font = load_font(12)   # thumbnail_sheet's label font: a long label (a prompt) wraps instead of being cut
+    return thumbnail_sheet([(im, _wrap(probe, label, font, cell)) for im, label in zip(pics, labels)],
                            columns=columns, cell=cell)

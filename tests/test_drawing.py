@@ -85,3 +85,14 @@ def test_prepare_contact_sheet_enlarges_32px_images(tmp_path):
     off, title_h = 6, 24  # 160 // 32 = 5: the 160x160 thumbnail fills its cell
     block = sheet[title_h + off:title_h + off + 160, off:off + 160]
     assert np.array_equal(block, src.repeat(5, axis=0).repeat(5, axis=1))
+
+
+def test_contact_grid_wraps_a_long_label_instead_of_cutting_it():
+    from PIL import Image
+
+    from helpers.drawing import contact_grid
+
+    prompt = "a sks flower on a navy background with a long tail of words"
+    short = contact_grid([Image.new("RGB", (32, 32), "red")], ["x"], cell=128)
+    long = contact_grid([Image.new("RGB", (32, 32), "red")], [prompt], cell=128)
+    assert long.height > short.height   # more lines under the thumbnail, every word kept

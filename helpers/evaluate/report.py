@@ -209,10 +209,6 @@ def _thumb(im: Image.Image, size: int) -> Image.Image:
     return im.resize(new, Image.NEAREST if scale > 1 else Image.LANCZOS)
 
 
-def _short(text: str, n: int = 38) -> str:
-    return text if len(text) <= n else text[:n - 1] + "…"
-
-
 def _write_grid(out: Path, name: str, manifest: list[dict], columns: list[tuple[str, str, str]],
                 row_prompts: list[tuple[int, str]], seeds: list[int], thumb: int) -> Path | None:
     """A labelled grid: rows = prompts, columns = (label, variant, group), cells = a strip of seeds."""
@@ -234,7 +230,7 @@ def _write_grid(out: Path, name: str, manifest: list[dict], columns: list[tuple[
         cells.append(row)
     if not cells:
         return None
-    grid = labelled_grid(cells, [c[0] for c in columns], [_short(p) for _, p in row_prompts], zoom=1)
+    grid = labelled_grid(cells, [c[0] for c in columns], [p for _, p in row_prompts], zoom=1)   # labels wrap
     path = out / "grids" / f"{name}.png"
     with atomic_path(path) as tmp:
         grid.save(tmp, format="PNG")
