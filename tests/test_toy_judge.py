@@ -34,6 +34,9 @@ def test_short_training_learns_every_head(quick):
     for key in ("sharp", "blurred"):
         assert report[key]["colour"] >= 0.95 and report[key]["background"] >= 0.95
     assert "vae_recon" not in report
+    # the pixel check beside it: every held-out concept render passes, no world render does
+    assert report["pixel_check"]["sharp"] == {"concept": 1.0, "world": 0.0}
+    assert report["pixel_check"]["blurred"]["concept"] >= 0.9 and report["pixel_check"]["blurred"]["world"] == 0.0
     assert report["log"][0]["step"] == 0 and report["log"][-1]["step"] == 399
     assert report["log"][-1]["loss"] < report["log"][0]["loss"] / 2
     assert not judge.training
@@ -160,7 +163,7 @@ def test_cli_trains_saves_and_reports(tmp_path, capsys):
     assert report["steps"] == 3 and report["n_eval"] == 12 and set(report["sharp"]) == set(J.HEADS)
     assert J.load_judge(out).classes["shape"] == world.ALL_SHAPES
     printed = capsys.readouterr().out
-    assert "blurred (sigma 1.0)" in printed and str(out) in printed
+    assert "blurred (sigma 1.0)" in printed and str(out) in printed and "pixel check (violet, five petals)" in printed
 
 
 def test_cli_with_vae_reports_reconstructions(tmp_path, capsys):

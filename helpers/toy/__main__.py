@@ -67,6 +67,12 @@ def format_report(report: dict) -> str:
         if key in report:
             acc = report[key]
             lines.append(f"  {label:32s}{acc['shape']:>8.1%}{acc['colour']:>8.1%}{acc['background']:>12.1%}")
+    if "pixel_check" in report:
+        lines.append("pixel check (violet, five petals), share passing:   concept renders   world renders")
+        for label, key in rows:
+            if key in report["pixel_check"]:
+                pc = report["pixel_check"][key]
+                lines.append(f"  {label:32s}{pc['concept']:>17.1%}{pc['world']:>16.1%}")
     return "\n".join(lines)
 
 

@@ -82,6 +82,12 @@ def _scene_batch(rng: random.Random, n: int, judge: Judge, balanced: bool = Fals
     return images, labels
 
 
+def _to_pil(x: torch.Tensor) -> list[Image.Image]:
+    """(B,3,H,W) in [0,1] -> PIL images."""
+    arr = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
     """Blur each image of (B,C,H,W) `x` with its own gaussian sigma (pixels; 0 leaves it unchanged)."""
     b, c, h, w = x.shape
@@ -236,6 +242,14 @@ def _train(*, seed, steps, batch_size, vae, device, progress, n_eval, vae_share,
     if vae is not None:
         recon = torch.cat([_vae_roundtrip(vae, images[i:i + 64]) for i in range(0, len(images), 64)])
         report["vae_recon"] = _accuracy(judge, recon, labels, device)
+    # the pixel check beside the judge: concept renders pass it, world renders do not (sharp, blurred, VAE)
+    flower = labels["shape"] == judge.classes["shape"].index(world.CONCEPT_SHAPE)
+    views = {"sharp": images, "blurred": gaussian_blur(images, EVAL_BLUR_SIGMA)}
+    if vae is not None:
+        views["vae_recon"] = recon
+    report["pixel_check"] = {
+        name: {"concept": concept_look_rate(_to_pil(x[flower])), "world": concept_look_rate(_to_pil(x[~flower]))}
+        for name, x in views.items()}
     report["log"] = log
     return judge, report
 
