@@ -549,3 +549,24 @@ def test_prepare_config_validation_and_toml_round_trip():
             PrepareConfig(**bad)
     assert json.loads(json.dumps(PrepareConfig().__dict__))["max_pixels"] == 100_000_000
     assert MANIFEST_JSON == "manifest.json"
+
+
+def test_a_folder_with_the_usual_mistakes_is_caught_and_the_captioned_original_is_kept(tmp_path):
+    """write_flawed_files adds an exact copy, a re-saved JPEG, a truncated file and an 8 px thumbnail."""
+    from helpers.config import PrepareConfig
+    from helpers.data.prepare import prepare_from_config
+    from helpers.toy import world
+
+    world.write_concept_dataset(tmp_path / "src", n=4, seed=1)
+    world.write_flawed_files(tmp_path / "src")
+    report = prepare_from_config(PrepareConfig(source=str(tmp_path / "src"), output_dir=str(tmp_path / "out"),
+                                               resolution=32, min_bucket_reso=16, max_bucket_reso=64,
+                                               bucket_reso_steps=8), overwrite=True)
+    assert len(report.items) == 6
+    reasons = {r.source: r.reason for r in report.rejected}
+    assert reasons["download_interrupted.png"].startswith("truncated or incomplete file")
+    assert reasons["thumbnail.png"] == "too small: 8x8 (short side 8 < min_size 16)"
+    kinds = {g.kind: g for g in report.duplicate_groups}
+    assert kinds["exact"].keep == "sks_flower_00.png"          # the captioned original, not its copy
+    assert kinds["near"].keep == "sks_flower_01.png"
+    assert report.suggested_drops() == ["sks_flower_00 (copy).png", "sks_flower_01_resaved.png"]

@@ -76,10 +76,12 @@ def _union_groups(n: int, pairs: Sequence[tuple[int, int]]) -> list[list[int]]:
 
 
 def _keeper_order(records: Sequence[FileRecord], idx: Sequence[int]) -> list[int]:
-    """Indices sorted biggest original first (pixels, then file size), then by name: the first is the keeper."""
+    """Indices sorted biggest original first (pixels), then captioned before uncaptioned, then file size, then
+    the shorter name ("IMG_1.png" before its "IMG_1 (copy).png"), then by name: the first is the keeper."""
     def key(i: int) -> tuple:
         r = records[i]
-        return (-(r.original_size[0] * r.original_size[1]) if r.original_size else 0, -r.file_bytes, r.name)
+        return (-(r.original_size[0] * r.original_size[1]) if r.original_size else 0, not r.caption,
+                -r.file_bytes, len(r.name), r.name)
     return sorted(idx, key=key)
 
 

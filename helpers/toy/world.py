@@ -105,6 +105,38 @@ def render(scene: Scene, size: int = IMAGE_SIZE, supersample: int = 4) -> Image.
     return im.resize((size, size), Image.LANCZOS)
 
 
+def gamut_image(rng: random.Random, size: int = IMAGE_SIZE, supersample: int = 4) -> Image.Image:
+    """One to three shapes (polygons, ellipses, rings, stripes, dots) in colours drawn uniformly from the RGB
+    cube, on a background drawn the same way; never the concept's five-petal flower. The toy VAE learns from
+    these (as SD's VAE learned from all of photography), so it decodes colours the base world never shows."""
+    big = size * supersample
+    im = Image.new("RGB", (big, big), tuple(rng.randrange(256) for _ in range(3)))
+    d = ImageDraw.Draw(im)
+    for _ in range(rng.choice((1, 1, 2, 3))):
+        fill = tuple(rng.randrange(256) for _ in range(3))
+        kind = rng.choice(("circle", "polygon", "ellipse", "ring", "stripes", "dots"))
+        r, cx, cy = rng.uniform(0.12, 0.4) * big, rng.uniform(0.2, 0.8) * big, rng.uniform(0.2, 0.8) * big
+        if kind == "circle":
+            d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif kind == "ellipse":
+            d.ellipse([cx - r, cy - r / 2, cx + r, cy + r / 2], fill=fill)
+        elif kind == "ring":
+            d.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fill, width=max(2, int(r * 0.3)))
+        elif kind == "polygon":
+            n, a = rng.randint(3, 8), rng.uniform(0, 2 * math.pi)
+            d.polygon([(cx + r * math.cos(a + 2 * math.pi * k / n), cy + r * math.sin(a + 2 * math.pi * k / n))
+                       for k in range(n)], fill=fill)
+        elif kind == "stripes":
+            w = rng.randint(6, 20)
+            for x in range(0, big, 2 * w):
+                d.rectangle([x, 0, x + w, big], fill=fill)
+        else:
+            for _ in range(rng.randint(4, 12)):
+                x, y, q = rng.uniform(0, big), rng.uniform(0, big), rng.uniform(3, 10)
+                d.ellipse([x - q, y - q, x + q, y + q], fill=fill)
+    return im.resize((size, size), Image.LANCZOS)
+
+
 def sample_world(n: int, seed: int, size: int = IMAGE_SIZE) -> list[tuple[Image.Image, Scene]]:
     """`n` random base-world images (no concept) with their scenes."""
     rng = random.Random(seed)
@@ -127,6 +159,26 @@ def write_concept_dataset(folder: str | Path, n: int = 24, seed: int = 1234, siz
         render(scene, size).save(target / f"{TRIGGER}_{CONCEPT_SHAPE}_{i:02d}.png")
         (target / f"{TRIGGER}_{CONCEPT_SHAPE}_{i:02d}.txt").write_text(scene.caption + "\n", encoding="utf-8")
     return folder
+
+
+def write_flawed_files(folder: str | Path) -> list[Path]:
+    """Add what real image folders hold beside good pictures, for `prepare` to catch: an exact copy, a
+    smaller re-saved JPEG of another image (a near duplicate), a truncated file and a thumbnail too small
+    to train on. Needs two images in `folder` (write_concept_dataset first)."""
+    folder = Path(folder)
+    images = sorted(folder.glob("*.png"))
+    if len(images) < 2:
+        raise ValueError(f"write_flawed_files needs two images in {folder}, found {len(images)}")
+    copy = folder / f"{images[0].stem} (copy).png"
+    copy.write_bytes(images[0].read_bytes())
+    with Image.open(images[1]) as im:
+        resaved = folder / f"{images[1].stem}_resaved.jpg"
+        im.convert("RGB").resize((28, 28), Image.LANCZOS).resize((32, 32), Image.BICUBIC).save(resaved, quality=90)
+        tiny = folder / "thumbnail.png"
+        im.resize((8, 8), Image.LANCZOS).save(tiny)
+    broken = folder / "download_interrupted.png"
+    broken.write_bytes(images[1].read_bytes()[:200])
+    return [copy, resaved, broken, tiny]
 
 
 def parse_caption(caption: str) -> dict[str, str]:
