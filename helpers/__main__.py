@@ -80,7 +80,8 @@ def cmd_tag(args: argparse.Namespace) -> int:
     if run.entry is not None:
         print(f"captions saved (undo: python -m helpers tag {folder} --undo)")
     table = C.tag_frequency(run.captions)
-    print(f"{len(run.captions)} caption(s), {len(table)} distinct tag(s); most frequent:")
+    unit = "tag(s)" if table.unit == "tags" else "word(s) and phrase(s)"
+    print(f"{len(run.captions)} caption(s), {len(table)} distinct {unit}; most frequent:")
     for tag, count in table[:args.top]:
         print(f"  {count:5d}  {tag}")
     if args.tokenizer:

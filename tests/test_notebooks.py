@@ -114,7 +114,7 @@ def test_download_gives_a_link_relative_to_the_notebooks_folder(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_five_notebooks_run_top_to_bottom_on_the_toy_model(tmp_path):
+def test_the_five_notebooks_run_top_to_bottom_on_the_toy_model(tmp_path, monkeypatch):
     pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
     from safetensors.torch import load_file
@@ -122,6 +122,7 @@ def test_the_five_notebooks_run_top_to_bottom_on_the_toy_model(tmp_path):
     from helpers.config import EvalConfig, GenerateConfig, TagConfig, TrainConfig, load_config
     from helpers.config import PrepareConfig
 
+    monkeypatch.setenv("HELPERS_TOY_STEPS", "30")   # the toy recipe's steps cut to a handful
     run = _tool("run_notebooks")
     project = tmp_path / "projects" / "my_lora"  # the notebooks' PROJECT
     texts = {}
@@ -131,7 +132,9 @@ def test_the_five_notebooks_run_top_to_bottom_on_the_toy_model(tmp_path):
         assert not [o for o in outputs if o.output_type == "error"]
         texts[name] = "\n".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     # each notebook did its job, and its settings were saved for the next one and the CLI
-    assert "Prepared 24 images" in texts["01_dataset"]
+    # the toy source's copy and re-saved JPEG are found and dropped, its broken file and thumbnail rejected
+    assert "Prepared 26 images" in texts["01_dataset"] and "rejected (2):" in texts["01_dataset"]
+    assert "dropped:" in texts["01_dataset"] and len(list((project / "prepared").glob("*.png"))) == 24
     assert (project / "prepared" / "manifest.json").is_file()
     assert load_config(project / "configs" / "prepare.toml", PrepareConfig).resolution == 32
     assert load_config(project / "configs" / "tag.toml", TagConfig).captioner == "none"

@@ -62,18 +62,18 @@ image) are kept if you have them. Runs on CPU; no GPU needed.
            "upload a .zip to Drive and point `SOURCE` at it)."),
     ("code", '''from pathlib import Path
 SOURCE = project.images          # a folder (subfolders are kept) or a .zip of your images
-if TOY:  # the toy world's new concept: 24 images of a violet five-petal flower, captions included
-    from helpers.toy import world
+if TOY:  # the toy world's new concept: 24 images of a violet five-petal flower, captions included, and
+    from helpers.toy import world   # what real folders hold too: a copy, a re-saved JPEG, a broken file, a thumbnail
     world.write_concept_dataset(SOURCE, n=24, seed=1234)
+    world.write_flawed_files(SOURCE)
 files = [p for p in Path(SOURCE).rglob("*") if p.is_file()] if Path(SOURCE).is_dir() else [Path(SOURCE)]
 print(f"{len(files)} file(s) (images and captions) in {SOURCE}")'''),
     ("md", "## 2. Settings\nPick the resolution of the model you will train (512 for SD 1.5, 1024 for SDXL) and "
            "how to crop: `bucket` keeps each image's aspect ratio (sd-scripts' buckets), `center` and `subject` "
            "crop to a square (`subject` finds the subject first), `pad` letterboxes."),
     ("code", '''from helpers.notebook import widgets
-toy_settings = dict(resolution=32, min_bucket_reso=16, max_bucket_reso=64, bucket_reso_steps=8, min_size=16)
-prepare_form = widgets.prepare_form(source=str(SOURCE), output_dir=str(project.prepared),
-                                    **(toy_settings if TOY else {}))
+prepare_form = widgets.prepare_form(preset="Toy (32 px)" if TOY else "SD 1.5 (512)", source=str(SOURCE),
+                                    output_dir=str(project.prepared))
 prepare_form.show()'''),
     ("md", "## 3. Prepare\nRe-running replaces the prepared set (caption edits made in `02_tagging` included)."),
     ("code", '''from helpers.data.prepare import prepare_from_config
@@ -93,7 +93,7 @@ sheets = sorted((report.output_dir / "_report" / "duplicates").glob("*.png"))
 for sheet in sheets:
     nb.show_file(sheet, width=800)
 print(f"{len(report.duplicate_groups)} duplicate group(s); suggested drops: {report.suggested_drops()}")
-DROP = []   # e.g. report.suggested_drops()
+DROP = report.suggested_drops() if TOY else []   # e.g. report.suggested_drops()
 if DROP:
     print("dropped:", drop_images(project.prepared, DROP))'''),
 ]
@@ -111,7 +111,7 @@ any caption by hand. Every change can be undone.
            "up your concept; it goes first in every caption (train with `keep_tokens=1` if you shuffle tags)."),
     ("code", '''from helpers.notebook import widgets
 # the toy captions already read "a sks flower on a ... background": keep them, no trigger to add
-tag_form = widgets.tag_form(captioner="none" if TOY else "florence2", task=None if TOY else "<DETAILED_CAPTION>",
+tag_form = widgets.tag_form(preset="keep my captions" if TOY else "photos: Florence-2 sentences",
                             trigger="" if TOY else "sks", remove=[] if TOY else ["watermark*", "signature"])
 tag_form.show()'''),
     ("md", "## 2. Caption and edit\nEvery save keeps the previous captions: `C.undo(project.prepared)` restores them."),
@@ -123,7 +123,8 @@ if run.captioned is not None:
     print(f"captioned {len(run.captioned)}, skipped {len(run.captioned.skipped)}, failed {len(run.captioned.failed)}")
 print("captions unchanged" if run.entry is None else "captions saved (undo: C.undo(project.prepared))")
 edited = run.captions'''),
-    ("md", "## 3. Tag frequency\nTags on nearly every image get tied to the trigger; rare tags stay promptable."),
+    ("md", "## 3. Tag frequency\nTags on nearly every image get tied to the trigger; rare tags stay promptable. "
+           "Sentence captions are counted by word and two-word phrase."),
     ("code", '''plot = C.plot_tag_frequency(edited, project.reports / "tag_frequency.png", top_n=30)
 nb.show_file(plot, width=800)
 for tag, count in C.tag_frequency(edited)[:15]:
@@ -131,7 +132,8 @@ for tag, count in C.tag_frequency(edited)[:15]:
     ("md", "## 4. Edit captions by hand\nType in any box, then press **save captions** (undoable)."),
     ("code", '''editor = widgets.caption_editor(project.prepared)
 editor.show()'''),
-    ("md", "## 5. Check caption lengths\nCLIP reads 77 tokens; the trainer cuts longer captions."),
+    ("md", "## 5. Check caption lengths\nThe text encoder reads a fixed number of tokens (SD's CLIP: 77, start and "
+           "end included); the trainer cuts longer captions. The limit below is the loaded tokenizer's."),
     ("code", '''from transformers import CLIPTokenizer
 from helpers.notebook.presets import SD15_MODEL
 if TOY:
@@ -165,13 +167,13 @@ train_form = widgets.train_form(
     preset=PRESET, train_data_dir=str(project.prepared), output_dir=str(project.outputs / "run"),
     output_name=project.name, save_state_every_n_steps=100, save_every_n_steps=250, sample_every_n_steps=250,
     sample_prompts=["a photo of sks"])
-if TOY:  # a handful of steps, samples and states along the way
-    steps = nb.toy_steps()
-    train_form.set_value(dict(max_train_steps=steps, train_batch_size=8, lr_warmup_steps=5, log_every_n_steps=5,
+if TOY:  # the toy recipe, as `python -m helpers demo` trains it: prior preservation on ordinary world images
+    from helpers.toy.demo import write_reg_images
+    steps = nb.toy_steps(train_form.value().max_train_steps)
+    train_form.set_value(dict(reg_data_dir=str(write_reg_images(project.root / "reg")), max_train_steps=steps,
                               save_every_n_steps=steps // 2, save_state_every_n_steps=steps // 2,
-                              sample_every_n_steps=steps // 2,
-                              sample_prompts=["a sks flower on a navy background"], sample_steps=10,
-                              sample_cfg=5.0, sample_sampler="DDIM"))
+                              sample_every_n_steps=steps // 2, sample_prompts=["a sks flower on a navy background"],
+                              sample_steps=25, sample_cfg=5.0, sample_sampler="DDIM"))
 train_form.show()'''),
     ("md", "## 2. Train\nThe curve and the samples update as it runs."),
     ("code", '''RESUME = False   # True after a disconnect: continue from the newest saved state in the output folder
@@ -223,7 +225,7 @@ from helpers.sd.models import load_base
 gen_cfg = gen_form.save(project.config("generate"))
 base = load_base(gen_cfg.model, config=gen_cfg.model_config)
 paths = generate_to_folder(base, gen_cfg)
-nb.show_images(paths, columns=4)'''),
+nb.show_generated(paths, columns=4, zoom=4 if TOY else 1)   # labelled by prompt; the first one's PNG info below'''),
     ("md", "## 3. Prompt × LoRA weight\nWeight 0 is the base model; too high a weight overcooks the concept."),
     ("code", '''from helpers.generate.grids import (grid_prompt_x_checkpoint, grid_prompt_x_weight, grid_trigger_test,
                                     save_grid)
@@ -265,7 +267,7 @@ from helpers.toy.eval import toy_eval_config, toy_judge_scorer
 train_cfg = load_config(project.config("train"))
 LORA = str(project.lora_files / f"{train_cfg.output_name}.safetensors")
 if TOY:  # toy prompts, the toy judge instead of CLIP/DINO (32x32 shapes), a few seeds
-    start = toy_eval_config([LORA], project.reports / "eval", num_seeds=2, steps=10).to_dict()
+    start = toy_eval_config([LORA], project.reports / "eval", num_seeds=4).to_dict()
 else:
     start = dict(model=train_cfg.pretrained_model, model_config=train_cfg.model_config, loras=[LORA],
                  weights=[0.5, 0.75, 1.0], trigger="sks", reference_dir=str(project.prepared),
@@ -276,7 +278,7 @@ eval_form.show()'''),
     ("md", "## 2. Run the protocol"),
     ("code", '''eval_cfg = eval_form.save(project.config("eval"))
 report = run_protocol(eval_cfg, extra_scorer=toy_judge_scorer() if TOY else None)
-nb.show_markdown(report.markdown_path.read_text())
+nb.show_markdown(report.report_path.read_text().split("\n## Plots")[0])   # verdict, settings, table
 for warning in report.warnings:
     print("note:", warning)'''),
     ("md", "## 3. Plots and grids\nThe HTML report beside them holds everything in one page."),
@@ -284,7 +286,7 @@ for warning in report.warnings:
     nb.show_file(plot, width=800)
 for grid in report.grid_paths[:3]:
     nb.show_file(grid, width=900)
-print("report:", report.html_path)'''),
+nb.show_link(report.html_path, "the whole report (HTML)")'''),
     ("md", "## 4. LoRA, DreamBooth and Textual Inversion on the toy concept\nThe three methods trained by the same "
            "loop on the toy world's new concept (measured with `python -m helpers.toy methods`; set "
            "`RUN_METHODS = True` to re-measure, ~15 min on a CPU)."),
@@ -298,6 +300,7 @@ nb.show_markdown(table.read_text() if table.exists() else f"(no {table}: set RUN
     ("code", '''nb.show_markdown(nb.use_your_lora(eval_cfg.loras[0], trigger=eval_cfg.trigger))'''),
 ]
 
+CPU_NOTEBOOKS = {"01_dataset"}   # needs no GPU: Colab should not ask for one
 NOTEBOOKS_CELLS = {"01_dataset": NB01, "02_tagging": NB02, "03_train_lora": NB03, "04_inference": NB04,
                    "05_eval": NB05}
 
@@ -306,7 +309,10 @@ def build(name: str) -> nbformat.NotebookNode:
     nb = nbformat.v4.new_notebook()
     nb.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
                    "language_info": {"name": "python"},
-                   "colab": {"provenance": [], "gpuType": "T4"}, "accelerator": "GPU"}
+                   "colab": {"provenance": []}}
+    if name not in CPU_NOTEBOOKS:   # Colab opens these with a GPU runtime
+        nb.metadata["colab"]["gpuType"] = "T4"
+        nb.metadata["accelerator"] = "GPU"
     for kind, text in NOTEBOOKS_CELLS[name]:
         if kind == "md":
             cell = nbformat.v4.new_markdown_cell(text)

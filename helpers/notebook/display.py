@@ -277,6 +277,33 @@ def show_images(images: Sequence[Any], labels: Sequence[str] | None = None, *, c
     _display(contact_grid(images, labels[:limit] if labels is not None else None, columns=columns, cell=cell))
 
 
+def show_generated(paths: Sequence[str | Path], *, columns: int = 4, zoom: int = 1) -> None:
+    """Generated PNGs labelled by their prompt (read from the A1111 parameters they carry), then the first
+    one's parameters in full: what AUTOMATIC1111's PNG Info tab shows for it."""
+    from PIL import Image
+
+    from ..formats.png_info import read_png_parameters
+
+    paths = [Path(p) for p in paths]
+    if not paths:
+        print("no images")
+        return
+    infos = [read_png_parameters(p) or "" for p in paths]
+    labels = [(info.split("\n")[0] or p.name) for p, info in zip(paths, infos)]
+    images = []
+    for p in paths:
+        with Image.open(p) as im:
+            images.append(im.convert("RGB").resize((im.width * zoom, im.height * zoom), Image.NEAREST))
+    show_images(images, labels, columns=columns, cell=max(160, max(i.width for i in images)))
+    print(f"PNG info of {paths[0].name}:\n{infos[0] or '(none)'}")
+
+
+def show_link(path: str | Path, text: str) -> None:
+    """A link to a file the notebook wrote (relative to the notebook, so it also works in a rendered page)."""
+    _display(_html(f"<a href='{html.escape(_relative_link(Path(path)))}' target='_blank'>{html.escape(text)}</a> "
+                   f"<span style='color:#666'>({html.escape(Path(path).name)})</span>"))
+
+
 def show_file(path: str | Path, width: int | None = None) -> None:
     """Show an image file (a contact sheet, a plot, a grid), scaled down to `width` if wider."""
     from PIL import Image
