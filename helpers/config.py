@@ -75,6 +75,8 @@ METHODS = ("lora", "dreambooth", "textual_inversion")
 TARGET_PRESETS = ("attention", "full")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 SCHEDULERS = ("constant", "cosine", "cosine_with_restarts", "linear", "polynomial")
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 SAVE_PRECISIONS = ("fp16", "bf16", "float")
 SAVE_FORMATS = ("kohya", "diffusers", "both")
@@ -85,6 +87,7 @@ COMPILE_BACKENDS = ("inductor", "cudagraphs", "aot_eager")  # torch.compile back
 TRAIN_CHOICES: dict[str, tuple[str, ...]] = {
     "family": FAMILIES, "prediction_type": PREDICTION_TYPES, "method": METHODS, "target": TARGET_PRESETS,
     "optimizer": OPTIMIZERS, "lr_scheduler": SCHEDULERS, "mixed_precision": MIXED_PRECISIONS,
+    "loss_type": LOSS_TYPES, "huber_schedule": HUBER_SCHEDULES,
     "save_precision": SAVE_PRECISIONS, "save_format": SAVE_FORMATS, "attention": ATTENTION,
     "nan_policy": NAN_POLICIES, "compile_backend": COMPILE_BACKENDS,
 }
@@ -121,6 +124,8 @@ class TrainConfig(ConfigBase):
     family: str = setting("auto", "auto | sd1 | sd2 | sdxl")
     prediction_type: str = setting("auto", "auto (from the model) | epsilon | v_prediction")
     clip_skip: int = setting(1, "A1111 meaning: 1 = last text-encoder layer, 2 = penultimate")
+    max_token_length: int = setting(75, "75 | 150 | 225: caption tokens the text encoder sees, in 75-token "
+                                        "chunks as sd-scripts encodes them (long WD14 captions: 225)")
 
     # --- data ---
     train_data_dir: str = setting("", "images with .txt captions; kohya \"N_name\" subfolders give N repeats")
@@ -190,6 +195,20 @@ class TrainConfig(ConfigBase):
     compile_backend: str = setting("inductor", "torch.compile backend (inductor generates fused kernels)")
     min_snr_gamma: float | None = setting(None, "5.0 is the paper's value")
     noise_offset: float = setting(0.0, "extra per-channel noise (0.05-0.1 helps very dark and very bright images)")
+    noise_offset_random_strength: bool = setting(False, "each step's offset drawn in [0, noise_offset)")
+    multires_noise_iterations: int = setting(0, "pyramid (multi-resolution) noise levels; 6-10 typical, 0: off")
+    multires_noise_discount: float = setting(0.3, "weight of each coarser pyramid level (0.3 typical)")
+    ip_noise_gamma: float = setting(0.0, "input perturbation noise (0.1 typical; 0: off)")
+    ip_noise_gamma_random_strength: bool = setting(False, "each step's perturbation drawn in [0, ip_noise_gamma)")
+    min_timestep: int = setting(0, "lowest timestep trained (0-999)")
+    max_timestep: int | None = setting(None, "timesteps below this are trained (None: all, 1000)")
+    loss_type: str = setting("l2", "l2 | l1 | huber | smooth_l1 (huber: robust to outlier pixels)")
+    huber_schedule: str = setting("snr", "constant | exponential | snr: how huber_c changes with the timestep")
+    huber_c: float = setting(0.1, "the huber / smooth_l1 threshold")
+    huber_scale: float = setting(1.0, "scale of huber_c in the constant and exponential schedules")
+    debiased_estimation_loss: bool = setting(False, "weight the loss by 1/sqrt(SNR) (v-prediction: 1/(SNR+1))")
+    scale_v_pred_loss_like_noise_pred: bool = setting(False, "v-prediction: weight by SNR/(SNR+1), as epsilon's")
+    zero_terminal_snr: bool = setting(False, "rescale the noise schedule to reach pure noise (needs v-prediction)")
     prior_loss_weight: float = setting(1.0, "loss weight of the class (regularization) images")
     seed: int = setting(42, "one seed for data order, noise and LoRA init: the same seed gives the same run")
 
@@ -233,6 +252,9 @@ class TrainConfig(ConfigBase):
             _choice(name, getattr(self, name), allowed)
         _number_in("clip_skip", self.clip_skip, 1, 12)
         _positive_int("clip_skip", self.clip_skip)
+        if self.max_token_length not in (75, 150, 225):
+            raise ConfigError(f"max_token_length must be 75, 150 or 225 (tokens; 1-3 chunks of 75), got "
+                              f"{self.max_token_length!r}")
         for name in ("resolution", "min_bucket_reso", "max_bucket_reso"):
             _positive_int(name, getattr(self, name))
         _positive_int("bucket_reso_steps", self.bucket_reso_steps)
@@ -289,6 +311,20 @@ class TrainConfig(ConfigBase):
         if self.min_snr_gamma is not None:
             _number_in("min_snr_gamma", self.min_snr_gamma, 0.0, 1000.0, low_open=True)
         _number_in("noise_offset", self.noise_offset, 0.0, 1.0)
+        _non_negative_int("multires_noise_iterations", self.multires_noise_iterations)
+        _number_in("multires_noise_discount", self.multires_noise_discount, 0.0, 1.0)
+        _number_in("ip_noise_gamma", self.ip_noise_gamma, 0.0, 1.0)
+        _number_in("min_timestep", self.min_timestep, 0, 999)
+        if self.max_timestep is not None:
+            _number_in("max_timestep", self.max_timestep, 1, 1000)
+            if self.max_timestep <= self.min_timestep:
+                raise ConfigError(f"max_timestep ({self.max_timestep}) must be above min_timestep "
+                                  f"({self.min_timestep})")
+        _number_in("huber_c", self.huber_c, 0.0, 1.0, low_open=True)
+        _number_in("huber_scale", self.huber_scale, 0.0, 100.0, low_open=True)
+        if self.zero_terminal_snr and self.prediction_type == "epsilon":
+            raise ConfigError("zero_terminal_snr needs prediction_type v_prediction: at the last timestep an "
+                              "epsilon model sees pure noise and has nothing to predict it from")
         _number_in("prior_loss_weight", self.prior_loss_weight, 0.0, 100.0)
         _non_negative_int("seed", self.seed)
         if not self.output_name or any(c in self.output_name for c in '/\\:*?"<>|'):

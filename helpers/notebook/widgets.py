@@ -25,7 +25,8 @@ from ..config import (
 
 # The groups a form shows open, in order; fields not named here go into "Advanced".
 TRAIN_GROUPS: dict[str, list[str]] = {
-    "Model": ["pretrained_model", "family", "vae", "model_config", "prediction_type", "clip_skip"],
+    "Model": ["pretrained_model", "family", "vae", "model_config", "prediction_type", "clip_skip",
+              "max_token_length"],
     "Data": ["train_data_dir", "reg_data_dir", "resolution", "enable_bucket", "repeats", "flip_aug",
              "shuffle_caption", "keep_tokens", "caption_dropout_rate", "cache_latents"],
     "Method": ["method", "token_string", "init_word", "num_vectors_per_token", "class_prompt", "num_class_images",
@@ -34,6 +35,11 @@ TRAIN_GROUPS: dict[str, list[str]] = {
     "Training": ["max_train_steps", "train_batch_size", "gradient_accumulation_steps", "optimizer", "learning_rate",
                  "text_encoder_lr", "embedding_lr", "lr_scheduler", "lr_warmup_steps", "min_snr_gamma",
                  "noise_offset", "seed"],
+    "Noise, timesteps and loss": ["loss_type", "huber_schedule", "huber_c", "huber_scale", "min_timestep",
+                                  "max_timestep", "multires_noise_iterations", "multires_noise_discount",
+                                  "ip_noise_gamma", "ip_noise_gamma_random_strength", "noise_offset_random_strength",
+                                  "debiased_estimation_loss", "scale_v_pred_loss_like_noise_pred",
+                                  "zero_terminal_snr"],
     "Memory and precision": ["mixed_precision", "gradient_checkpointing", "attention"],
     "Output": ["output_dir", "output_name", "save_every_n_steps", "save_format", "save_precision",
                "save_state_every_n_steps", "save_state_last_n"],

@@ -135,10 +135,24 @@ class LoraLayers(Trainable):
                    "ss_lr_scheduler": cfg.lr_scheduler, "ss_seed": str(cfg.seed),
                    "ss_network_dropout": str(cfg.lora_dropout), "ss_min_snr_gamma": str(cfg.min_snr_gamma),
                    "ss_noise_offset": str(cfg.noise_offset), "ss_max_train_steps": str(step),
+                   # sd-scripts writes None for the plain 75 tokens
+                   "ss_max_token_length": "None" if cfg.max_token_length == 75 else str(cfg.max_token_length),
+                   **{f"ss_{key}": str(getattr(cfg, name)) for key, name in SS_VARIANTS},
                    "ss_mixed_precision": to.mixed_precision,
                    "ss_sd_model_name": model_name_for_metadata(cfg.pretrained_model),
                    "ss_training_comment": f"helpers target={cfg.target}",
                    "ss_network_args": json.dumps({"target": cfg.target})})
+
+
+# sd-scripts' metadata names for the noise, timestep and loss variants (key, TrainConfig field)
+SS_VARIANTS = [("multires_noise_iterations", "multires_noise_iterations"),
+               ("multires_noise_discount", "multires_noise_discount"), ("zero_terminal_snr", "zero_terminal_snr"),
+               ("ip_noise_gamma", "ip_noise_gamma"), ("debiased_estimation", "debiased_estimation_loss"),
+               ("noise_offset_random_strength", "noise_offset_random_strength"),
+               ("ip_noise_gamma_random_strength", "ip_noise_gamma_random_strength"), ("loss_type", "loss_type"),
+               ("huber_schedule", "huber_schedule"), ("huber_scale", "huber_scale"), ("huber_c", "huber_c"),
+               ("min_timestep", "min_timestep"), ("max_timestep", "max_timestep"),
+               ("scale_v_pred_loss_like_noise_pred", "scale_v_pred_loss_like_noise_pred")]
 
 
 class WholeUNet(Trainable):

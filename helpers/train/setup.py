@@ -21,7 +21,7 @@ from ..sd.precision import accelerate_precision, decide_precision
 from .methods import Trainable, methods_for
 from .progress import Progress, Schedule
 from .state import TrainState
-from .step import DiffusionStep, OptimizerStep, vae_encoder
+from .step import DiffusionStep, OptimizerStep, Variants, vae_encoder
 
 
 @dataclass
@@ -183,7 +183,7 @@ def setup(cfg: TrainConfig, base=None, *, show_progress: bool = True) -> Run:
     unet, trained_tes = prepared[0], list(prepared[1:1 + len(trained_tes)])
     optimizer, loader, lr_scheduler = prepared[-3:]
 
-    noise_scheduler = base.noise_scheduler()
+    noise_scheduler = training_schedule(cfg, base.noise_scheduler())
     noise_gen = torch.Generator(device=accelerator.device).manual_seed(cfg.seed + accelerator.process_index)
     step = make_step(cfg, methods, base.family, noise_scheduler, base.tokenizers,
                      trained_tes if cfg.train_text_encoder else base.text_encoders, accelerator.device, weight_dtype,
@@ -194,14 +194,26 @@ def setup(cfg: TrainConfig, base=None, *, show_progress: bool = True) -> Run:
                max_steps, math.ceil(max_steps / updates_per_epoch), num_images, attention, state)
 
 
+def training_schedule(cfg: TrainConfig, noise_scheduler):
+    """The base model's DDPM schedule, rescaled to zero terminal SNR when `cfg.zero_terminal_snr` (Lin et al.
+    2023; it needs a v-prediction model, checked here once the model's prediction type is known)."""
+    if not cfg.zero_terminal_snr:
+        return noise_scheduler
+    if noise_scheduler.config.prediction_type != "v_prediction":
+        raise ConfigError("zero_terminal_snr needs a v-prediction model (set prediction_type v_prediction when "
+                          f"training one); this model predicts {noise_scheduler.config.prediction_type}")
+    return type(noise_scheduler).from_config(noise_scheduler.config, rescale_betas_zero_snr=True)
+
+
 def make_step(cfg: TrainConfig, methods: list[Trainable], family: str, noise_scheduler, tokenizers: list,
               text_encoders: list, device: torch.device, weight_dtype: torch.dtype,
               encode_images=None) -> DiffusionStep:
     """The diffusion step `cfg` asks for; `text_encoders` are the prepared ones when they are trained."""
     return DiffusionStep(family, noise_scheduler, tokenizers, text_encoders, device, weight_dtype,
-                         clip_skip=cfg.clip_skip, noise_offset=cfg.noise_offset, min_snr_gamma=cfg.min_snr_gamma,
+                         clip_skip=cfg.clip_skip, max_token_length=cfg.max_token_length,
+                         noise_offset=cfg.noise_offset, min_snr_gamma=cfg.min_snr_gamma,
                          prior_loss_weight=cfg.prior_loss_weight, text_grad=any(m.text_grad for m in methods),
-                         expand=_expander(methods), encode_images=encode_images)
+                         expand=_expander(methods), encode_images=encode_images, variants=Variants.from_config(cfg))
 
 
 def make_update(cfg: TrainConfig, methods: list[Trainable], accelerator, optimizer, lr_scheduler) -> OptimizerStep:
