@@ -239,10 +239,24 @@ class TrainConfig(ConfigBase):
     sample_steps: int = setting(20, "sampler steps of each sample")
     sample_cfg: float = setting(7.0, "CFG scale of the samples")
     sample_sampler: str = setting("Euler a", "A1111 sampler name of the samples")
-    validation_every_n_steps: int | None = setting(None, "fixed-noise loss on a few training images")
-    validation_images: int = setting(4, "training images the validation loss uses")
+    validation_every_n_steps: int | None = setting(None, "fixed-noise loss every N steps (with a held-out set: "
+                                                         "every log by default)")
+    validation_images: int = setting(4, "images the validation loss uses (held-out ones when there are)")
+    validation_split: float = setting(0.0, "share of the training images held out for the validation loss, never "
+                                           "trained on (0.1 = one in ten)")
+    validation_data_dir: str | None = setting(None, "images with captions for the validation loss, never trained on")
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = TRAIN_CHOICES
+
+    @property
+    def held_out(self) -> bool:
+        """Whether the validation loss runs on images the run never trains on."""
+        return bool(self.validation_split or self.validation_data_dir)
+
+    @property
+    def validation_interval(self) -> int | None:
+        """Steps between validation losses: validation_every_n_steps, else with every log when held out."""
+        return self.validation_every_n_steps or (self.log_every_n_steps if self.held_out else None)
 
     # -- validation ------------------------------------------------------------------------
     def validate(self) -> None:
@@ -343,6 +357,10 @@ class TrainConfig(ConfigBase):
         _number_in("sample_cfg", self.sample_cfg, 0.0, 100.0)
         _non_negative_int("sample_seed", self.sample_seed)
         _positive_int("validation_images", self.validation_images)
+        _number_in("validation_split", self.validation_split, 0.0, 0.5)
+        if self.validation_split and self.validation_data_dir:
+            raise ConfigError("set validation_split or validation_data_dir, not both: the held-out images come "
+                              "from one place")
         if self.sample_every_n_steps and not self.sample_prompts:
             raise ConfigError("sample_prompts must list at least one prompt when sample_every_n_steps is set")
         if self.lr_warmup_steps > self.max_train_steps and self.max_train_epochs is None:

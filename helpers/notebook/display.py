@@ -498,6 +498,8 @@ class TrainMonitor:
         val = [(r["step"], r["val_loss"]) for r in self.records if r.get("val_loss") is not None]
         if val:
             ax[0].plot(*zip(*val), "o-", color="#273", label="validation (fixed noise)")
+            best = min(val, key=lambda sv: sv[1])
+            ax[0].plot(*best, "*", color="#e80", ms=14, label=f"lowest: step {best[0]}")
         ax[0].set_xlabel("step")
         ax[0].set_title("loss")
         ax[0].legend(fontsize=8)

@@ -45,6 +45,7 @@ TRAIN_GROUPS: dict[str, list[str]] = {
                "save_state_every_n_steps", "save_state_last_n"],
     "Samples during training": ["sample_every_n_steps", "sample_prompts", "sample_sampler", "sample_steps",
                                 "sample_cfg", "sample_seed"],
+    "Validation": ["validation_split", "validation_data_dir", "validation_every_n_steps", "validation_images"],
 }
 GENERATE_GROUPS: dict[str, list[str]] = {
     "Model": ["model", "loras", "embeddings"],

@@ -29,6 +29,20 @@ class TrainResult:
     states: list[Path] = field(default_factory=list)
     resumed_from: Path | None = None
     skipped_steps: int = 0      # steps skipped for a NaN/inf loss (nan_policy="skip")
+    best_validation: tuple[int, float] | None = None   # (step, loss) of the lowest validation loss
+
+    def best_save(self) -> Path | None:
+        """The file saved at or nearest after the step of the lowest validation loss (the final LoRA if none)."""
+        if self.best_validation is None:
+            return None
+        step = self.best_validation[0]
+        import re
+
+        def saved_step(p: Path) -> int | None:
+            m = re.search(r"-step(\d+)$", p.stem)
+            return int(m.group(1)) if m else None
+        later = sorted((s, p) for p in self.saved if (s := saved_step(p)) is not None and s >= step)
+        return later[0][1] if later else self.lora_path
 
 
 class CsvLog:

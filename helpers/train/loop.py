@@ -131,8 +131,9 @@ class _Actions:
         emit("start", {"max_steps": run.max_steps, "start_step": prog.step, "epochs": run.num_epochs,
                        "samples_per_epoch": len(run.dataset)})
         self.logger = CsvLog(log_path, keep_until=prog.step if state is not None else None) if self.is_main else None
-        self.val_batches = (validation_batches(run.step, run.dataset, cfg.validation_images, cfg.seed)
-                            if cfg.validation_every_n_steps and self.is_main else None)
+        val_source = run.validation_set if run.validation_set is not None else run.dataset
+        self.val_batches = (validation_batches(run.step, val_source, cfg.validation_images, cfg.seed)
+                            if cfg.validation_interval and self.is_main else None)
         if self.val_batches is not None and state is None:  # the baseline: the model before any update
             record = {"step": 0, "epoch": 0, "val_loss": self._val_loss()}
             self.logger.write(record)
@@ -202,6 +203,9 @@ class _Actions:
         self.result.final_loss = record["loss"]
         if self.val_batches is not None and validate:
             record["val_loss"] = self._val_loss()
+            best = self.result.best_validation
+            if best is None or record["val_loss"] < best[1]:
+                self.result.best_validation = (prog.step, record["val_loss"])
         if self.is_main:
             self.logger.write(record)
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
@@ -258,6 +262,11 @@ class _Actions:
         result.saved = [p for p in result.saved + final if p.exists()]  # pruned saves are gone
         result.lora_path = final[0] if final else None
         result.skipped_steps = self.watch.skipped
+        if result.best_validation is not None and self.is_main:
+            step, loss = result.best_validation
+            best = result.best_save()
+            print(f"lowest validation loss {loss:.4f} at step {step}"
+                  + (f"; the save nearest after it: {best.name}" if best is not None else ""))
         run.accelerator.wait_for_everyone()
         self.emit("end", {"steps": prog.step, "lora_path": result.lora_path})
         run.accelerator.end_training()

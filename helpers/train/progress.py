@@ -66,7 +66,7 @@ class Schedule:
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, max_steps: int, batches_per_epoch: int) -> Schedule:
-        return cls(max_steps, batches_per_epoch, cfg.log_every_n_steps, cfg.validation_every_n_steps,
+        return cls(max_steps, batches_per_epoch, cfg.log_every_n_steps, cfg.validation_interval,
                    cfg.sample_every_n_steps, cfg.save_every_n_steps, cfg.save_every_n_epochs,
                    cfg.save_state_every_n_steps)
 

@@ -48,6 +48,7 @@ class Run:
     num_images: int
     attention: str
     state: TrainState | None = None
+    validation_set: Any = None      # held-out images (validation_split / validation_data_dir), never trained on
 
     @property
     def models(self) -> list:
@@ -166,7 +167,8 @@ def setup(cfg: TrainConfig, base=None, *, show_progress: bool = True) -> Run:
     methods = attach_methods(cfg, base.unet, base.text_encoders, base.tokenizers, accelerator.device)
     trained_tes = [te for m in methods for te in m.text_encoders]
 
-    dataset, num_images, encode_images, vae_gen = _training_data(cfg, base, methods, accelerator, show_progress)
+    dataset, num_images, encode_images, vae_gen, validation_set = _training_data(cfg, base, methods, accelerator,
+                                                                                 show_progress)
     sampler, loader = _loader(cfg, dataset, accelerator.device.type)
     optimizer = build_optimizer(cfg.optimizer, param_groups(cfg, methods), lr=cfg.learning_rate,
                                 weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -191,7 +193,7 @@ def setup(cfg: TrainConfig, base=None, *, show_progress: bool = True) -> Run:
     update = make_update(cfg, methods, accelerator, optimizer, lr_scheduler)
     return Run(cfg, accelerator, base, methods, unet, trained_tes, step, update, dataset, loader, sampler, optimizer,
                lr_scheduler, {"noise": noise_gen, "vae": vae_gen}, Schedule.from_config(cfg, max_steps, len(loader)),
-               max_steps, math.ceil(max_steps / updates_per_epoch), num_images, attention, state)
+               max_steps, math.ceil(max_steps / updates_per_epoch), num_images, attention, state, validation_set)
 
 
 def training_schedule(cfg: TrainConfig, noise_scheduler):
@@ -246,6 +248,7 @@ def _training_data(cfg: TrainConfig, base, methods: list[Trainable], accelerator
     out_dir, is_main = Path(cfg.output_dir), accelerator.is_main_process
     items = load_image_folder(cfg.train_data_dir, caption_extension=cfg.caption_extension,
                               default_repeats=cfg.repeats)
+    items, held_out = split_validation(cfg, items)
     if cfg.token_string:
         _check_token_in_captions(items, cfg.token_string)
     reg_dir = cfg.reg_data_dir or (str(out_dir / "class_images") if cfg.num_class_images else None)
@@ -260,15 +263,16 @@ def _training_data(cfg: TrainConfig, base, methods: list[Trainable], accelerator
     if reg_dir:
         items += load_image_folder(reg_dir, caption_extension=cfg.caption_extension,
                                    default_repeats=cfg.repeats, is_class=True)
+    buckets = dict(resolution=cfg.resolution, enable_bucket=cfg.enable_bucket, min_bucket_reso=cfg.min_bucket_reso,
+                   max_bucket_reso=cfg.max_bucket_reso, bucket_reso_steps=cfg.bucket_reso_steps,
+                   bucket_no_upscale=cfg.bucket_no_upscale, seed=cfg.seed)
     dataset = TrainDataset(
-        items, resolution=cfg.resolution, enable_bucket=cfg.enable_bucket,
-        min_bucket_reso=cfg.min_bucket_reso, max_bucket_reso=cfg.max_bucket_reso,
-        bucket_reso_steps=cfg.bucket_reso_steps, bucket_no_upscale=cfg.bucket_no_upscale,
-        flip=cfg.flip_aug, seed=cfg.seed,
+        items, **buckets, flip=cfg.flip_aug,
         caption_processor=CaptionProcessor(shuffle=cfg.shuffle_caption, keep_tokens=cfg.keep_tokens,
                                            dropout=cfg.caption_dropout_rate,
                                            tag_dropout=cfg.caption_tag_dropout_rate),
     )
+    validation_set = TrainDataset(held_out, **buckets, flip=False) if held_out else None
     vae, device = base.vae, accelerator.device
     vae_gen = torch.Generator(device=device).manual_seed(cfg.seed)
     encode_images = vae_encoder(vae, device, vae_gen)
@@ -278,7 +282,26 @@ def _training_data(cfg: TrainConfig, base, methods: list[Trainable], accelerator
             dataset.cache_latents(encode_images, cache_dir=cache_dir, show_progress=show_progress and is_main,
                                   encoder_id=f"{cfg.pretrained_model}|{cfg.vae}|{vae.config.scaling_factor}|"
                                              f"{getattr(vae.config, 'shift_factor', None)}")
-    return dataset, len(items), encode_images, vae_gen
+    return dataset, len(items), encode_images, vae_gen, validation_set
+
+
+def split_validation(cfg: TrainConfig, items: list) -> tuple[list, list]:
+    """(training items, held-out items): `validation_data_dir`'s images, or a `validation_split` share of the
+    training images picked by the seed (at least one; at least one left to train on); none by default."""
+    import random
+
+    from ..data.dataset import load_image_folder
+
+    if cfg.validation_data_dir:
+        return items, load_image_folder(cfg.validation_data_dir, caption_extension=cfg.caption_extension)
+    if not cfg.validation_split:
+        return items, []
+    if len(items) < 2:
+        raise ConfigError(f"validation_split needs at least 2 training images to hold one out, "
+                          f"{cfg.train_data_dir} has {len(items)}")
+    n = min(len(items) - 1, max(1, round(cfg.validation_split * len(items))))
+    chosen = set(random.Random(cfg.seed).sample(range(len(items)), n))
+    return ([it for i, it in enumerate(items) if i not in chosen], [it for i, it in enumerate(items) if i in chosen])
 
 
 def _loader(cfg: TrainConfig, dataset, device_type: str):
