@@ -210,6 +210,9 @@ class TrainConfig(ConfigBase):
     scale_v_pred_loss_like_noise_pred: bool = setting(False, "v-prediction: weight by SNR/(SNR+1), as epsilon's")
     zero_terminal_snr: bool = setting(False, "rescale the noise schedule to reach pure noise (needs v-prediction)")
     prior_loss_weight: float = setting(1.0, "loss weight of the class (regularization) images")
+    ema_decay: float | None = setting(None, "keep an EMA of the trained weights (0.999 typical; None: off): saved "
+                                            "as <name>_ema beside the LoRA, used for the samples")
+    ema_warmup: bool = setting(True, "EMA decay ramps up as (1+step)/(10+step): early steps are not frozen in")
     seed: int = setting(42, "one seed for data order, noise and LoRA init: the same seed gives the same run")
 
     # --- outputs ---
@@ -340,6 +343,8 @@ class TrainConfig(ConfigBase):
             raise ConfigError("zero_terminal_snr needs prediction_type v_prediction: at the last timestep an "
                               "epsilon model sees pure noise and has nothing to predict it from")
         _number_in("prior_loss_weight", self.prior_loss_weight, 0.0, 100.0)
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be a number in (0, 1), e.g. 0.999, or unset; got {self.ema_decay!r}")
         _non_negative_int("seed", self.seed)
         if not self.output_name or any(c in self.output_name for c in '/\\:*?"<>|'):
             raise ConfigError(f"output_name must be a plain file name (no path separators), got {self.output_name!r}")

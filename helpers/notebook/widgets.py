@@ -34,7 +34,7 @@ TRAIN_GROUPS: dict[str, list[str]] = {
     "LoRA": ["rank", "alpha", "target", "train_text_encoder", "lora_dropout"],
     "Training": ["max_train_steps", "train_batch_size", "gradient_accumulation_steps", "optimizer", "learning_rate",
                  "text_encoder_lr", "embedding_lr", "lr_scheduler", "lr_warmup_steps", "min_snr_gamma",
-                 "noise_offset", "seed"],
+                 "noise_offset", "ema_decay", "ema_warmup", "seed"],
     "Noise, timesteps and loss": ["loss_type", "huber_schedule", "huber_c", "huber_scale", "min_timestep",
                                   "max_timestep", "multires_noise_iterations", "multires_noise_discount",
                                   "ip_noise_gamma", "ip_noise_gamma_random_strength", "noise_offset_random_strength",

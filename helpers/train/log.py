@@ -30,6 +30,7 @@ class TrainResult:
     resumed_from: Path | None = None
     skipped_steps: int = 0      # steps skipped for a NaN/inf loss (nan_policy="skip")
     best_validation: tuple[int, float] | None = None   # (step, loss) of the lowest validation loss
+    ema_path: Path | None = None   # the final EMA weights (<name>_ema), when ema_decay is set
 
     def best_save(self) -> Path | None:
         """The file saved at or nearest after the step of the lowest validation loss (the final LoRA if none)."""

@@ -59,6 +59,8 @@ def train(cfg: TrainConfig, *, base=None, on_event: Event | None = None, progres
                 if not acc.sync_gradients:
                     continue  # accumulating: no update yet
                 prog.step += 1
+                if run.ema is not None:
+                    run.ema.update(prog.step)
                 act.after_step(run.schedule.after_step(prog.step, prog.batch_in_epoch))
                 if prog.step >= run.max_steps:
                     break
@@ -165,8 +167,9 @@ class _Actions:
         if due.log:
             self.log(due.validate)
         if due.sample and self.is_main:
-            paths = sample_images(cfg, self.run.base.pipe, self.run.accelerator.unwrap_model(self.run.unet),
-                                  self.run.step, self.run.accelerator, prog.step)
+            with self.averaged():   # with EMA on, the samples show the averaged weights
+                paths = sample_images(cfg, self.run.base.pipe, self.run.accelerator.unwrap_model(self.run.unet),
+                                      self.run.step, self.run.accelerator, prog.step)
             self.result.samples += paths
             self.emit("sample", {"step": prog.step, "paths": paths})
         if due.save:
@@ -220,12 +223,23 @@ class _Actions:
             return []
         to = SaveTarget(run.base, run.dataset.items, acc.mixed_precision, SAVE_DTYPES[run.cfg.save_precision])
         written = [p for m in run.methods for p in m.save(to, name, self.prog.step, epoch)]
+        if run.ema is not None:   # the averaged weights beside them, as <name>_ema
+            with self.averaged():
+                ema_files = [p for m in run.methods for p in m.save(to, f"{name}_ema", self.prog.step, epoch)]
+            self.result.ema_path = ema_files[0] if final and ema_files else self.result.ema_path
+            written_all = written + ema_files
+        else:
+            written_all = written
         if not final:
-            self.kept.add(written)
+            self.kept.add(written_all)
             self.result.saved += written
             self.prog.last_saved = written[0] if written else self.prog.last_saved
         self.emit("save", {"step": self.prog.step, "paths": written})
         return written
+
+    def averaged(self):
+        """A block in which the trained modules hold the EMA weights (a no-op without EMA)."""
+        return self.run.ema.swapped() if self.run.ema is not None else contextlib.nullcontext()
 
     def save_state(self, epoch: int, batch_in_epoch: int) -> None:
         """A training state to continue at (`epoch`, `batch_in_epoch`): every process sends its RNG states to
@@ -243,7 +257,8 @@ class _Actions:
                        scaler=acc.scaler.state_dict() if acc.scaler is not None else None, rng=every_rank,
                        info={"step": prog.step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                              "num_processes": acc.num_processes, "family": run.base.family,
-                             "config": cfg.to_dict(), "lora_saves": self.kept.to_json()})
+                             "config": cfg.to_dict(), "lora_saves": self.kept.to_json()},
+                       ema=run.ema.state_dict() if run.ema is not None else None)
             prune_states(cfg.output_dir, cfg.output_name, cfg.save_state_last_n)
             self.result.states.append(folder)
             prog.last_saved = folder

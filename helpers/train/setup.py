@@ -49,6 +49,7 @@ class Run:
     attention: str
     state: TrainState | None = None
     validation_set: Any = None      # held-out images (validation_split / validation_data_dir), never trained on
+    ema: Any = None                 # helpers.train.ema.Ema of the trained weights when cfg.ema_decay is set
 
     @property
     def models(self) -> list:
@@ -186,6 +187,12 @@ def setup(cfg: TrainConfig, base=None, *, show_progress: bool = True) -> Run:
     optimizer, loader, lr_scheduler = prepared[-3:]
 
     noise_scheduler = training_schedule(cfg, base.noise_scheduler())
+    ema = None
+    if cfg.ema_decay:
+        from .ema import Ema, trained_parameters
+
+        ema = Ema(trained_parameters({n: m for method in methods for n, m in method.modules().items()}),
+                  cfg.ema_decay, cfg.ema_warmup)
     noise_gen = torch.Generator(device=accelerator.device).manual_seed(cfg.seed + accelerator.process_index)
     step = make_step(cfg, methods, base.family, noise_scheduler, base.tokenizers,
                      trained_tes if cfg.train_text_encoder else base.text_encoders, accelerator.device, weight_dtype,
@@ -193,7 +200,8 @@ def setup(cfg: TrainConfig, base=None, *, show_progress: bool = True) -> Run:
     update = make_update(cfg, methods, accelerator, optimizer, lr_scheduler)
     return Run(cfg, accelerator, base, methods, unet, trained_tes, step, update, dataset, loader, sampler, optimizer,
                lr_scheduler, {"noise": noise_gen, "vae": vae_gen}, Schedule.from_config(cfg, max_steps, len(loader)),
-               max_steps, math.ceil(max_steps / updates_per_epoch), num_images, attention, state, validation_set)
+               max_steps, math.ceil(max_steps / updates_per_epoch), num_images, attention, state, validation_set,
+               ema)
 
 
 def training_schedule(cfg: TrainConfig, noise_scheduler):
@@ -325,6 +333,10 @@ def resume_into(run: Run, prog: Progress) -> None:
     from .state import load_trainable
 
     load_trainable(run.modules(), state.trainable, state.path)
+    if run.ema is not None:
+        if state.ema is None:
+            raise ConfigError(f"{state.path} holds no EMA: it was saved by a run without ema_decay")
+        run.ema.load_state_dict(state.ema, str(state.path))
     run.optimizer.load_state_dict(state.optimizer)
     run.lr_scheduler.load_state_dict(state.lr_scheduler)
     if state.scaler is not None and acc.scaler is not None:

@@ -2,6 +2,7 @@
 
 A state is a folder `<output_dir>/states/<output_name>-step<N>/` holding
   trainable.safetensors  the trainable (LoRA) parameters in fp32, by module and parameter name
+  ema.safetensors        their EMA, when the run keeps one (ema_decay)
   optimizer.pt           optimizer, LR scheduler and grad-scaler state dicts (read with weights_only=True)
   rng.pt                 every process's RNG states (torch, CUDA, noise generator, VAE sampling, python, numpy)
   state.json             step, epoch, position in the epoch, the config, the LoRA saves kept so far
@@ -56,6 +57,7 @@ class TrainState:
     scaler: dict | None
     rng: list[dict]            # one per process of the run that saved it
     info: dict[str, Any] = field(default_factory=dict)
+    ema: dict[str, torch.Tensor] | None = None   # the EMA of the trained parameters, when the run keeps one
 
 
 def states_dir(output_dir: str | Path) -> Path:
@@ -151,12 +153,15 @@ def load_trainable(models: dict[str, torch.nn.Module], tensors: dict[str, torch.
 # ------------------------------------------------------------------------------------------------
 
 def save_state(folder: Path, *, trainable: dict[str, torch.Tensor], optimizer: dict, lr_scheduler: dict,
-               scaler: dict | None, rng: list[dict], info: dict[str, Any]) -> Path:
+               scaler: dict | None, rng: list[dict], info: dict[str, Any],
+               ema: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a state folder atomically (rank 0 calls this with every rank's RNG states)."""
     from safetensors.torch import save_file
 
     with atomic_dir(folder) as tmp:
         save_file(trainable, str(tmp / "trainable.safetensors"), metadata={"format": STATE_FORMAT})
+        if ema is not None:
+            save_file(ema, str(tmp / "ema.safetensors"), metadata={"format": STATE_FORMAT})
         torch.save({"optimizer": optimizer, "lr_scheduler": lr_scheduler, "scaler": scaler}, tmp / "optimizer.pt")
         torch.save({"ranks": rng}, tmp / "rng.pt")
         record = {"format": STATE_FORMAT, "version": STATE_VERSION, **info}
@@ -189,11 +194,19 @@ def load_state(folder: str | Path) -> TrainState:
                                      remedy="resume from an older state (resume=<its folder>)")[0]
     except (BadFileError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from None
+    ema = None
+    if (folder / "ema.safetensors").exists():
+        try:
+            ema = load_safetensors(folder / "ema.safetensors", "training state's EMA",
+                                   remedy="resume from an older state (resume=<its folder>)")[0]
+        except BadFileError as e:
+            raise ConfigError(str(e)) from None
     opt = _load_pt(folder / "optimizer.pt")
     rng = _load_pt(folder / "rng.pt")
     return TrainState(path=folder, step=int(info["step"]), epoch=int(info["epoch"]),
                       batch_in_epoch=int(info["batch_in_epoch"]), trainable=trainable, optimizer=opt["optimizer"],
-                      lr_scheduler=opt["lr_scheduler"], scaler=opt.get("scaler"), rng=rng["ranks"], info=info)
+                      lr_scheduler=opt["lr_scheduler"], scaler=opt.get("scaler"), rng=rng["ranks"], info=info,
+                      ema=ema)
 
 
 def find_resume_state(resume: str | None, output_dir: str | Path, output_name: str) -> Path | None:
