@@ -148,6 +148,9 @@ class TrainConfig(ConfigBase):
     caption_tag_dropout_rate: float = setting(0.0, "each tag dropped with this probability (keep_tokens stay)")
     cache_latents: bool = setting(True, "encode every image once with the VAE (faster; flips are cached too)")
     cache_latents_to_disk: bool = setting(False, "keep the latent cache in output_dir/latent_cache for the next run")
+    cache_text_encoder_outputs: bool = setting(False, "encode every caption once, then move the frozen text "
+                                                      "encoders off the GPU (needs fixed captions: no shuffle/dropout)")
+    cache_text_encoder_outputs_to_disk: bool = setting(False, "keep the text cache in output_dir/text_cache")
 
     # --- method ---
     method: str = setting("lora", "lora | dreambooth (full fine-tune) | textual_inversion")
@@ -250,6 +253,14 @@ class TrainConfig(ConfigBase):
     validation_data_dir: str | None = setting(None, "images with captions for the validation loss, never trained on")
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = TRAIN_CHOICES
+
+    def text_cache_refusals(self) -> list[str]:
+        """The settings that make a caption's encoding change during the run, so it cannot be cached."""
+        out = [name for name in ("shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate",
+                                 "train_text_encoder") if getattr(self, name)]
+        if self.method == "textual_inversion" or self.token_string:
+            out.append(f"method={self.method} (new token vectors)")
+        return out
 
     @property
     def held_out(self) -> bool:
@@ -363,6 +374,9 @@ class TrainConfig(ConfigBase):
         _non_negative_int("sample_seed", self.sample_seed)
         _positive_int("validation_images", self.validation_images)
         _number_in("validation_split", self.validation_split, 0.0, 0.5)
+        if self.cache_text_encoder_outputs and self.text_cache_refusals():
+            raise ConfigError("cache_text_encoder_outputs needs captions that encode the same every step and "
+                              f"frozen text encoders; turn off: {', '.join(self.text_cache_refusals())}")
         if self.validation_split and self.validation_data_dir:
             raise ConfigError("set validation_split or validation_data_dir, not both: the held-out images come "
                               "from one place")

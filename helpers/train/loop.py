@@ -136,6 +136,7 @@ class _Actions:
         val_source = run.validation_set if run.validation_set is not None else run.dataset
         self.val_batches = (validation_batches(run.step, val_source, cfg.validation_images, cfg.seed)
                             if cfg.validation_interval and self.is_main else None)
+        self.offloaded = self._offload()
         if self.val_batches is not None and state is None:  # the baseline: the model before any update
             record = {"step": 0, "epoch": 0, "val_loss": self._val_loss()}
             self.logger.write(record)
@@ -155,6 +156,32 @@ class _Actions:
                 f"{run.num_epochs} epoch(s); optimizer {optimizer_kind(run.optimizer)}, precision "
                 f"{acc.mixed_precision}, attention {run.attention}")
 
+    def _offload(self) -> list[torch.nn.Module]:
+        """Frozen models the steps no longer need leave the GPU: the text encoders once their outputs are cached,
+        the VAE once every latent is. They come back only to draw samples."""
+        run, cfg = self.run, self.run.cfg
+        if run.accelerator.device.type == "cpu":
+            return []
+        out = list(run.base.text_encoders) if cfg.cache_text_encoder_outputs else []
+        if cfg.cache_latents and run.dataset.latents_cached:
+            out.append(run.base.vae)
+        for m in out:
+            m.to("cpu")
+        if out:
+            torch.cuda.empty_cache()
+        return out
+
+    @contextlib.contextmanager
+    def _models_back(self):
+        """The offloaded models on the device inside the block (sampling), off it again afterwards."""
+        for m in self.offloaded:
+            m.to(self.run.accelerator.device)
+        try:
+            yield
+        finally:
+            for m in self.offloaded:
+                m.to("cpu")
+
     def _val_loss(self) -> float:
         return fixed_noise_loss(self.run.step, self.run.accelerator.unwrap_model(self.run.unet), self.val_batches)
 
@@ -167,7 +194,7 @@ class _Actions:
         if due.log:
             self.log(due.validate)
         if due.sample and self.is_main:
-            with self.averaged():   # with EMA on, the samples show the averaged weights
+            with self.averaged(), self._models_back():   # with EMA on, the samples show the averaged weights
                 paths = sample_images(cfg, self.run.base.pipe, self.run.accelerator.unwrap_model(self.run.unet),
                                       self.run.step, self.run.accelerator, prog.step)
             self.result.samples += paths

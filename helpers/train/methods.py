@@ -139,6 +139,7 @@ class LoraLayers(Trainable):
                    "ss_max_token_length": "None" if cfg.max_token_length == 75 else str(cfg.max_token_length),
                    **{f"ss_{key}": str(getattr(cfg, name)) for key, name in SS_VARIANTS},
                    "ss_validation_split": str(cfg.validation_split), "ss_ema_decay": str(cfg.ema_decay),
+                   "ss_cache_text_encoder_outputs": str(cfg.cache_text_encoder_outputs),
                    "ss_mixed_precision": to.mixed_precision,
                    "ss_sd_model_name": model_name_for_metadata(cfg.pretrained_model),
                    "ss_training_comment": f"helpers target={cfg.target}",

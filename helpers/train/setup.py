@@ -197,6 +197,11 @@ def setup(cfg: TrainConfig, base=None, *, show_progress: bool = True) -> Run:
     step = make_step(cfg, methods, base.family, noise_scheduler, base.tokenizers,
                      trained_tes if cfg.train_text_encoder else base.text_encoders, accelerator.device, weight_dtype,
                      encode_images=encode_images)
+    if cfg.cache_text_encoder_outputs:   # every caption once; the encoders then leave the GPU (_Actions)
+        from .text_cache import dataset_captions, load_or_encode
+
+        captions = dataset_captions(dataset) + (dataset_captions(validation_set) if validation_set else [])
+        step.text_cache = load_or_encode(cfg, step, base.family, captions)
     update = make_update(cfg, methods, accelerator, optimizer, lr_scheduler)
     return Run(cfg, accelerator, base, methods, unet, trained_tes, step, update, dataset, loader, sampler, optimizer,
                lr_scheduler, {"noise": noise_gen, "vae": vae_gen}, Schedule.from_config(cfg, max_steps, len(loader)),

@@ -39,6 +39,7 @@ RESUME_MAY_CHANGE = frozenset({
     "log_every_n_steps", "sample_every_n_steps", "sample_prompts", "sample_negative_prompt", "sample_seed",
     "sample_steps", "sample_cfg", "sample_sampler", "validation_every_n_steps", "validation_images",
     "gradient_checkpointing", "attention", "cache_latents", "cache_latents_to_disk", "nan_policy",
+    "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk",
     "pretrained_model", "model_config",  # the same model may live at another path (Drive vs local copy)
 })
 

@@ -105,6 +105,7 @@ class DiffusionStep:
     expand: Callable[[str], str] = str   # a caption with each new token written out as all its vectors' tokens
     encode_images: Callable[[torch.Tensor], torch.Tensor] | None = None  # pixels -> latents when not cached
     variants: Variants = field(default_factory=Variants)
+    text_cache: dict | None = None   # {caption: (hidden, pooled)} when cache_text_encoder_outputs (train/text_cache)
     alphas_cumprod: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -116,15 +117,31 @@ class DiffusionStep:
 
     def condition(self, batch: dict) -> dict[str, Any]:
         """UNet keyword arguments for a batch: text embeddings and, for SDXL, pooled + time ids."""
-        with torch.set_grad_enabled(self.text_grad):
-            emb = encode_prompts(self.family, self.tokenizers, self.text_encoders,
-                                 [self.expand(c) for c in batch["captions"]], clip_skip=self.clip_skip,
-                                 max_token_length=self.max_token_length, device=self.device)
+        if self.text_cache is not None:
+            emb = self.cached(batch["captions"])
+        else:
+            with torch.set_grad_enabled(self.text_grad):
+                emb = encode_prompts(self.family, self.tokenizers, self.text_encoders,
+                                     [self.expand(c) for c in batch["captions"]], clip_skip=self.clip_skip,
+                                     max_token_length=self.max_token_length, device=self.device)
         kwargs: dict[str, Any] = {"encoder_hidden_states": emb.hidden}
         if self.family == "sdxl":
             time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"])
             kwargs["added_cond_kwargs"] = {"text_embeds": emb.pooled, "time_ids": to_device(time_ids, self.device)}
         return kwargs
+
+    def cached(self, captions: list[str]):
+        """The captions' cached encodings as one batch on the device."""
+        from ..sd.text_encoding import PromptEmbeds
+
+        try:
+            rows = [self.text_cache[c] for c in captions]
+        except KeyError as e:
+            raise ValueError(f"caption {e.args[0]!r} is not in the text-encoder cache") from None
+        hidden = torch.stack([h for h, _ in rows]).to(self.device, self.weight_dtype)
+        pooled = (torch.stack([p for _, p in rows]).to(self.device, self.weight_dtype)
+                  if rows[0][1] is not None else None)
+        return PromptEmbeds(hidden, pooled)
 
     def latents(self, batch: dict) -> torch.Tensor:
         """The batch's latents in fp32: cached ones, or its pixels encoded now."""

@@ -1,0 +1,58 @@
+"""Cached text-encoder outputs: the same training as encoding every step, refused where captions change."""
+
+import pytest
+import torch
+
+from helpers.config import ConfigError, TrainConfig
+
+
+def test_the_cache_holds_what_the_encoders_give(tiny_sdxl_dir):
+    from helpers.sd.models import load_base
+    from helpers.sd.text_encoding import encode_prompts
+    from helpers.train.step import DiffusionStep
+    from helpers.train.text_cache import encode_all
+
+    base = load_base(str(tiny_sdxl_dir))
+    step = DiffusionStep("sdxl", base.noise_scheduler(), base.tokenizers, base.text_encoders, torch.device("cpu"))
+    captions = ["a sks flower on a navy background", "a red circle", "a sks flower on a navy background"]
+    step.text_cache = encode_all(step, captions)
+    assert len(step.text_cache) == 2                      # each caption once
+    with torch.no_grad():
+        live = encode_prompts("sdxl", base.tokenizers, base.text_encoders, captions)
+    got = step.cached(captions)
+    assert torch.allclose(got.hidden, live.hidden, atol=1e-5) and torch.allclose(got.pooled, live.pooled, atol=1e-5)
+    with pytest.raises(ValueError, match="is not in the text-encoder cache"):
+        step.cached(["never seen"])
+
+
+def test_settings_that_change_captions_are_refused_by_name():
+    with pytest.raises(ConfigError, match="turn off: shuffle_caption, caption_dropout_rate, train_text_encoder"):
+        TrainConfig(cache_text_encoder_outputs=True, shuffle_caption=True, caption_dropout_rate=0.1,
+                    train_text_encoder=True)
+    with pytest.raises(ConfigError, match="method=textual_inversion"):
+        TrainConfig(cache_text_encoder_outputs=True, method="textual_inversion", token_string="<x>",
+                    init_word="flower")
+    TrainConfig(cache_text_encoder_outputs=True, keep_tokens=1)   # fixed captions: fine
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_a_cached_run_trains_exactly_as_an_encoding_one(family, tiny_sd15_dir, tiny_sdxl_dir, concept_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from helpers.train.loop import train
+
+    base = tiny_sd15_dir if family == "sd15" else tiny_sdxl_dir
+    cfg = TrainConfig(pretrained_model=str(base), train_data_dir=str(concept_dir), resolution=32, max_train_steps=3,
+                      train_batch_size=2, mixed_precision="no", output_dir=str(tmp_path / "plain"), output_name="t")
+    plain = load_file(train(cfg, progress=False).lora_path)
+    cached_cfg = cfg.replace(output_dir=str(tmp_path / "cached"), cache_text_encoder_outputs=True,
+                             cache_text_encoder_outputs_to_disk=True)
+    cached = load_file(train(cached_cfg, progress=False).lora_path)
+    assert plain.keys() == cached.keys()
+    # the same training up to float rounding (captions are encoded in other batch shapes than the steps')
+    diff = sum((plain[k].float() - cached[k].float()).norm() ** 2 for k in plain) ** 0.5
+    assert diff / sum(plain[k].float().norm() ** 2 for k in plain) ** 0.5 < 1e-3
+    files = list((tmp_path / "cached" / "text_cache").glob("*.safetensors"))
+    assert len(files) == 1
+    again = load_file(train(cached_cfg.replace(output_name="t2"), progress=False).lora_path)   # read from disk
+    assert all(torch.equal(again[k], cached[k]) for k in cached)
