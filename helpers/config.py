@@ -148,6 +148,11 @@ class TrainConfig(ConfigBase):
     caption_tag_dropout_rate: float = setting(0.0, "each tag dropped with this probability (keep_tokens stay)")
     cache_latents: bool = setting(True, "encode every image once with the VAE (faster; flips are cached too)")
     cache_latents_to_disk: bool = setting(False, "keep the latent cache in output_dir/latent_cache for the next run")
+    masked_loss: bool = setting(False, "the loss counts only the masked pixels (white in the mask; a face or a "
+                                       "product without its background)")
+    alpha_mask: bool = setting(False, "masks from the images' transparency (alpha channel)")
+    mask_dir: str | None = setting(None, "mask images named as the training images (default: "
+                                         "<train_data_dir>/_masks)")
     cache_text_encoder_outputs: bool = setting(False, "encode every caption once, then move the frozen text "
                                                       "encoders off the GPU (needs fixed captions: no shuffle/dropout)")
     cache_text_encoder_outputs_to_disk: bool = setting(False, "keep the text cache in output_dir/text_cache")

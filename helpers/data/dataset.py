@@ -434,7 +434,7 @@ class TrainDataset(torch.utils.data.Dataset):
                  min_bucket_reso: int = 256, max_bucket_reso: int = 1024, bucket_reso_steps: int = 64,
                  bucket_no_upscale: bool = False, flip: bool = False,
                  caption_processor: CaptionProcessor | None = None, seed: int = 0,
-                 random_crop: bool = False) -> None:
+                 random_crop: bool = False, mask_source: str | Path | None = None) -> None:
         if not items:
             raise ValueError("The dataset has no images.")
         for item in items:
@@ -448,6 +448,7 @@ class TrainDataset(torch.utils.data.Dataset):
         self.flip = flip
         self.random_crop = random_crop
         self.caption_processor = caption_processor or CaptionProcessor()
+        self.mask_source = mask_source   # "alpha", a mask folder, or None: no loss masks (helpers.data.masks)
         self.seed = int(seed)
         self.epoch = 0
 
@@ -546,7 +547,7 @@ class TrainDataset(torch.utils.data.Dataset):
         else:
             image = load_image(item.path)
             w, h = image.size
-            rw, _ = _cover_size(w, h, (bw, bh))
+            rw, rh = _cover_size(w, h, (bw, bh))
             crop_rng = _derived_rng(self.seed, self.epoch, index, "crop")
             crop = "random" if self.random_crop and augment else "center"
             image, (top, left) = resize_and_crop(image, (bw, bh), crop, crop_rng)
@@ -554,6 +555,11 @@ class TrainDataset(torch.utils.data.Dataset):
             if flipped:
                 pixels = pixels.flip(-1)
             example["pixel_values"] = pixels
+        if self.mask_source is not None:
+            from .masks import crop_mask, load_mask
+
+            mask = None if item.is_class else load_mask(Path(item.path), self.mask_source)
+            example["mask"] = crop_mask(mask, (rw, rh), (bw, bh), top, left, flipped)
         if flipped:
             left = rw - left - bw  # where the crop lies in the mirrored resized image
         example["original_size"] = (h, w)
@@ -738,7 +744,7 @@ def collate(examples: list[dict]) -> dict:
     if not examples:
         raise ValueError("collate got an empty batch")
     batch: dict = {}
-    for key in ("pixel_values", "latents"):
+    for key in ("pixel_values", "latents", "mask"):
         present = [key in e for e in examples]
         if any(present):
             if not all(present):

@@ -29,7 +29,7 @@ TRAIN_GROUPS: dict[str, list[str]] = {
               "max_token_length"],
     "Data": ["train_data_dir", "reg_data_dir", "resolution", "enable_bucket", "repeats", "flip_aug",
              "shuffle_caption", "keep_tokens", "caption_dropout_rate", "cache_latents",
-             "cache_text_encoder_outputs"],
+             "cache_text_encoder_outputs", "masked_loss", "alpha_mask", "mask_dir"],
     "Method": ["method", "token_string", "init_word", "num_vectors_per_token", "class_prompt", "num_class_images",
                "prior_loss_weight"],
     "LoRA": ["rank", "alpha", "target", "train_text_encoder", "lora_dropout"],

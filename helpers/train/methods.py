@@ -140,6 +140,7 @@ class LoraLayers(Trainable):
                    **{f"ss_{key}": str(getattr(cfg, name)) for key, name in SS_VARIANTS},
                    "ss_validation_split": str(cfg.validation_split), "ss_ema_decay": str(cfg.ema_decay),
                    "ss_cache_text_encoder_outputs": str(cfg.cache_text_encoder_outputs),
+                   "ss_masked_loss": str(cfg.masked_loss), "ss_alpha_mask": str(cfg.alpha_mask),
                    "ss_mixed_precision": to.mixed_precision,
                    "ss_sd_model_name": model_name_for_metadata(cfg.pretrained_model),
                    "ss_training_comment": f"helpers target={cfg.target}",

@@ -279,13 +279,14 @@ def _training_data(cfg: TrainConfig, base, methods: list[Trainable], accelerator
     buckets = dict(resolution=cfg.resolution, enable_bucket=cfg.enable_bucket, min_bucket_reso=cfg.min_bucket_reso,
                    max_bucket_reso=cfg.max_bucket_reso, bucket_reso_steps=cfg.bucket_reso_steps,
                    bucket_no_upscale=cfg.bucket_no_upscale, seed=cfg.seed)
+    masks = masks_for(cfg, items)
     dataset = TrainDataset(
-        items, **buckets, flip=cfg.flip_aug,
+        items, **buckets, flip=cfg.flip_aug, mask_source=masks,
         caption_processor=CaptionProcessor(shuffle=cfg.shuffle_caption, keep_tokens=cfg.keep_tokens,
                                            dropout=cfg.caption_dropout_rate,
                                            tag_dropout=cfg.caption_tag_dropout_rate),
     )
-    validation_set = TrainDataset(held_out, **buckets, flip=False) if held_out else None
+    validation_set = TrainDataset(held_out, **buckets, flip=False, mask_source=masks) if held_out else None
     vae, device = base.vae, accelerator.device
     vae_gen = torch.Generator(device=device).manual_seed(cfg.seed)
     encode_images = vae_encoder(vae, device, vae_gen)
@@ -296,6 +297,30 @@ def _training_data(cfg: TrainConfig, base, methods: list[Trainable], accelerator
                                   encoder_id=f"{cfg.pretrained_model}|{cfg.vae}|{vae.config.scaling_factor}|"
                                              f"{getattr(vae.config, 'shift_factor', None)}")
     return dataset, len(items), encode_images, vae_gen, validation_set
+
+
+def masks_for(cfg: TrainConfig, items: list):
+    """The loss masks' source for masked_loss ("alpha" or a folder), with a warning naming images that have
+    none (they count everywhere); ConfigError when there is nothing to read masks from."""
+    from ..data.masks import find_mask, load_mask, mask_source
+
+    try:
+        source = mask_source(cfg.masked_loss, cfg.alpha_mask, cfg.mask_dir, cfg.train_data_dir)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if source is None:
+        return None
+    own = [it for it in items if not it.is_class]
+    lacking = [Path(it.path).name for it in own
+               if (load_mask(Path(it.path), source) is None if source == "alpha" else
+                   find_mask(Path(it.path), Path(source)) is None)]
+    if len(lacking) == len(own):
+        raise ConfigError(f"masked_loss: none of the {len(own)} training images has a mask "
+                          f"({'no transparency' if source == 'alpha' else f'nothing matching in {source}'})")
+    if lacking:
+        warnings.warn(f"masked_loss: {len(lacking)} of {len(own)} images have no mask and count everywhere: "
+                      f"{', '.join(lacking[:5])}{' ...' if len(lacking) > 5 else ''}", UserWarning, stacklevel=2)
+    return source
 
 
 def split_validation(cfg: TrainConfig, items: list) -> tuple[list, list]:

@@ -70,8 +70,10 @@ def huber_threshold(v: Variants, timesteps: torch.Tensor, alphas_cumprod: torch.
 
 
 def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str,
-                    huber_c: torch.Tensor | None = None) -> torch.Tensor:
-    """The loss of each sample (mean over its elements): l2, l1, huber or smooth_l1 (sd-scripts' forms)."""
+                    huber_c: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss of each sample (mean over its elements): l2, l1, huber or smooth_l1 (sd-scripts' forms); with
+    `mask` (B, 1, H, W) in pixels, each latent element weighted by the mask's mean over its pixels (area
+    downsampling), as sd-scripts' masked loss."""
     diff = pred.float() - target.float()
     if loss_type == "l2":
         elem = diff ** 2
@@ -83,6 +85,8 @@ def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str,
         elem = 2 * c * elem if loss_type == "huber" else 2 * elem
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}")
+    if mask is not None:
+        elem = elem * F.interpolate(mask.float(), size=diff.shape[-2:], mode="area")
     return elem.mean(dim=tuple(range(1, diff.ndim)))
 
 
@@ -178,7 +182,8 @@ class DiffusionStep:
         pred = unet(noisy.to(self.weight_dtype), timesteps, **self.condition(batch)).sample
         huber_c = (huber_threshold(v, timesteps, self.alphas_cumprod, self.noise_scheduler.config.num_train_timesteps)
                    if v.loss_type in ("huber", "smooth_l1") else None)
-        per_sample = per_sample_loss(pred, target, v.loss_type, huber_c)
+        mask = to_device(batch["mask"], self.device) if "mask" in batch else None
+        per_sample = per_sample_loss(pred, target, v.loss_type, huber_c, mask)
         is_class = (to_device(batch["is_class"], self.device) if "is_class" in batch
                     else torch.zeros(b, dtype=torch.bool, device=self.device))
         weights = loss_weights(timesteps, self.alphas_cumprod, is_class, prediction_type=self.prediction_type,
