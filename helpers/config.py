@@ -76,6 +76,7 @@ TARGET_PRESETS = ("attention", "full")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 SCHEDULERS = ("constant", "cosine", "cosine_with_restarts", "linear", "polynomial")
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
+LOG_WITH = ("none", "tensorboard")
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 SAVE_PRECISIONS = ("fp16", "bf16", "float")
@@ -87,7 +88,7 @@ COMPILE_BACKENDS = ("inductor", "cudagraphs", "aot_eager")  # torch.compile back
 TRAIN_CHOICES: dict[str, tuple[str, ...]] = {
     "family": FAMILIES, "prediction_type": PREDICTION_TYPES, "method": METHODS, "target": TARGET_PRESETS,
     "optimizer": OPTIMIZERS, "lr_scheduler": SCHEDULERS, "mixed_precision": MIXED_PRECISIONS,
-    "loss_type": LOSS_TYPES, "huber_schedule": HUBER_SCHEDULES,
+    "loss_type": LOSS_TYPES, "huber_schedule": HUBER_SCHEDULES, "log_with": LOG_WITH,
     "save_precision": SAVE_PRECISIONS, "save_format": SAVE_FORMATS, "attention": ATTENTION,
     "nan_policy": NAN_POLICIES, "compile_backend": COMPILE_BACKENDS,
 }
@@ -242,6 +243,10 @@ class TrainConfig(ConfigBase):
                                  "\"latest\" = newest state in output_dir (fresh start if none), or a state folder")
     nan_policy: str = setting("stop", "NaN/inf loss: stop with advice, or skip the step (stops after 5 in a row)")
 
+    log_with: str = setting("none", "none | tensorboard: the log's records also go to TensorBoard (the CSV "
+                                    "log is always written)")
+    logging_dir: str | None = setting(None, "TensorBoard's folder (default: output_dir/logs)")
+
     # --- samples and validation during training ---
     sample_every_n_steps: int | None = setting(None, "render sample_prompts every N steps into output_dir/samples")
     sample_prompts: list[str] = setting(factory=list, help="prompts of the samples during training")
@@ -266,6 +271,11 @@ class TrainConfig(ConfigBase):
         if self.method == "textual_inversion" or self.token_string:
             out.append(f"method={self.method} (new token vectors)")
         return out
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        """Where TensorBoard's event files go: logging_dir, else output_dir/logs."""
+        return Path(self.logging_dir) if self.logging_dir else Path(self.output_dir) / "logs"
 
     @property
     def held_out(self) -> bool:

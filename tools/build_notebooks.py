@@ -179,6 +179,8 @@ train_form.show()'''),
     ("code", '''RESUME = False   # True after a disconnect: continue from the newest saved state in the output folder
 from helpers.train.loop import train
 train_cfg = train_form.save(project.config("train"))
+if train_cfg.log_with == "tensorboard":   # log_with in the form's Output group: TensorBoard here, inline
+    nb.show_tensorboard(train_cfg.tensorboard_dir)
 monitor = nb.TrainMonitor()
 result = train(train_cfg, on_event=monitor, resume=RESUME)
 print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}; file: {result.lora_path}")'''),

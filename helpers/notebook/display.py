@@ -298,6 +298,20 @@ def show_generated(paths: Sequence[str | Path], *, columns: int = 4, zoom: int =
     print(f"PNG info of {paths[0].name}:\n{infos[0] or '(none)'}")
 
 
+def show_tensorboard(logdir: str | Path) -> None:
+    """TensorBoard inline (Colab and Jupyter: the `%tensorboard` magic), or the command that starts it."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        get_ipython = None  # noqa: N806
+    ip = get_ipython() if get_ipython else None
+    if ip is None:
+        print(f"TensorBoard: tensorboard --logdir {logdir}")
+        return
+    ip.run_line_magic("load_ext", "tensorboard")
+    ip.run_line_magic("tensorboard", f"--logdir {logdir}")
+
+
 def show_link(path: str | Path, text: str) -> None:
     """A link to a file the notebook wrote (relative to the notebook, so it also works in a rendered page)."""
     _display(_html(f"<a href='{html.escape(_relative_link(Path(path)))}' target='_blank'>{html.escape(text)}</a> "

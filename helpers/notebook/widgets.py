@@ -43,7 +43,7 @@ TRAIN_GROUPS: dict[str, list[str]] = {
                                   "zero_terminal_snr"],
     "Memory and precision": ["mixed_precision", "gradient_checkpointing", "attention"],
     "Output": ["output_dir", "output_name", "save_every_n_steps", "save_format", "save_precision",
-               "save_state_every_n_steps", "save_state_last_n"],
+               "save_state_every_n_steps", "save_state_last_n", "log_with", "logging_dir"],
     "Samples during training": ["sample_every_n_steps", "sample_prompts", "sample_sampler", "sample_steps",
                                 "sample_cfg", "sample_seed"],
     "Validation": ["validation_split", "validation_data_dir", "validation_every_n_steps", "validation_images"],

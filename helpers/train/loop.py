@@ -23,7 +23,7 @@ from .methods import SaveTarget, describe_methods
 from .monitor import fixed_noise_loss, sample_images, validation_batches
 from .progress import Due, NanWatch, Progress
 from .saves import SAVE_DTYPES, KeptSaves
-from .setup import Run, resume_into, setup
+from .setup import Run, resume_into, setup, start_tracking
 from .state import capture_rng, prune_states, save_state, state_name, states_dir, trainable_tensors
 
 
@@ -137,9 +137,12 @@ class _Actions:
         self.val_batches = (validation_batches(run.step, val_source, cfg.validation_images, cfg.seed)
                             if cfg.validation_interval and self.is_main else None)
         self.offloaded = self._offload()
+        start_tracking(cfg, acc)
         if self.val_batches is not None and state is None:  # the baseline: the model before any update
             record = {"step": 0, "epoch": 0, "val_loss": self._val_loss()}
             self.logger.write(record)
+            if cfg.log_with != "none":
+                acc.log({"val_loss": record["val_loss"]}, step=0)
             emit("log", record)
         self.bar = tqdm(total=run.max_steps, initial=prog.step, disable=not (show_progress and self.is_main),
                         desc="training", unit="step")
@@ -239,6 +242,9 @@ class _Actions:
         if self.is_main:
             self.logger.write(record)
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+        if run.cfg.log_with != "none":   # the same record in TensorBoard (accelerate logs on rank 0 only)
+            acc.log({k: v for k, v in record.items() if k not in ("step", "epoch") and isinstance(v, float)},
+                    step=prog.step)
         self.emit("log", record)
 
     def save(self, name: str, epoch: int, final: bool = False) -> list[Path]:

@@ -98,9 +98,31 @@ def make_accelerator(cfg: TrainConfig, device_type: str | None = None) -> tuple[
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         # batches come from pinned memory (see the loader): copy them to the GPU without waiting
         dataloader_config=DataLoaderConfiguration(non_blocking=device_type == "cuda"),
+        **tracker_settings(cfg),
     )
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     return accelerator, weight_dtype
+
+
+def tracker_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """accelerate's tracker arguments for `cfg.log_with` (none: no tracker); ConfigError when the package the
+    tracker needs is missing."""
+    if cfg.log_with == "none":
+        return {}
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+        raise ConfigError("log_with='tensorboard' needs the tensorboard package: pip install tensorboard "
+                          "(Colab has it)")
+    return {"log_with": cfg.log_with, "project_dir": str(cfg.tensorboard_dir)}
+
+
+def start_tracking(cfg: TrainConfig, accelerator) -> None:
+    """Open the run in the tracker (TensorBoard), its settings as hyperparameters."""
+    if cfg.log_with == "none":
+        return
+    flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in cfg.to_dict().items()}
+    accelerator.init_trackers(cfg.output_name, config=flat)
 
 
 def attach_methods(cfg: TrainConfig, unet, text_encoders: list, tokenizers: list,
