@@ -193,3 +193,12 @@ def test_tag_config_runs_the_same_edits_as_the_cli(tmp_path):
     run = run_tag_config(tmp_path, cfg)
     assert (tmp_path / "a.txt").read_text().strip() == "sks, 1girl, red hair" and run.entry is not None
     assert run_tag_config(tmp_path, cfg).entry is None   # nothing left to change
+
+
+def test_the_sdxl_t4_preset_caches_text_and_latents_with_frozen_encoders():
+    values = preset_values("SDXL · T4")
+    cfg = TrainConfig(train_data_dir="d", **values)
+    assert (cfg.mixed_precision, cfg.train_batch_size, cfg.gradient_checkpointing, cfg.optimizer) == \
+        ("fp16", 1, True, "adamw8bit")
+    assert cfg.cache_latents and cfg.cache_text_encoder_outputs and not cfg.train_text_encoder
+    assert "cached text embeddings" in PRESETS["SDXL · T4"].about

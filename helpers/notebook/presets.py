@@ -46,9 +46,12 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            dict(_SD15_COMMON, mixed_precision="bf16", train_batch_size=8, gradient_accumulation_steps=1,
                 gradient_checkpointing=False, optimizer="adamw", learning_rate=2e-4, max_train_steps=800)),
     Preset("SDXL · T4", "sdxl", 12.0,
-           "fp16 with the fp16-safe VAE, batch 1, gradient checkpointing, 8-bit AdamW, cached latents",
+           "fp16 with the fp16-safe VAE, batch 1, gradient checkpointing, 8-bit AdamW, cached latents and "
+           "cached text embeddings: the frozen text encoders and the VAE leave the GPU during the steps. Needs "
+           "fixed captions (no tag shuffle or dropout). 12 GB is the budget it is built to fit, not a measured "
+           "peak",
            dict(_SDXL_COMMON, mixed_precision="fp16", train_batch_size=1, gradient_accumulation_steps=2,
-                gradient_checkpointing=True, optimizer="adamw8bit")),
+                gradient_checkpointing=True, optimizer="adamw8bit", cache_text_encoder_outputs=True)),
     Preset("SDXL · A100/H100", "sdxl", 40.0, "bf16, batch 4, gradient checkpointing",
            dict(_SDXL_COMMON, vae=None, mixed_precision="bf16", train_batch_size=4, gradient_accumulation_steps=1,
                 gradient_checkpointing=True, optimizer="adamw", learning_rate=2e-4, max_train_steps=1000)),
