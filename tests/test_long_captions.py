@@ -86,3 +86,31 @@ def test_the_setting_is_checked_trained_with_and_written_to_the_metadata(tiny_sd
     with safe_open(str(result.lora_path), "pt") as f:
         assert f.metadata()["ss_max_token_length"] == "150"
     assert torch.isfinite(torch.tensor(result.final_loss))
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_a_160_token_caption_trains_in_the_chunks_inference_prompts_it_in(family, tiny_sd15_dir, tiny_sdxl_dir):
+    """Three chunks, each encoded as the inference path (A1111 chunking) encodes it; training then keeps the
+    first BOS, every chunk's inside and the last token, as sd-scripts does."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from helpers.sd.prompt_weighting import encode_weighted
+
+    folder = tiny_sd15_dir if family == "sd15" else tiny_sdxl_dir
+    subs = ["tokenizer"] if family == "sd15" else ["tokenizer", "tokenizer_2"]
+    toks = [CLIPTokenizer.from_pretrained(str(folder), subfolder=s) for s in subs]
+    tes = [CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder").eval()]
+    if family == "sdxl":
+        tes.append(CLIPTextModelWithProjection.from_pretrained(str(folder), subfolder="text_encoder_2").eval())
+    caption = ", ".join(f"t{i}" for i in range(43))
+    n = len(toks[0](caption, add_special_tokens=False).input_ids)
+    assert 150 < n <= 225, n   # three chunks (160 tokens)
+    fam = "sd1" if family == "sd15" else "sdxl"
+    with torch.no_grad():
+        trained = encode_prompts(fam, toks, tes, [caption], max_token_length=225)
+        prompted = encode_weighted(fam, toks, tes, [caption])
+    assert prompted.hidden.shape[1] == 3 * 77
+    joined = join_chunks(prompted.hidden.reshape(3, 77, -1), 1)
+    assert torch.allclose(trained.hidden, joined, atol=1e-5)
+    if family == "sdxl":
+        assert torch.allclose(trained.pooled, prompted.pooled, atol=1e-5)

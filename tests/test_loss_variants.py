@@ -113,3 +113,54 @@ def test_a_run_with_every_variant_trains_and_records_them(tiny_sd15_dir, concept
         ("huber", "snr", "100", "900", "4", "True")
     with pytest.raises(ConfigError, match="zero_terminal_snr needs a v-prediction model"):
         train(cfg.replace(zero_terminal_snr=True, output_name="z"), progress=False)
+
+
+def _fixed_step(tiny_sd15_dir, **variants):
+    from helpers.sd.models import load_base
+    from helpers.train.step import DiffusionStep
+
+    base = load_base(str(tiny_sd15_dir))
+    return DiffusionStep("sd1", base.noise_scheduler(), base.tokenizers, base.text_encoders, torch.device("cpu"),
+                         noise_offset=variants.pop("noise_offset", 0.0), variants=Variants(**variants))
+
+
+class _Recorder:
+    """A UNet stand-in: records its input, predicts zeros."""
+
+    def __call__(self, x, t, **kw):
+        self.x, self.t = x.clone(), t.clone()
+        return type("O", (), {"sample": torch.zeros_like(x)})
+
+
+def test_defaults_reproduce_the_plain_loss_bit_for_bit(tiny_sd15_dir):
+    step = _fixed_step(tiny_sd15_dir)
+    lat = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    unet = _Recorder()
+    loss = step.loss(unet, {"latents": lat, "captions": ["a", "b"]}, torch.Generator().manual_seed(9))
+    g = torch.Generator().manual_seed(9)           # the plain recipe, by hand: noise, t, add_noise, MSE
+    noise = torch.randn(lat.shape, generator=g)
+    t = torch.randint(0, 1000, (2,), generator=g)
+    a = step.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    assert torch.equal(unet.t, t) and torch.allclose(unet.x, a.sqrt() * lat + (1 - a).sqrt() * noise)
+    assert loss.item() == ((0 - noise) ** 2).mean(dim=(1, 2, 3)).mean().item()
+
+
+def test_input_perturbation_and_random_offset_strengths_by_hand(tiny_sd15_dir):
+    lat = torch.zeros(1, 4, 16, 16)
+    unet = _Recorder()
+    step = _fixed_step(tiny_sd15_dir, ip_noise_gamma=0.1)
+    loss = step.loss(unet, {"latents": lat, "captions": ["a"]}, torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(2)
+    noise = torch.randn(lat.shape, generator=g)
+    t = torch.randint(0, 1000, (1,), generator=g)
+    extra = torch.randn(lat.shape, generator=g)
+    a = step.noise_scheduler.alphas_cumprod[t]
+    assert torch.allclose(unet.x, (1 - a).sqrt() * (noise + 0.1 * extra))       # the input is perturbed ...
+    assert loss.item() == pytest.approx((noise ** 2).mean().item(), rel=1e-6)      # ... the target is not
+
+    step = _fixed_step(tiny_sd15_dir, noise_offset=0.1, noise_offset_random_strength=True)
+    got = step.draw_noise(lat, torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(lat.shape, generator=g)
+    strength = 0.1 * torch.rand(1, generator=g)
+    assert torch.allclose(got, base + strength * torch.randn((1, 4, 1, 1), generator=g))

@@ -78,3 +78,15 @@ def test_a_masked_run_trains_and_a_run_without_masks_is_refused(tiny_sd15_dir, t
         result = train(cfg, progress=False)
     with safe_open(str(result.lora_path), "pt") as f:
         assert f.metadata()["ss_masked_loss"] == "True"
+
+
+def test_latents_outside_the_mask_get_no_gradient_and_a_white_mask_is_the_plain_loss():
+    g = torch.Generator().manual_seed(1)
+    pred = torch.randn(2, 4, 8, 8, generator=g).requires_grad_(True)
+    target = torch.randn(2, 4, 8, 8, generator=g)
+    mask = torch.ones(2, 1, 64, 64)
+    mask[:, :, 32:, :] = 0                      # the bottom half of the pixels: latent rows 4-7
+    per_sample_loss(pred, target, "l2", None, mask).sum().backward()
+    assert pred.grad[..., 4:, :].abs().max() == 0 and pred.grad[..., :4, :].abs().min() > 0
+    white = torch.ones(2, 1, 64, 64)
+    assert torch.equal(per_sample_loss(pred, target, "l2", None, white), per_sample_loss(pred, target, "l2"))

@@ -29,6 +29,10 @@ def test_settings_that_change_captions_are_refused_by_name():
     with pytest.raises(ConfigError, match="turn off: shuffle_caption, caption_dropout_rate, train_text_encoder"):
         TrainConfig(cache_text_encoder_outputs=True, shuffle_caption=True, caption_dropout_rate=0.1,
                     train_text_encoder=True)
+    with pytest.raises(ConfigError, match="turn off: caption_tag_dropout_rate$"):
+        TrainConfig(cache_text_encoder_outputs=True, caption_tag_dropout_rate=0.1)
+    with pytest.raises(ConfigError, match="method=lora \\(new token vectors\\)"):   # pivotal tuning
+        TrainConfig(cache_text_encoder_outputs=True, token_string="<x>", init_word="flower")
     with pytest.raises(ConfigError, match="method=textual_inversion"):
         TrainConfig(cache_text_encoder_outputs=True, method="textual_inversion", token_string="<x>",
                     init_word="flower")
@@ -56,3 +60,28 @@ def test_a_cached_run_trains_exactly_as_an_encoding_one(family, tiny_sd15_dir, t
     assert len(files) == 1
     again = load_file(train(cached_cfg.replace(output_name="t2"), progress=False).lora_path)   # read from disk
     assert all(torch.equal(again[k], cached[k]) for k in cached)
+
+
+def test_a_step_on_cached_text_has_exactly_the_loss_of_one_that_encodes(tiny_sd15_dir, concept_dir, tmp_path):
+    """Same batch, same seed: bit-identical losses; and the encoders (and the fully cached VAE) are what the
+    loop moves off the GPU."""
+    from helpers.data.dataset import collate
+    from helpers.train.setup import frozen_after_caching, setup
+    from helpers.train.text_cache import encode_all
+
+    cfg = TrainConfig(pretrained_model=str(tiny_sd15_dir), train_data_dir=str(concept_dir), resolution=32,
+                      train_batch_size=2, mixed_precision="no", cache_text_encoder_outputs=True,
+                      output_dir=str(tmp_path))
+    run = setup(cfg, None, show_progress=False)
+    batch = collate([run.dataset[0], run.dataset[3]])
+    assert batch["captions"][0] != batch["captions"][1]
+    step = run.step
+    cache = step.text_cache
+    step.text_cache = encode_all(step, batch["captions"], batch_size=2)   # the batch's own shape
+    cached = step.loss(run.unet, batch, torch.Generator().manual_seed(5))
+    step.text_cache = None
+    plain = step.loss(run.unet, batch, torch.Generator().manual_seed(5))
+    assert cached.item() == plain.item()
+    step.text_cache = cache
+    assert len(cache) == len({c for c in batch["captions"]} | set(cache))   # every dataset caption is there
+    assert frozen_after_caching(run) == [*run.base.text_encoders, run.base.vae]

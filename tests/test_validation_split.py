@@ -53,3 +53,20 @@ def test_a_run_validates_on_held_out_images_and_names_the_best_save(tiny_sd15_di
         meta = f.metadata()
     # 12 images x 2 repeats in the concept folder: 3 of the 12 held out, so 9 x 2 samples trained on
     assert meta["ss_validation_split"] == "0.25" and meta["ss_num_train_images"] == "18"
+
+
+def test_no_held_out_image_ever_reaches_a_training_batch(tiny_sd15_dir, concept_dir, tmp_path):
+    from helpers.train.setup import setup
+
+    cfg = TrainConfig(pretrained_model=str(tiny_sd15_dir), train_data_dir=str(concept_dir), resolution=32,
+                      train_batch_size=3, validation_split=0.25, mixed_precision="no", output_dir=str(tmp_path))
+    run = setup(cfg, None, show_progress=False)
+    held = {str(i.path) for i in run.validation_set.items}
+    assert len(held) == 3
+    trained = set()
+    for epoch in range(3):
+        run.sampler.set_epoch(epoch)
+        run.dataset.set_epoch(epoch)
+        for batch in run.loader:
+            trained |= {str(run.dataset.item_of(int(i)).path) for i in batch["index"]}
+    assert trained and not trained & held and len(trained) == 9

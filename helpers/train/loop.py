@@ -23,7 +23,7 @@ from .methods import SaveTarget, describe_methods
 from .monitor import fixed_noise_loss, sample_images, validation_batches
 from .progress import Due, NanWatch, Progress
 from .saves import SAVE_DTYPES, KeptSaves
-from .setup import Run, resume_into, setup, start_tracking
+from .setup import Run, frozen_after_caching, resume_into, setup, start_tracking
 from .state import capture_rng, prune_states, save_state, state_name, states_dir, trainable_tensors
 
 
@@ -162,12 +162,10 @@ class _Actions:
     def _offload(self) -> list[torch.nn.Module]:
         """Frozen models the steps no longer need leave the GPU: the text encoders once their outputs are cached,
         the VAE once every latent is. They come back only to draw samples."""
-        run, cfg = self.run, self.run.cfg
+        run = self.run
         if run.accelerator.device.type == "cpu":
             return []
-        out = list(run.base.text_encoders) if cfg.cache_text_encoder_outputs else []
-        if cfg.cache_latents and run.dataset.latents_cached:
-            out.append(run.base.vae)
+        out = frozen_after_caching(run)
         for m in out:
             m.to("cpu")
         if out:

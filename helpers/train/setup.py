@@ -242,6 +242,16 @@ def training_schedule(cfg: TrainConfig, noise_scheduler):
     return type(noise_scheduler).from_config(noise_scheduler.config, rescale_betas_zero_snr=True)
 
 
+def frozen_after_caching(run: Run) -> list[torch.nn.Module]:
+    """The frozen models the steps no longer call once caches are filled: the text encoders with cached
+    outputs, the VAE when every latent is cached (the loop moves them off the GPU)."""
+    cfg = run.cfg
+    out = list(run.base.text_encoders) if cfg.cache_text_encoder_outputs else []
+    if cfg.cache_latents and run.dataset.latents_cached:
+        out.append(run.base.vae)
+    return out
+
+
 def make_step(cfg: TrainConfig, methods: list[Trainable], family: str, noise_scheduler, tokenizers: list,
               text_encoders: list, device: torch.device, weight_dtype: torch.dtype,
               encode_images=None) -> DiffusionStep:
