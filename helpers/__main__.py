@@ -119,6 +119,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from .formats.inspect import format_info, inspect_lora
+
+    for path in args.files:
+        info = inspect_lora(path)
+        print(json.dumps(info.to_dict(), indent=1, default=str) if args.json else format_info(info))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .toy.demo import run_demo
 
@@ -130,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_prepare_parser, _tag_parser, _train_parser, _generate_parser, _evaluate_parser, _demo_parser):
+    for add in (_prepare_parser, _tag_parser, _train_parser, _generate_parser, _evaluate_parser, _inspect_parser,
+                _demo_parser):
         add(sub)
     return run_command(parser.parse_args(argv))
 
@@ -200,6 +212,13 @@ def _evaluate_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cuda, cpu")
     p.add_argument("--toy", action="store_true", help="the toy world: toy base, shipped toy LoRA, toy judge")
     p.add_argument("--no-progress", action="store_true")
+
+
+def _inspect_parser(sub) -> None:
+    p = _verb(sub, "inspect", None, "what is in a LoRA file: family, network type, rank/alpha per block, "
+              "training settings, tags, hashes", cmd_inspect)
+    p.add_argument("files", nargs="+", help="LoRA .safetensors files")
+    p.add_argument("--json", action="store_true", help="the full report as JSON (metadata included)")
 
 
 def _demo_parser(sub) -> None:
