@@ -122,11 +122,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     import json
 
-    from .formats.inspect import format_info, inspect_lora
+    from .toolbox.inspect import format_info, inspect_lora
 
     for path in args.files:
         info = inspect_lora(path)
         print(json.dumps(info.to_dict(), indent=1, default=str) if args.json else format_info(info))
+    return 0
+
+
+def cmd_resize(args: argparse.Namespace) -> int:
+    from .toolbox.resize import format_report, resize_lora
+
+    report = resize_lora(args.src, args.dst, args.rank, method=args.dynamic_method, param=args.dynamic_param,
+                         conv_rank=args.conv_rank)
+    lines = format_report(report).splitlines()
+    print("\n".join(lines if args.verbose else lines[-1:]))
+    print(f"wrote {args.dst}")
     return 0
 
 
@@ -142,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_prepare_parser, _tag_parser, _train_parser, _generate_parser, _evaluate_parser, _inspect_parser,
-                _demo_parser):
+                _resize_parser, _demo_parser):
         add(sub)
     return run_command(parser.parse_args(argv))
 
@@ -219,6 +230,22 @@ def _inspect_parser(sub) -> None:
               "training settings, tags, hashes", cmd_inspect)
     p.add_argument("files", nargs="+", help="LoRA .safetensors files")
     p.add_argument("--json", action="store_true", help="the full report as JSON (metadata included)")
+
+
+def _resize_parser(sub) -> None:
+    from .toolbox.resize import DYNAMIC_METHODS
+
+    p = _verb(sub, "resize", None, "reduce a LoRA's rank by SVD, to a fixed rank or per module (sd-scripts' "
+              "dynamic methods)", cmd_resize)
+    p.add_argument("src", help="the LoRA to resize (kohya layout .safetensors)")
+    p.add_argument("dst", help="the resized file to write")
+    p.add_argument("--rank", type=_positive_int, required=True, help="the new rank (the most a dynamic method keeps)")
+    p.add_argument("--conv-rank", type=_positive_int, default=None, help="new rank of 3x3 convolutions (LoCon)")
+    p.add_argument("--dynamic-method", choices=DYNAMIC_METHODS, default=None,
+                   help="sv_ratio: keep singular values >= max / param; sv_cumulative / sv_fro: keep this share "
+                        "of their sum / of the Frobenius norm")
+    p.add_argument("--dynamic-param", type=float, default=None, help="the dynamic method's parameter (e.g. 0.9)")
+    p.add_argument("--verbose", action="store_true", help="one line per module: rank kept, norm retained")
 
 
 def _demo_parser(sub) -> None:

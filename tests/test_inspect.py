@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from helpers.formats.inspect import format_info, inspect_lora
+from helpers.toolbox.inspect import format_info, inspect_lora
 
 
 def _kohya_file(path, *, conv=False, te=True, meta=None):

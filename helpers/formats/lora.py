@@ -530,7 +530,7 @@ def _peft_alphas(file_meta: Mapping[str, str]) -> dict[str, dict]:
 _SD12 = frozenset({"sd1", "sd2"})
 
 
-def _guess_file_family(entries: Mapping[str, Mapping[str, torch.Tensor]]) -> tuple[frozenset, str]:
+def guess_file_family(entries: Mapping[str, Mapping[str, torch.Tensor]]) -> tuple[frozenset, str]:
     """Which families a LoRA file looks made for, and why (key prefixes, UNet layout, widths);
     an empty set when nothing tells."""
     keys = list(entries)
@@ -554,7 +554,8 @@ def _guess_file_family(entries: Mapping[str, Mapping[str, torch.Tensor]]) -> tup
 _FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 
 
-def _family_label(families: frozenset) -> str:
+def family_label(families: frozenset) -> str:
+    """A family set as people name it: "SD 1.x", "SDXL", "SD 1.x/2.x"."""
     return "SD 1.x/2.x" if families == _SD12 else "/".join(_FAMILY_NAMES[f] for f in sorted(families))
 
 
@@ -611,9 +612,9 @@ def load_lora(path_or_state_dict, pipe) -> tuple[LoraWeights, dict[str, str]]:
         weights.setdefault(comp, {})[name] = LoraModule(down=down, up=up, alpha=alpha)
 
     if unknown or problems:
-        guess, why = _guess_file_family(entries)
+        guess, why = guess_file_family(entries)
         if guess and model_family not in guess:
-            label = _family_label(guess)
+            label = family_label(guess)
             raise ValueError(f"this LoRA looks made for {label} ({why}), but the model is "
                              f"{_FAMILY_NAMES[model_family]}; load it with a {label} base model")
         if unknown:

@@ -143,7 +143,7 @@ def _hashes(path: Path) -> dict[str, str]:
 def inspect_lora(path: str | Path, top_tags: int = 20) -> LoraInfo:
     """Read a LoRA file's header and tensors and describe them (ValueError for a file that is no LoRA)."""
     from ..files import load_safetensors
-    from .lora import _family_label, _guess_file_family
+    from ..formats.lora import family_label, guess_file_family
 
     path = Path(path)
     tensors, meta = load_safetensors(path, "LoRA file")
@@ -168,8 +168,8 @@ def inspect_lora(path: str | Path, top_tags: int = 20) -> LoraInfo:
     if not family:
         entries = {k: {("down" if "down" in p or p.startswith("lora_A") else p): v for p, v in m.items()}
                    for k, m in modules.items()}
-        fams, reason = _guess_file_family(entries)
-        family = _family_label(fams) if fams else "unknown"
+        fams, reason = guess_file_family(entries)
+        family = family_label(fams) if fams else "unknown"
 
     blocks: dict[str, dict[str, list]] = {}
     for mod, m in sorted(modules.items()):
