@@ -141,6 +141,13 @@ def cmd_resize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .toolbox.convert import convert_lora
+
+    print(f"wrote {convert_lora(args.src, args.dst, to=args.to, model=args.model)}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .toy.demo import run_demo
 
@@ -153,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_prepare_parser, _tag_parser, _train_parser, _generate_parser, _evaluate_parser, _inspect_parser,
-                _resize_parser, _demo_parser):
+                _resize_parser, _convert_parser, _demo_parser):
         add(sub)
     return run_command(parser.parse_args(argv))
 
@@ -246,6 +253,18 @@ def _resize_parser(sub) -> None:
                         "of their sum / of the Frobenius norm")
     p.add_argument("--dynamic-param", type=float, default=None, help="the dynamic method's parameter (e.g. 0.9)")
     p.add_argument("--verbose", action="store_true", help="one line per module: rank kept, norm retained")
+
+
+def _convert_parser(sub) -> None:
+    from .toolbox.convert import TARGETS
+
+    p = _verb(sub, "convert", None, "convert a LoRA between the kohya layout (A1111, ComfyUI) and the "
+              "diffusers/peft layout, alphas kept", cmd_convert)
+    p.add_argument("src", help="the LoRA: a .safetensors file (any layout) or a diffusers LoRA folder")
+    p.add_argument("dst", help="kohya: a .safetensors file; diffusers: a folder")
+    p.add_argument("--to", choices=TARGETS, required=True, help="the layout to write")
+    p.add_argument("--model", required=True, help="the base model (diffusers folder or hub id): only its "
+                                                  "configs are read, to match keys to modules")
 
 
 def _demo_parser(sub) -> None:
