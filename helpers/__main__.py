@@ -148,6 +148,29 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .toolbox.merge import merge_loras, merge_to_checkpoint
+
+    loras = [_path_weight(x) for x in args.lora]
+    if args.to_lora:
+        print(f"wrote {merge_loras(loras, args.to_lora, model=args.model, rank=args.rank)}")
+    else:
+        for p in merge_to_checkpoint(args.model, loras, single_file=args.checkpoint, diffusers_dir=args.diffusers):
+            print(f"wrote {p}")
+    return 0
+
+
+def _path_weight(text: str) -> tuple[str, float]:
+    """"file.safetensors:0.8" -> (file, 0.8); no weight: 1.0."""
+    path, sep, weight = text.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .toy.demo import run_demo
 
@@ -160,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_prepare_parser, _tag_parser, _train_parser, _generate_parser, _evaluate_parser, _inspect_parser,
-                _resize_parser, _convert_parser, _demo_parser):
+                _resize_parser, _convert_parser, _merge_parser, _demo_parser):
         add(sub)
     return run_command(parser.parse_args(argv))
 
@@ -265,6 +288,19 @@ def _convert_parser(sub) -> None:
     p.add_argument("--to", choices=TARGETS, required=True, help="the layout to write")
     p.add_argument("--model", required=True, help="the base model (diffusers folder or hub id): only its "
                                                   "configs are read, to match keys to modules")
+
+
+def _merge_parser(sub) -> None:
+    p = _verb(sub, "merge", None, "merge LoRAs at weights into the base model (a single-file checkpoint and/or a "
+              "diffusers folder) or into one LoRA", cmd_merge)
+    p.add_argument("--model", required=True, help="the base model (hub id, diffusers folder or .safetensors)")
+    p.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT]",
+                   help="a LoRA and its weight (default 1); repeat for several")
+    p.add_argument("--checkpoint", help="write the merged model as this single-file .safetensors (A1111, ComfyUI)")
+    p.add_argument("--diffusers", help="write the merged model as this diffusers folder")
+    p.add_argument("--to-lora", help="instead: write the LoRAs merged into one LoRA file")
+    p.add_argument("--rank", type=_positive_int, default=None,
+                   help="with --to-lora: the merged LoRA's rank by SVD (default: exact, the ranks concatenated)")
 
 
 def _demo_parser(sub) -> None:
