@@ -171,6 +171,20 @@ def _path_weight(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
+def cmd_extract(args: argparse.Namespace) -> int:
+    from .toolbox.extract import extract_lora
+
+    path, report = extract_lora(args.base, args.tuned, args.dst, args.rank, conv_rank=args.conv_rank,
+                                clamp_quantile=args.clamp_quantile, min_diff=args.min_diff,
+                                text_encoder=not args.unet_only)
+    for r in report if args.verbose else []:
+        print(f"{r.component}.{r.name:<70} rank {r.rank:<3} fro retained {r.fro_retained:6.1%}")
+    mean = sum(r.fro_retained for r in report) / len(report)
+    print(f"{len(report)} layers differ; fro retained: mean {mean:.1%}, lowest "
+          f"{min(r.fro_retained for r in report):.1%}\nwrote {path}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .toy.demo import run_demo
 
@@ -183,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_prepare_parser, _tag_parser, _train_parser, _generate_parser, _evaluate_parser, _inspect_parser,
-                _resize_parser, _convert_parser, _merge_parser, _demo_parser):
+                _resize_parser, _convert_parser, _merge_parser, _extract_parser, _demo_parser):
         add(sub)
     return run_command(parser.parse_args(argv))
 
@@ -301,6 +315,22 @@ def _merge_parser(sub) -> None:
     p.add_argument("--to-lora", help="instead: write the LoRAs merged into one LoRA file")
     p.add_argument("--rank", type=_positive_int, default=None,
                    help="with --to-lora: the merged LoRA's rank by SVD (default: exact, the ranks concatenated)")
+
+
+def _extract_parser(sub) -> None:
+    p = _verb(sub, "extract", None, "extract a LoRA (or LoCon) from a fine-tuned model minus its base, by SVD",
+              cmd_extract)
+    p.add_argument("--base", required=True, help="the base model the fine-tune started from")
+    p.add_argument("--tuned", required=True, help="the fine-tuned / DreamBooth model")
+    p.add_argument("dst", help="the LoRA file to write (kohya layout)")
+    p.add_argument("--rank", type=_positive_int, required=True)
+    p.add_argument("--conv-rank", type=_positive_int, default=None, help="also the 3x3 convolutions, at this "
+                                                                         "rank (a LoCon)")
+    p.add_argument("--clamp-quantile", type=float, default=0.99, help="clamp the factors' outliers at this "
+                                                                      "quantile (sd-scripts: 0.99; 1: no clamp)")
+    p.add_argument("--min-diff", type=float, default=1e-6, help="layers that differ less are left out")
+    p.add_argument("--unet-only", action="store_true", help="leave the text encoders out")
+    p.add_argument("--verbose", action="store_true", help="one line per layer: rank and norm kept")
 
 
 def _demo_parser(sub) -> None:
