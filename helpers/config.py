@@ -219,6 +219,8 @@ class TrainConfig(ConfigBase):
     scale_v_pred_loss_like_noise_pred: bool = setting(False, "v-prediction: weight by SNR/(SNR+1), as epsilon's")
     zero_terminal_snr: bool = setting(False, "rescale the noise schedule to reach pure noise (needs v-prediction)")
     prior_loss_weight: float = setting(1.0, "loss weight of the class (regularization) images")
+    loraplus_lr_ratio: float | None = setting(None, "LoRA+: the B (up) matrices learn this many times faster "
+                                                    "(16 is the paper's value; None: off)")
     ema_decay: float | None = setting(None, "keep an EMA of the trained weights (0.999 typical; None: off): saved "
                                             "as <name>_ema beside the LoRA, used for the samples")
     ema_warmup: bool = setting(True, "EMA decay ramps up as (1+step)/(10+step): early steps are not frozen in")
@@ -369,6 +371,10 @@ class TrainConfig(ConfigBase):
             raise ConfigError("zero_terminal_snr needs prediction_type v_prediction: at the last timestep an "
                               "epsilon model sees pure noise and has nothing to predict it from")
         _number_in("prior_loss_weight", self.prior_loss_weight, 0.0, 100.0)
+        if self.loraplus_lr_ratio is not None:
+            _number_in("loraplus_lr_ratio", self.loraplus_lr_ratio, 0.0, 1000.0, low_open=True)
+            if self.method != "lora":
+                raise ConfigError(f"loraplus_lr_ratio is for LoRA training (method lora), not {self.method}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be a number in (0, 1), e.g. 0.999, or unset; got {self.ema_decay!r}")
         _non_negative_int("seed", self.seed)

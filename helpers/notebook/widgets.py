@@ -32,7 +32,7 @@ TRAIN_GROUPS: dict[str, list[str]] = {
              "cache_text_encoder_outputs", "masked_loss", "alpha_mask", "mask_dir"],
     "Method": ["method", "token_string", "init_word", "num_vectors_per_token", "class_prompt", "num_class_images",
                "prior_loss_weight"],
-    "LoRA": ["rank", "alpha", "target", "train_text_encoder", "lora_dropout"],
+    "LoRA": ["rank", "alpha", "target", "train_text_encoder", "lora_dropout", "loraplus_lr_ratio"],
     "Training": ["max_train_steps", "train_batch_size", "gradient_accumulation_steps", "optimizer", "learning_rate",
                  "text_encoder_lr", "embedding_lr", "lr_scheduler", "lr_warmup_steps", "min_snr_gamma",
                  "noise_offset", "ema_decay", "ema_warmup", "seed"],

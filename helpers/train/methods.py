@@ -97,9 +97,26 @@ class LoraLayers(Trainable):
         for te in self.text_encoders:
             inject_lora(te, self._config(text_encoder_target_modules(te, self.cfg.target)))
 
+    def param_groups(self, cfg: TrainConfig) -> list[dict]:
+        """As every method's, but with LoRA+ (`loraplus_lr_ratio`) each model's B (up) matrices in their own
+        group at that many times its learning rate (Hayou et al. 2024; sd-scripts' loraplus_lr_ratio)."""
+        groups = super().param_groups(cfg)
+        if not cfg.loraplus_lr_ratio:
+            return groups
+        models = [self.unet, *self.text_encoders]
+        out = []
+        for model, group in zip(models, groups):
+            b = {id(p) for n, p in model.named_parameters() if p.requires_grad and ".lora_B." in n}
+            a_params = [p for p in group["params"] if id(p) not in b]
+            b_params = [p for p in group["params"] if id(p) in b]
+            out += [{"params": a_params, "lr": group["lr"]},
+                    {"params": b_params, "lr": group["lr"] * cfg.loraplus_lr_ratio}]
+        return out
+
     def describe(self) -> str:
         te = " + text encoder" if self.text_encoders else ""
-        return f"LoRA rank {self.cfg.rank} alpha {self.cfg.alpha} ({self.cfg.target}{te})"
+        plus = f", LoRA+ x{self.cfg.loraplus_lr_ratio:g}" if self.cfg.loraplus_lr_ratio else ""
+        return f"LoRA rank {self.cfg.rank} alpha {self.cfg.alpha} ({self.cfg.target}{te}{plus})"
 
     def save(self, to, name, step, epoch) -> list[Path]:
         from ..formats.lora import extract_peft_lora, save_lora
@@ -141,6 +158,7 @@ class LoraLayers(Trainable):
                    "ss_validation_split": str(cfg.validation_split), "ss_ema_decay": str(cfg.ema_decay),
                    "ss_cache_text_encoder_outputs": str(cfg.cache_text_encoder_outputs),
                    "ss_masked_loss": str(cfg.masked_loss), "ss_alpha_mask": str(cfg.alpha_mask),
+                   "ss_loraplus_lr_ratio": str(cfg.loraplus_lr_ratio),
                    "ss_mixed_precision": to.mixed_precision,
                    "ss_sd_model_name": model_name_for_metadata(cfg.pretrained_model),
                    "ss_training_comment": f"helpers target={cfg.target}",
