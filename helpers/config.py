@@ -171,6 +171,12 @@ class TrainConfig(ConfigBase):
     rank: int = setting(16, "kohya: network_dim")
     alpha: float = setting(16.0, "kohya: network_alpha; the LoRA scale is alpha / rank")
     lora_dropout: float = setting(0.0, "dropout on the LoRA layers' input")
+    block_dims: list[int] = setting(factory=list, help="rank per UNet block, kohya's order IN00.., MID, OUT.. (25 "
+                                                       "values for SD 1.5, 19 for SDXL; 0 leaves a block out)")
+    block_alphas: list[float] = setting(factory=list, help="alpha per UNet block, in block_dims' order")
+    layer_filter: list[str] = setting(factory=list, help="train only target modules whose name contains one of "
+                                                         "these (e.g. attn2, ff); empty: all")
+    layer_filter_regex: bool = setting(False, "layer_filter entries are regular expressions")
     target: str = setting("attention", "attention (q,k,v,out) | full (sd-scripts' default set)")
     train_text_encoder: bool = setting(False,
                                        "LoRA (or DreamBooth weights) on the text encoder(s) too, at text_encoder_lr")
@@ -371,6 +377,10 @@ class TrainConfig(ConfigBase):
             raise ConfigError("zero_terminal_snr needs prediction_type v_prediction: at the last timestep an "
                               "epsilon model sees pure noise and has nothing to predict it from")
         _number_in("prior_loss_weight", self.prior_loss_weight, 0.0, 100.0)
+        if any(not isinstance(d, int) or d < 0 for d in self.block_dims):
+            raise ConfigError(f"block_dims are ranks (whole numbers >= 0), got {self.block_dims}")
+        if (self.block_dims or self.block_alphas or self.layer_filter) and self.method != "lora":
+            raise ConfigError("block_dims, block_alphas and layer_filter shape a LoRA: use them with method lora")
         if self.loraplus_lr_ratio is not None:
             _number_in("loraplus_lr_ratio", self.loraplus_lr_ratio, 0.0, 1000.0, low_open=True)
             if self.method != "lora":

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..config import TrainConfig
+from ..config import ConfigError, TrainConfig
 from ..formats.lora import model_name_for_metadata
 from .saves import build_timestamp, cast_safetensors_files, ss_tag_frequency
 
@@ -81,21 +81,32 @@ class LoraLayers(Trainable):
         self.cfg = cfg
         self.text_grad = cfg.train_text_encoder
 
-    def _config(self, targets: list[str]):
+    def _config(self, targets: list[str], ranks: dict | None = None, alphas: dict | None = None):
         from peft import LoraConfig
 
         cfg = self.cfg
         return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout, init_lora_weights=True,
-                          target_modules=targets)
+                          target_modules=targets, rank_pattern=ranks or {}, alpha_pattern=alphas or {})
 
     def attach(self, unet, text_encoders, tokenizers, device) -> None:
         from ..sd.lora_targets import inject_lora, text_encoder_target_modules, unet_target_modules
+        from .blocks import filter_layers, rank_plan
 
+        cfg = self.cfg
         self.unet = unet
-        self.text_encoders = list(text_encoders) if self.cfg.train_text_encoder else []
-        inject_lora(unet, self._config(unet_target_modules(unet, self.cfg.target)))
+        self.text_encoders = list(text_encoders) if cfg.train_text_encoder else []
+        try:
+            targets = filter_layers(unet_target_modules(unet, cfg.target), cfg.layer_filter, cfg.layer_filter_regex)
+            targets, ranks, alphas = rank_plan(targets, unet.config, cfg.rank, cfg.alpha, cfg.block_dims,
+                                               cfg.block_alphas)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        inject_lora(unet, self._config(targets, ranks, alphas))
         for te in self.text_encoders:
-            inject_lora(te, self._config(text_encoder_target_modules(te, self.cfg.target)))
+            names = text_encoder_target_modules(te, cfg.target)
+            if cfg.layer_filter and _matches_any(names, cfg):
+                names = filter_layers(names, cfg.layer_filter, cfg.layer_filter_regex)
+            inject_lora(te, self._config(names))
 
     def param_groups(self, cfg: TrainConfig) -> list[dict]:
         """As every method's, but with LoRA+ (`loraplus_lr_ratio`) each model's B (up) matrices in their own
@@ -162,7 +173,7 @@ class LoraLayers(Trainable):
                    "ss_mixed_precision": to.mixed_precision,
                    "ss_sd_model_name": model_name_for_metadata(cfg.pretrained_model),
                    "ss_training_comment": f"helpers target={cfg.target}",
-                   "ss_network_args": json.dumps({"target": cfg.target})})
+                   "ss_network_args": json.dumps({"target": cfg.target, **network_args(cfg)})})
 
 
 # sd-scripts' metadata names for the noise, timestep and loss variants (key, TrainConfig field)
@@ -174,6 +185,30 @@ SS_VARIANTS = [("multires_noise_iterations", "multires_noise_iterations"),
                ("huber_schedule", "huber_schedule"), ("huber_scale", "huber_scale"), ("huber_c", "huber_c"),
                ("min_timestep", "min_timestep"), ("max_timestep", "max_timestep"),
                ("scale_v_pred_loss_like_noise_pred", "scale_v_pred_loss_like_noise_pred")]
+
+
+def network_args(cfg: TrainConfig) -> dict[str, str]:
+    """sd-scripts' network_args for the block ranks, alphas and layer filter (comma-joined, as it writes them)."""
+    out = {}
+    if cfg.block_dims:
+        out["block_dims"] = ",".join(map(str, cfg.block_dims))
+    if cfg.block_alphas:
+        out["block_alphas"] = ",".join(f"{a:g}" for a in cfg.block_alphas)
+    if cfg.layer_filter:
+        out["layer_filter"] = ",".join(cfg.layer_filter)
+    return out
+
+
+def _matches_any(names: list[str], cfg: TrainConfig) -> bool:
+    """Whether the layer filter keeps any of these (text-encoder) modules: a filter written for the UNet
+    (attn2, ff) may match none of the text encoder's, which then trains as without a filter."""
+    from .blocks import filter_layers
+
+    try:
+        filter_layers(names, cfg.layer_filter, cfg.layer_filter_regex)
+        return True
+    except ValueError:
+        return False
 
 
 class WholeUNet(Trainable):
