@@ -161,6 +161,8 @@ class TrainConfig(ConfigBase):
     # --- method ---
     method: str = setting("lora", "lora | dreambooth (full fine-tune) | textual_inversion")
     token_string: str = setting("", "new token to learn (textual_inversion; with lora: pivotal tuning)")
+    embedding_file: bool = setting(False, "pivotal tuning: also write the token's vectors as <name>_emb (they are "
+                                          "always inside the LoRA file, where A1111 reads them)")
     init_word: str = setting("", "existing word the new token's vectors start from")
     num_vectors_per_token: int = setting(1, "vectors the new token gets (more: more capacity, needs more steps)")
     embedding_lr: float | None = setting(None, "learning rate of the new token's vectors (defaults to learning_rate)")

@@ -93,16 +93,31 @@ def test_textual_inversion_needs_the_token_in_captions_and_a_new_word(tiny_sd15_
                  train_text_encoder=True)
 
 
-def test_pivotal_tuning_saves_a_lora_and_an_embedding(tiny_sd15_dir, token_data, tmp_path):
-    from helpers.formats.lora import load_lora
+def test_pivotal_tuning_writes_one_file_with_the_token_bundled_as_a1111_reads_it(tiny_sd15_dir, token_data, tmp_path):
+    from helpers.formats.lora import load_bundled_embeddings, load_lora
+    from helpers.generate.inference import generate, load_loras
 
     r = train(make_cfg(tiny_sd15_dir, token_data, tmp_path, method="lora", rank=4, token_string=TOKEN,
                        init_word="flower", embedding_lr=5e-2, max_train_steps=3), progress=False)
-    assert [p.name for p in r.saved] == ["m.safetensors", "m_emb.safetensors"]
+    assert [p.name for p in r.saved] == ["m.safetensors"]          # one file
+    sd = load_file(str(tmp_path / "m.safetensors"))
+    assert sd[f"bundle_emb.{TOKEN}.string_to_param.*"].shape[0] == 1
     fresh = load_base(str(tiny_sd15_dir)).pipe
     weights, meta = load_lora(str(tmp_path / "m.safetensors"), fresh)
     assert weights["unet"] and meta["ss_network_dim"] == "4"
-    assert load_file(str(tmp_path / "m_emb.safetensors"))["emb_params"].shape[0] == 1
+    bundled = load_bundled_embeddings(tmp_path / "m.safetensors")
+    assert torch.equal(bundled[TOKEN]["single"], sd[f"bundle_emb.{TOKEN}.string_to_param.*"].float())
+    load_loras(fresh, [(tmp_path / "m.safetensors", 1.0)])          # the LoRA and its token, in one call
+    ids = fresh.tokenizer(TOKEN, add_special_tokens=False).input_ids
+    assert len(ids) == 1 and torch.allclose(fresh.text_encoder.get_input_embeddings().weight[ids[0]],
+                                            bundled[TOKEN]["single"][0])
+    assert generate(fresh, f"a {TOKEN}", steps=2, seed=0, sampler="DDIM")[0]
+    # the separate embedding file stays an option
+    r2 = train(make_cfg(tiny_sd15_dir, token_data, tmp_path / "two", method="lora", rank=4, token_string=TOKEN,
+                        init_word="flower", embedding_lr=5e-2, max_train_steps=1, embedding_file=True),
+               progress=False)
+    assert [p.name for p in r2.saved] == ["m.safetensors", "m_emb.safetensors"]
+    assert load_file(str(tmp_path / "two" / "m_emb.safetensors"))["emb_params"].shape[0] == 1
 
 
 def test_dreambooth_prior_loss_weight_falls_on_the_class_half_of_the_batch(tiny_sd15_dir):
@@ -156,3 +171,17 @@ def test_dreambooth_generates_class_images_and_its_single_file_reproduces_the_pi
     assert np.array_equal(images(single.pipe), trained)
     assert np.array_equal(images(folder.pipe), trained)
     assert not np.array_equal(images(load_base(str(tiny_sd15_dir)).pipe), trained)
+
+
+def test_bundled_embedding_keys_for_both_families_round_trip():
+    from helpers.formats.embedding import bundle_tensors, split_bundled
+
+    sd1 = bundle_tensors("<sks>", {"emb_params": torch.ones(2, 8)}, "sd1")
+    assert list(sd1) == ["bundle_emb.<sks>.string_to_param.*"]
+    xl = bundle_tensors("<sks>", {"clip_l": torch.ones(2, 8), "clip_g": torch.zeros(2, 16)}, "sdxl")
+    assert sorted(xl) == ["bundle_emb.<sks>.clip_g", "bundle_emb.<sks>.clip_l"]
+    own, emb = split_bundled({**xl, "lora_unet_x.alpha": torch.tensor(1.0)})
+    assert list(own) == ["lora_unet_x.alpha"] and emb["<sks>"]["clip_g"].shape == (2, 16)
+    assert split_bundled(sd1)[1]["<sks>"]["single"].shape == (2, 8)
+    with pytest.raises(ValueError, match="cannot hold a '.'"):
+        bundle_tensors("a.b", {"emb_params": torch.ones(1, 8)}, "sd1")

@@ -101,3 +101,36 @@ def save_embedding(path: str | Path, tensors: dict[str, torch.Tensor], *, token:
     meta = {"token": token, "family": family, "vectors": str(next(iter(tensors.values())).shape[0]),
             **(metadata or {})}
     return save_safetensors({k: v.contiguous() for k, v in tensors.items()}, path, metadata=meta)
+
+
+BUNDLE_PREFIX = "bundle_emb."
+
+
+def bundle_tensors(token: str, tensors: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
+    """An embedding as A1111 reads it inside a LoRA file: `bundle_emb.<token>.string_to_param.*` (one text
+    encoder) or `bundle_emb.<token>.clip_l` / `.clip_g` (SDXL)."""
+    if "." in token:
+        raise ValueError(f"a bundled embedding's token cannot hold a '.' (A1111 splits the key there): {token!r}")
+    if family == "sdxl":
+        return {f"{BUNDLE_PREFIX}{token}.{k}": v.contiguous() for k, v in tensors.items()}
+    return {f"{BUNDLE_PREFIX}{token}.string_to_param.*": tensors["emb_params"].contiguous()}
+
+
+def split_bundled(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """(the LoRA's own tensors, {token: embedding vectors as read_embedding gives them}) of a LoRA state dict
+    that may carry bundled embeddings."""
+    own, bundles = {}, {}
+    for k, v in state_dict.items():
+        if k.startswith(BUNDLE_PREFIX):
+            token, _, rest = k[len(BUNDLE_PREFIX):].partition(".")
+            bundles.setdefault(token, {})[rest] = v
+        else:
+            own[k] = v
+    out = {}
+    for token, parts in bundles.items():
+        if "clip_l" in parts or "clip_g" in parts:
+            data: dict = parts
+        else:
+            data = {"string_to_param": {k.removeprefix("string_to_param."): v for k, v in parts.items()}}
+        out[token] = _embedding_vectors(data, f"bundled embedding {token!r}")[0]
+    return own, out

@@ -324,9 +324,10 @@ def _check_str_metadata(metadata: Mapping | None) -> dict[str, str]:
 
 def save_lora(path, weights: LoraWeights, *, family: str, unet_config: Mapping | None = None,
               format: str = "kohya", metadata: dict[str, str] | None = None,
-              dtype: torch.dtype = torch.float16) -> Path:
+              dtype: torch.dtype = torch.float16, extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a LoRA atomically. "kohya": one `.safetensors` file in sd-scripts' layout (A1111,
-    ComfyUI, diffusers, sd-scripts) with `metadata` plus sd-scripts' sshs_* hashes. "diffusers": a
+    ComfyUI, diffusers, sd-scripts) with `metadata` plus sd-scripts' sshs_* hashes, and `extra_tensors` as they
+    are (bundled embeddings). "diffusers": a
     folder from the pipeline's `save_lora_weights`, adapter metadata keeping every alpha (only
     diffusers reads that metadata: ComfyUI/A1111 take alpha from `.alpha` keys, so give them the
     kohya file)."""
@@ -346,6 +347,7 @@ def save_lora(path, weights: LoraWeights, *, family: str, unet_config: Mapping |
         if path.suffix != ".safetensors":
             raise ValueError(f"a kohya LoRA is one .safetensors file; got {path.name!r}")
         tensors = {k: v.cpu() for k, v in to_kohya_state_dict(weights, family, unet_config, dtype).items()}
+        tensors.update({k: v.detach().cpu().contiguous() for k, v in (extra_tensors or {}).items()})
         meta["sshs_model_hash"], meta["sshs_legacy_hash"] = _addnet_hashes(tensors, meta)
         return save_safetensors(tensors, path, metadata=meta)
 
@@ -438,6 +440,14 @@ def _split_entries(sd: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, tor
             continue
         entries.setdefault(mod, {})[part] = v
     return entries, unparsed
+
+
+def load_bundled_embeddings(path_or_state_dict) -> dict[str, dict[str, torch.Tensor]]:
+    """{token: vectors} of the embeddings bundled in a LoRA file (A1111's bundle_emb.* keys); {} when none."""
+    from .embedding import split_bundled
+
+    sd, _ = _read_state_dict(path_or_state_dict)
+    return split_bundled(sd)[1]
 
 
 def pipeline_family(pipe) -> str:
@@ -563,7 +573,10 @@ def load_lora(path_or_state_dict, pipe) -> tuple[LoraWeights, dict[str, str]]:
     """Read a LoRA (our kohya/diffusers files, sd-scripts and other tools' kohya files with diffusers
     or SGM UNet names, peft/diffusers files, old attn-procs files) for `pipe`, matching every key
     to a module of the pipeline. Returns the weights and the file's metadata."""
+    from .embedding import split_bundled
+
     sd, file_meta = _read_state_dict(path_or_state_dict)
+    sd, _ = split_bundled(sd)   # bundled embeddings: read by load_bundled_embeddings
     if not sd:
         raise ValueError("the LoRA file holds no tensors")
     entries, unparsed = _split_entries(sd)

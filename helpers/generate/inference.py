@@ -140,11 +140,13 @@ def generate(pipe, prompt: str | list[str], *, negative_prompt: str = "", steps:
 def load_loras(pipe, loras: list[tuple[str | Path, float]]) -> list[str]:
     """Load LoRA files into `pipe` and activate them together at their weights.
 
-    Each entry is (path, weight); files may be kohya/A1111 or diffusers layout. A LoRA made for another
+    Each entry is (path, weight); files may be kohya/A1111 or diffusers layout; embeddings bundled in a file
+    (pivotal tuning, A1111's bundle_emb keys) are loaded as their tokens. A LoRA made for another
     family (an SDXL LoRA on SD 1.5) or with keys the model lacks raises a ValueError saying so.
     Returns the adapter names."""
     from ..files import BadFileError
-    from ..formats.lora import apply_lora, load_lora
+    from ..formats.lora import apply_lora, load_bundled_embeddings, load_lora
+    from ..sd.models import detect_family
 
     names: list[str] = []
     for i, (path, weight) in enumerate(loras):
@@ -157,6 +159,9 @@ def load_loras(pipe, loras: list[tuple[str | Path, float]]) -> list[str]:
         name = f"lora{i}_{Path(path).stem}".replace(".", "_")
         apply_lora(pipe, weights, adapter_name=name, scale=weight)
         names.append(name)
+        for token, vectors in load_bundled_embeddings(path).items():   # pivotal tuning's tokens, as A1111 does
+            if token not in pipe.tokenizer.get_vocab():
+                _add_embedding(pipe, detect_family(pipe), f"{Path(path).name} ({token})", token, vectors)
     if names:
         pipe.set_adapters(names, adapter_weights=[float(w) for _, w in loras])
     return names

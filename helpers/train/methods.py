@@ -76,10 +76,11 @@ class Trainable:
 class LoraLayers(Trainable):
     """peft LoRA layers on the UNet's target modules (and on the text encoders with `train_text_encoder`)."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, tokens: "NewTokens | None" = None):
         super().__init__()
         self.cfg = cfg
         self.text_grad = cfg.train_text_encoder
+        self.tokens = tokens   # pivotal tuning: the new token's vectors go into this LoRA's file
 
     def _config(self, targets: list[str], ranks: dict | None = None, alphas: dict | None = None):
         from peft import LoraConfig
@@ -137,12 +138,18 @@ class LoraLayers(Trainable):
         for key, te in zip(("text_encoder", "text_encoder_2"), self.text_encoders):
             weights[key] = extract_peft_lora(te)
         metadata = self.metadata(to, name, step, epoch)
+        bundle = None
+        if self.tokens is not None:   # pivotal tuning: the token's vectors inside the file, as A1111 reads them
+            from ..formats.embedding import bundle_tensors
+
+            bundle = bundle_tensors(cfg.token_string, self.tokens.embeddings.file_tensors(base.family), base.family)
         out = Path(cfg.output_dir)
         written: list[Path] = []
         for fmt, path in (("kohya", out / f"{name}.safetensors"), ("diffusers", out / f"{name}_diffusers")):
             if cfg.save_format in (fmt, "both"):
                 written.append(save_lora(path, weights, family=base.family, unet_config=dict(base.unet.config),
-                                         format=fmt, metadata=metadata, dtype=to.dtype))
+                                         format=fmt, metadata=metadata, dtype=to.dtype,
+                                         extra_tensors=bundle if fmt == "kohya" else None))
         return written
 
     def metadata(self, to: SaveTarget, name: str, step: int, epoch: int) -> dict[str, str]:
@@ -214,10 +221,11 @@ def _matches_any(names: list[str], cfg: TrainConfig) -> bool:
 class WholeUNet(Trainable):
     """DreamBooth: every UNet weight (and every text-encoder weight with `train_text_encoder`), fp32 masters."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, tokens: "NewTokens | None" = None):
         super().__init__()
         self.cfg = cfg
         self.text_grad = cfg.train_text_encoder
+        self.tokens = tokens   # pivotal tuning: the new token's vectors go into this LoRA's file
 
     def attach(self, unet, text_encoders, tokenizers, device) -> None:
         self.unet = unet
@@ -258,10 +266,11 @@ class NewTokens(Trainable):
     text_grad = True
     outside_ddp = True
 
-    def __init__(self, cfg: TrainConfig, file_suffix: str = ""):
+    def __init__(self, cfg: TrainConfig, file_suffix: str = "", write_file: bool = True):
         super().__init__()
         self.cfg = cfg
         self.file_suffix = file_suffix  # "_emb" beside a LoRA of the same name (pivotal tuning)
+        self.write_file = write_file    # pivotal tuning bundles the vectors in the LoRA; the file is optional
         self.embeddings = None
 
     def attach(self, unet, text_encoders, tokenizers, device) -> None:
@@ -289,6 +298,8 @@ class NewTokens(Trainable):
         from ..formats.embedding import save_embedding
 
         cfg, family = self.cfg, to.base.family
+        if not self.write_file:
+            return []
         path = Path(cfg.output_dir) / f"{name}{self.file_suffix}.safetensors"
         return [save_embedding(path, self.embeddings.file_tensors(family), token=cfg.token_string, family=family,
                                metadata={"init_word": cfg.init_word, "step": str(step),
@@ -306,7 +317,10 @@ def methods_for(cfg: TrainConfig) -> list[Trainable]:
         return [NewTokens(cfg)]
     if cfg.method == "dreambooth":
         return [WholeUNet(cfg)]
-    return [LoraLayers(cfg)] + ([NewTokens(cfg, file_suffix="_emb")] if cfg.token_string else [])
+    if not cfg.token_string:
+        return [LoraLayers(cfg)]
+    tokens = NewTokens(cfg, file_suffix="_emb", write_file=cfg.embedding_file)
+    return [LoraLayers(cfg, tokens=tokens), tokens]
 
 
 def describe_methods(methods: list[Trainable]) -> str:
