@@ -2,6 +2,7 @@
 that follows its prompts, and the demo: a LoRA that learns the held-out concept and keeps the prior."""
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,10 @@ from PIL import Image
 
 from helpers.toy import world
 from helpers.toy.pretrain import SHIPPED_DIR, PretrainConfig, pretrain
+
+# the demo's look rate at 200 steps, 16 samples: measured 69% (base model 0%); the bound leaves room for the
+# thread count's rounding
+LOOK_AT_200 = 0.4
 
 needs_base = pytest.mark.skipif(not (SHIPPED_DIR / "model_index.json").exists(),
                                 reason="toy base not built: python -m helpers.toy pretrain")
@@ -40,7 +45,8 @@ def test_concept_dataset_is_a_users_folder_and_never_in_the_base_world(tmp_path)
 
 def test_pretraining_is_reproducible(tmp_path):
     """Same config and seed, twice: identical weights (a short run; the shipped one uses the defaults)."""
-    cfg = PretrainConfig(n_train=256, n_holdout=32, vae_steps=4, vae_batch=16, steps=4, batch=16, warmup=2)
+    cfg = PretrainConfig(n_train=256, n_holdout=32, n_gamut=64, vae_world=128, vae_steps=4, vae_batch=16, steps=4,
+                         batch=16, warmup=2)
     before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
     pretrain(tmp_path / "a", cfg)
     pretrain(tmp_path / "b", cfg)
@@ -53,6 +59,25 @@ def test_pretraining_is_reproducible(tmp_path):
     for f in files:
         fa, fb = load_file(tmp_path / "a" / f), load_file(tmp_path / "b" / f)
         assert fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa), f
+
+
+def test_the_shipped_vae_decodes_colours_it_never_saw():
+    """The toy VAE learned from random colours over the whole RGB cube (never the concept): the violet petals
+    come back violet (measured: in (150, 60, 220), out (149, 64, 220); mean abs error 11.5 of 255)."""
+    import importlib.util
+
+    from diffusers import AutoencoderKL
+
+    spec = importlib.util.spec_from_file_location("vae_colour_check", Path(__file__).parents[1] / "tools" /
+                                                  "vae_colour_check.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tool.check(AutoencoderKL.from_pretrained(str(SHIPPED_DIR), subfolder="vae").float().eval())
+    petals = out["violet petals out"]
+    assert 255 <= petals["hue_deg"] <= 300 and petals["saturation"] >= 0.6, out
+    assert out["violet petals mean abs error (0-255)"] <= 20, out
+    assert out["concept (violet flowers)"]["psnr_db"] >= 25 and out["random colours and shapes"]["psnr_db"] >= 23
+    assert out["base world"]["psnr_db"] >= 30, out
 
 
 def test_latent_centring_is_exact():
@@ -95,15 +120,18 @@ def test_shipped_base_loads_through_helpers_and_follows_prompts():
 @pytest.mark.slow
 @needs_base
 def test_demo_lora_learns_the_concept_and_keeps_the_prior(tmp_path):
-    """A shorter demo run (200 of 700 steps, 16 samples a cell): the concept appears with the trigger only.
-    Measured at 200 steps: concept 75% (base 6%), world shape and colour 94%, no flower without the trigger
-    (the full demo: see demo_images/toy_concept_scores.json)."""
+    """A shorter demo run (200 of 1000 steps, 16 samples a cell): the concept appears with the trigger only.
+    Measured at 200 steps: violet five-petal flowers 69%, judge concept 100% (base 0% and 0%), world shape and
+    colour 100%, no flower without the trigger (the full demo: demo_images/toy_concept_scores.json)."""
     from helpers.toy.demo import run_demo
 
     result = run_demo(steps=200, out_root=tmp_path, samples=16, progress=False)
     base, lora = result.scores["0"], result.scores["1"]
     assert lora["concept_rate"] >= 0.5, result.scores
     assert base["concept_rate"] <= 0.15, result.scores
+    # violet five-petal flowers by their pixels: the LoRA draws them, the base model never does
+    assert lora["concept_look_rate"] >= LOOK_AT_200, result.scores
+    assert base["concept_look_rate"] == 0 and lora["world_concept_look_rate"] == 0, result.scores
     assert lora["world_shape_and_colour_acc"] >= base["world_shape_and_colour_acc"] - 0.2, result.scores
     assert lora["world_concept_rate"] <= 0.15, result.scores  # no flowers without the trigger
     assert (tmp_path / "lora_files" / "toy_concept.safetensors").exists()

@@ -19,42 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
 from helpers.toy import pretrain, world  # noqa: E402
-
-
-def gamut_image(rng: random.Random, size: int = world.IMAGE_SIZE, supersample: int = 4) -> Image.Image:
-    """One to three shapes (polygons, ellipses, rings, stripes, dots) in colours drawn uniformly from the RGB
-    cube, on a background drawn the same way; never the concept's five-petal flower."""
-    big = size * supersample
-    im = Image.new("RGB", (big, big), tuple(rng.randrange(256) for _ in range(3)))
-    d = ImageDraw.Draw(im)
-    for _ in range(rng.choice((1, 1, 2, 3))):
-        fill = tuple(rng.randrange(256) for _ in range(3))
-        kind = rng.choice(("circle", "polygon", "ellipse", "ring", "stripes", "dots"))
-        r, cx, cy = rng.uniform(0.12, 0.4) * big, rng.uniform(0.2, 0.8) * big, rng.uniform(0.2, 0.8) * big
-        if kind == "circle":
-            d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        elif kind == "ellipse":
-            d.ellipse([cx - r, cy - r / 2, cx + r, cy + r / 2], fill=fill)
-        elif kind == "ring":
-            d.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fill, width=max(2, int(r * 0.3)))
-        elif kind == "polygon":
-            n, a = rng.randint(3, 8), rng.uniform(0, 2 * math.pi)
-            d.polygon([(cx + r * math.cos(a + 2 * math.pi * k / n), cy + r * math.sin(a + 2 * math.pi * k / n))
-                       for k in range(n)], fill=fill)
-        elif kind == "stripes":
-            w = rng.randint(6, 20)
-            for x in range(0, big, 2 * w):
-                d.rectangle([x, 0, x + w, big], fill=fill)
-        else:
-            for _ in range(rng.randint(4, 12)):
-                x, y, q = rng.uniform(0, big), rng.uniform(0, big), rng.uniform(3, 10)
-                d.ellipse([x - q, y - q, x + q, y + q], fill=fill)
-    return im.resize((size, size), Image.LANCZOS)
 
 
 def _tensor(images: list[Image.Image]) -> torch.Tensor:
@@ -71,7 +40,7 @@ def check(vae) -> dict:
     sets = {
         "concept (violet flowers)": _tensor([world.render(world.random_scene(
             concept_rng, shape=world.CONCEPT_SHAPE, background=backgrounds[i % 3])) for i in range(96)]),
-        "random colours and shapes": _tensor([gamut_image(rng) for _ in range(512)]),
+        "random colours and shapes": _tensor([world.gamut_image(rng) for _ in range(512)]),
         "base world": pretrain.render_set(512, 1000)[0],
     }
     out: dict = {}

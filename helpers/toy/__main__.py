@@ -126,9 +126,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for key, value in scores.items():
         print(f"{key:<30} {value:6.1%}")
     if args.out:
-        Path(args.out).write_text(json.dumps({"model": args.model, "lora": args.lora, "samples": args.samples,
-                                              "scores": scores}, indent=2))
+        Path(args.out).write_text(json.dumps({"model": _shown(args.model), "lora": args.lora and _shown(args.lora),
+                                              "samples": args.samples, "scores": scores}, indent=2) + "\n")
     return 0
+
+
+def _shown(path: str) -> str:
+    """A path as a file written into the repository shows it: relative to the repository when inside it."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        return Path(path).resolve().relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _add_methods(sub: argparse._SubParsersAction) -> None:

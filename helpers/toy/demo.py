@@ -5,8 +5,12 @@ and the held-out concept (24 images of a violet five-petal flower, "a sks flower
 it trains a LoRA with the project's trainer, on CPU, then:
 - writes `lora_files/toy_concept.safetensors` (kohya layout, with metadata) and its config TOML,
 - writes `demo_images/toy_concept_grid.png`: prompts with and without the trigger, at LoRA weights 0 / 0.5 / 1,
-- judges samples with the toy judge and prints: the concept rate with the trigger (base model vs LoRA)
-  and the base-world accuracy without it (is the prior kept?), also saved as `demo_images/toy_concept_scores.json`.
+- measures samples and prints: how many are violet five-petal flowers by their pixels (helpers.toy.looks) and
+  the toy judge's concept rate, with the trigger (base model vs LoRA), and the base-world accuracy without it
+  (is the prior kept?), also saved as `demo_images/toy_concept_scores.json`.
+
+The recipe is the toy preset (helpers.notebook.presets), the one 03_train_lora uses in toy mode: 24 concept
+images and 12 ordinary world images as the prior set, rank 16 on every UNet layer, 1000 steps of batch 32.
 """
 
 from __future__ import annotations
@@ -32,22 +36,27 @@ class DemoResult:
 
 
 def demo_config(work: Path, steps: int | None = None, seed: int = 0):
-    """The demo's training settings (a TrainConfig), tuned on the toy world: with `attention` and 300 steps
-    the concept rate was 34% and the prior fell to 75%; `full`, concept x2 and 800 steps gave 94% / 100%."""
+    """The demo's training settings: the toy preset (the one toy recipe, also 03_train_lora's in toy mode)
+    on the demo's folders."""
     from ..config import TrainConfig
-    from .pretrain import SHIPPED_DIR
+    from ..notebook.presets import toy_preset_values
 
-    return TrainConfig(
-        pretrained_model=str(SHIPPED_DIR), train_data_dir=str(work / "dataset"), reg_data_dir=str(work / "reg"),
-        prior_loss_weight=1.0, resolution=world.IMAGE_SIZE, enable_bucket=False, flip_aug=True,
-        rank=8, alpha=8.0, target="full", learning_rate=1e-3, lr_scheduler="cosine", lr_warmup_steps=20,
-        train_batch_size=32, max_train_steps=steps or 700, seed=seed, mixed_precision="no",
-        output_dir=str(work / "run"), output_name="toy_concept", log_every_n_steps=25,
-    )
+    values = toy_preset_values()
+    if steps:
+        values["max_train_steps"] = steps
+    try:   # run from a checkout (make demo): the saved settings name the model as the checkout does
+        values["pretrained_model"] = Path(values["pretrained_model"]).relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        pass
+    return TrainConfig(**values, train_data_dir=str(work / "dataset"), reg_data_dir=str(work / "reg"), seed=seed,
+                       output_dir=str(work / "run"), output_name="toy_concept")
 
 
-def write_reg_images(folder: Path, n: int, seed: int) -> Path:
-    """Ordinary world images with their true captions: the regularization (prior) set."""
+REG_IMAGES = 12   # the prior set beside the 24 concept images: a third of each batch
+
+
+def write_reg_images(folder: Path, n: int = REG_IMAGES, seed: int = 4321) -> Path:
+    """Ordinary world images with their true captions: the regularization (prior) set of the toy recipe."""
     folder.mkdir(parents=True, exist_ok=True)
     for i, (image, scene) in enumerate(world.sample_world(n, seed)):
         image.save(folder / f"world_{i:03d}.png")
@@ -84,11 +93,13 @@ def evaluate_lora(pipe, adapter: str | None, judge, weights: list[float], n: int
             s = score(judge, images, prompts)
             if kind == "trigger":
                 row["concept_rate"] = s["concept_rate"]
+                row["concept_look_rate"] = s["concept_look_rate"]
                 row["concept_background_acc"] = s["background_acc"]
             else:
                 row.update({"world_shape_acc": s["shape_acc"], "world_colour_acc": s["colour_acc"],
                             "world_shape_and_colour_acc": s["shape_and_colour_acc"],
-                            "world_concept_rate": s["concept_rate"]})
+                            "world_concept_rate": s["concept_rate"],
+                            "world_concept_look_rate": s["concept_look_rate"]})
         out[f"{w:g}"] = row
     return out
 
@@ -111,9 +122,8 @@ def run_demo(steps: int | None = None, out_root: Path = Path("."), samples: int 
     work = out_root / "outputs" / "toy_demo"
     for sub in ("dataset", "reg", "run"):
         shutil.rmtree(work / sub, ignore_errors=True)
-    # concept images twice per epoch: two thirds of each batch is the concept, one third the prior
-    world.write_concept_dataset(work / "dataset", n=24, seed=1234 + seed, repeats=2)
-    write_reg_images(work / "reg", n=24, seed=4321 + seed)
+    world.write_concept_dataset(work / "dataset", n=24, seed=1234 + seed)
+    write_reg_images(work / "reg", seed=4321 + seed)
 
     cfg = demo_config(work, steps, seed)
     t0 = time.perf_counter()
@@ -156,12 +166,14 @@ def run_demo(steps: int | None = None, out_root: Path = Path("."), samples: int 
 
 
 def format_table(scores: dict[str, dict[str, float]], n: int) -> str:
-    lines = [f"judge on {n} samples per cell      base model (weight 0)   LoRA (weight 1)",
+    lines = [f"{n} samples per cell                   base model (weight 0)   LoRA (weight 1)",
              "-" * 74]
-    rows = [("concept rate, with trigger", "concept_rate"),
+    rows = [("violet five-petal flowers, trigger", "concept_look_rate"),
+            ("judge: concept rate, with trigger", "concept_rate"),
             ("world shape accuracy, no trigger", "world_shape_acc"),
             ("world colour accuracy, no trigger", "world_colour_acc"),
             ("world shape and colour, no trigger", "world_shape_and_colour_acc")]
     for label, key in rows:
         lines.append(f"{label:<36}{scores['0'][key]:>14.0%}{scores['1'][key]:>18.0%}")
+    lines.append("(violet five-petal: measured from the pixels, helpers/toy/looks.py; the rest: the toy judge)")
     return "\n".join(lines)

@@ -25,12 +25,11 @@ def method_configs(work: Path, seed: int = 0) -> dict:
     lora = demo_config(work, seed=seed)
     return {
         "lora": lora,
-        # lr 2e-4 x 400 steps: concept 59%, prior 97%; 5e-4 x 600: concept 94%, prior 94%
+        # the whole UNet moves: a lower learning rate and fewer steps than the LoRA's keep the prior
         "dreambooth": lora.replace(method="dreambooth", learning_rate=5e-4, lr_warmup_steps=20, max_train_steps=600,
                                    output_name="toy_dreambooth", save_precision="float"),
-        # init "flower" (a row the base never trained), lr 1e-2 x 500: concept 0%; init "circle", lr 2e-2 x 800:
-        # 3%; 4 vectors lr 3e-3 x 2000 and 8 vectors lr 5e-3 x 2000: 0%. Even 15 free input vectors per
-        # background reach only 34% (tools/ti_reach.py): the toy text encoder cannot express the flower
+        # "circle" is a word the base model was trained on (the "flower" row never was): a start that means a
+        # round shape; tools/ti_reach.py measures how far conditioning alone can move the frozen toy UNet
         "textual_inversion": lora.replace(method="textual_inversion", train_data_dir=str(work / "dataset_ti"),
                                           reg_data_dir=None, token_string=TI_TOKEN, init_word="circle",
                                           num_vectors_per_token=4, learning_rate=2e-2, max_train_steps=800,
@@ -96,7 +95,8 @@ def judge_pipeline(pipe, judge, trigger: str, n: int, seed: int = 1000, expand=N
 
     prompts = [p.replace(world.TRIGGER, trigger, 1) for p in trigger_prompts(n)]
     shown = [expand(p) for p in prompts] if expand else prompts
-    return {"concept_rate": _judged(pipe, judge, shown, trigger_prompts(n), seed)["concept_rate"],
+    s = _judged(pipe, judge, shown, trigger_prompts(n), seed)
+    return {"concept_rate": s["concept_rate"], "concept_look_rate": s["concept_look_rate"],
             **_world_scores(pipe, judge, n, seed)}
 
 
@@ -113,11 +113,11 @@ def compare_methods(out_root: Path = Path("."), methods: tuple[str, ...] = ("lor
     out_root = Path(out_root)
     work = out_root / "outputs" / "toy_methods"
     shutil.rmtree(work, ignore_errors=True)
-    world.write_concept_dataset(work / "dataset", n=24, seed=1234 + seed, repeats=2)
+    world.write_concept_dataset(work / "dataset", n=24, seed=1234 + seed)
     shutil.copytree(work / "dataset", work / "dataset_ti")
     for txt in (work / "dataset_ti").rglob("*.txt"):
         txt.write_text(txt.read_text().replace(world.TRIGGER, TI_TOKEN))
-    write_reg_images(work / "reg", n=24, seed=4321 + seed)
+    write_reg_images(work / "reg", seed=4321 + seed)
     write_in_world_dataset(work / "dataset_ti_in_world", seed=7 + seed)
     judge = load_judge()
     configs = method_configs(work, seed)
@@ -155,16 +155,50 @@ def compare_methods(out_root: Path = Path("."), methods: tuple[str, ...] = ("lor
 
     images = out_root / "demo_images"
     write_text(images / "toy_methods.json", json.dumps(report, indent=2) + "\n")
-    write_text(images / "toy_methods.md", format_methods_table(table, samples) + "\n")
-    print(format_methods_table(table, samples))
+    described = {m: describe_settings(configs[m]) for m in methods}
+    page = format_methods_table(table, samples, described)
+    write_text(images / "toy_methods.md", page + "\n")
+    print(page)
     return report
 
 
-def format_methods_table(table: dict, samples: int) -> str:
-    lines = [f"| method ({samples} samples each) | concept rate, with trigger | world shape+colour, no trigger "
-             f"| concept without trigger | train time |",
-             "|---|---|---|---|---|"]
+METHOD_NAMES = {"lora": "LoRA", "dreambooth": "DreamBooth", "textual_inversion": "Textual Inversion",
+                "textual_inversion_in_world": "Textual Inversion, a concept the base can draw"}
+
+
+def describe_settings(cfg) -> str:
+    """A method's settings in a table cell: what it trains, learning rate, steps, batch, prior set."""
+    if cfg.method == "textual_inversion":
+        what = f"{cfg.num_vectors_per_token} vectors from \"{cfg.init_word}\""
+    elif cfg.method == "dreambooth":
+        what = "whole UNet"
+    else:
+        what = f"rank {cfg.rank}, {cfg.target}"
+    prior = f", prior: {Path(cfg.reg_data_dir).name}/" if cfg.reg_data_dir else ""
+    return f"{what}, lr {cfg.learning_rate:g}, {cfg.max_train_steps} steps, batch {cfg.train_batch_size}{prior}"
+
+
+def format_methods_table(table: dict, samples: int, settings: dict | None = None) -> str:
+    """The methods page (Markdown): the table, how it was measured, and what it shows, all from the run."""
+    settings = settings or {}
+    lines = ["# LoRA, DreamBooth and Textual Inversion on the toy concept", "",
+             f"Each method trained by the same loop on the 24 violet five-petal flowers, then {samples} samples "
+             "(DDIM 25 steps, CFG 5, seeds 1000+i) of \"a sks flower on a <background> background\" (Textual "
+             "Inversion: its token) and 32 ordinary scene prompts without it. *Violet five-petal*: the share of "
+             "samples that are one by their pixels (`helpers/toy/looks.py`); *judge*: the toy judge's concept "
+             "rate (for the in-world concept: a yellow cross); *prior*: ordinary prompts drawn with the shape "
+             "and colour they ask for.", "",
+             "| method | settings | violet five-petal, with trigger | judge: concept, with trigger "
+             "| prior: shape+colour, no trigger | concept without trigger | train time |",
+             "|---|---|---|---|---|---|---|"]
     for name, row in table.items():
-        lines.append(f"| {name} | {row['concept_rate']:.0%} | {row['world_shape_and_colour_acc']:.0%} | "
-                     f"{row['world_concept_rate']:.0%} | {row['train_seconds']:.0f} s |")
+        look = row.get("concept_look_rate")
+        seconds = f"{row['train_seconds']:.0f} s" if row["train_seconds"] else "-"
+        lines.append(f"| {METHOD_NAMES.get(name, name)} | {settings.get(name, '-')} | "
+                     f"{'-' if look is None else f'{look:.0%}'} | {row['concept_rate']:.0%} | "
+                     f"{row['world_shape_and_colour_acc']:.0%} | {row['world_concept_rate']:.0%} | {seconds} |")
+    lines += ["", "LoRA and DreamBooth change the UNet, so they can teach a shape the base model never drew. "
+              "Textual Inversion only finds a new input word for the frozen model: it reaches concepts the base "
+              "model can already draw (the in-world row), and a new one only as far as the text encoder can "
+              "steer the UNet (the toy text encoder is 3 layers trained on about 20 words)."]
     return "\n".join(lines)
