@@ -269,7 +269,8 @@ from helpers.toy.eval import toy_eval_config, toy_judge_scorer
 train_cfg = load_config(project.config("train"))
 LORA = str(project.lora_files / f"{train_cfg.output_name}.safetensors")
 if TOY:  # toy prompts, the toy judge instead of CLIP/DINO (32x32 shapes), a few seeds
-    start = toy_eval_config([LORA], project.reports / "eval", num_seeds=4).to_dict()
+    quick = dict(num_seeds=2, steps=10) if nb.toy_quick() else dict(num_seeds=4)   # a short run: fewer samples
+    start = toy_eval_config([LORA], project.reports / "eval", **quick).to_dict()
 else:
     start = dict(model=train_cfg.pretrained_model, model_config=train_cfg.model_config, loras=[LORA],
                  weights=[0.5, 0.75, 1.0], trigger="sks", reference_dir=str(project.prepared),

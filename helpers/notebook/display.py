@@ -44,6 +44,11 @@ def toy_steps(default: int = 30) -> int:
     return int(value) if value.isdigit() and int(value) > 0 else default
 
 
+def toy_quick() -> bool:
+    """Whether the toy run is the short one CI makes ($HELPERS_TOY_STEPS set): fewer samples in 04 and 05."""
+    return bool(os.environ.get("HELPERS_TOY_STEPS", "").strip())
+
+
 def torch_constraints() -> list[str]:
     """`pkg==version` lines pinning the installed torch family, so pip never replaces Colab's CUDA torch."""
     from importlib.metadata import PackageNotFoundError, version
