@@ -186,8 +186,8 @@ def format_methods_table(table: dict, samples: int, settings: dict | None = None
              "(DDIM 25 steps, CFG 5, seeds 1000+i) of \"a sks flower on a <background> background\" (Textual "
              "Inversion: its token) and 32 ordinary scene prompts without it. *Violet five-petal*: the share of "
              "samples that are one by their pixels (`helpers/toy/looks.py`); *judge*: the toy judge's concept "
-             "rate (for the in-world concept: a yellow cross); *prior*: ordinary prompts drawn with the shape "
-             "and colour they ask for.", "",
+             "rate" + (" (for the in-world concept: a yellow cross)" if "textual_inversion_in_world" in table else "")
+             + "; *prior*: ordinary prompts drawn with the shape and colour they ask for.", "",
              "| method | settings | violet five-petal, with trigger | judge: concept, with trigger "
              "| prior: shape+colour, no trigger | concept without trigger | train time |",
              "|---|---|---|---|---|---|---|"]
@@ -197,8 +197,9 @@ def format_methods_table(table: dict, samples: int, settings: dict | None = None
         lines.append(f"| {METHOD_NAMES.get(name, name)} | {settings.get(name, '-')} | "
                      f"{'-' if look is None else f'{look:.0%}'} | {row['concept_rate']:.0%} | "
                      f"{row['world_shape_and_colour_acc']:.0%} | {row['world_concept_rate']:.0%} | {seconds} |")
+    in_world = " (the in-world row)" if "textual_inversion_in_world" in table else ""
     lines += ["", "LoRA and DreamBooth change the UNet, so they can teach a shape the base model never drew. "
               "Textual Inversion only finds a new input word for the frozen model: it reaches concepts the base "
-              "model can already draw (the in-world row), and a new one only as far as the text encoder can "
-              "steer the UNet (the toy text encoder is 3 layers trained on about 20 words)."]
+              f"model can already draw{in_world}, and a new one only as far as the text encoder can steer the "
+              "UNet (the toy text encoder is 3 layers trained on about 20 words)."]
     return "\n".join(lines)
