@@ -182,7 +182,7 @@ train_cfg = train_form.save(project.config("train"))
 if train_cfg.log_with == "tensorboard":   # log_with in the form's Output group: TensorBoard here, inline
     nb.show_tensorboard(train_cfg.tensorboard_dir)
 monitor = nb.TrainMonitor()
-result = train(train_cfg, on_event=monitor, resume=RESUME)
+result = train(train_cfg, on_event=monitor, resume=RESUME, progress=False)   # the monitor shows the progress
 print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}; file: {result.lora_path}")'''),
     ("md", "## 3. Keep and download the LoRA\nCopied to the project's `lora_files` with its settings; the "
            "checkpoints saved along the way stay in the run folder (`04_inference` compares them)."),
@@ -281,7 +281,7 @@ eval_form.show()'''),
     ("md", "## 2. Run the protocol"),
     ("code", '''eval_cfg = eval_form.save(project.config("eval"))
 report = run_protocol(eval_cfg, extra_scorer=toy_judge_scorer() if TOY else None)
-nb.show_markdown(report.report_path.read_text().split("\n## Plots")[0])   # verdict, settings, table
+nb.show_markdown(report.report_path.read_text().split("\\n## Plots")[0])   # verdict, settings, table
 for warning in report.warnings:
     print("note:", warning)'''),
     ("md", "## 3. Plots and grids\nThe HTML report beside them holds everything in one page."),

@@ -48,7 +48,7 @@ def fixed_noise_loss(step: DiffusionStep, unet, batches: list[dict]) -> float:
 def sample_images(cfg: TrainConfig, pipe, unet, step: DiffusionStep, accelerator, at_step: int) -> list[Path]:
     """`cfg.sample_prompts` rendered with the model as trained so far, saved with their A1111 parameters."""
     from ..formats.png_info import save_png
-    from ..generate.inference import generate
+    from ..generate.inference import generate, quiet_pipeline
 
     was_training = unet.training
     unet.eval()
@@ -57,7 +57,7 @@ def sample_images(cfg: TrainConfig, pipe, unet, step: DiffusionStep, accelerator
     paths = []
     size = cfg.resolution
     for i, prompt in enumerate(cfg.sample_prompts):
-        with accelerator.autocast():
+        with accelerator.autocast(), quiet_pipeline(pipe):   # the training bar is the one progress display
             images, params = generate(pipe, step.expand(prompt), negative_prompt=cfg.sample_negative_prompt,
                                       steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg, seed=cfg.sample_seed + i,
                                       sampler=cfg.sample_sampler, width=size, height=size, clip_skip=cfg.clip_skip,
