@@ -185,3 +185,23 @@ def test_bundled_embedding_keys_for_both_families_round_trip():
     assert split_bundled(sd1)[1]["<sks>"]["single"].shape == (2, 8)
     with pytest.raises(ValueError, match="cannot hold a '.'"):
         bundle_tensors("a.b", {"emb_params": torch.ones(1, 8)}, "sd1")
+
+
+def test_the_bundled_file_gives_the_image_of_the_two_file_form(tiny_sd15_dir, token_data, tmp_path):
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from helpers.generate.inference import generate, load_embeddings, load_loras
+
+    train(make_cfg(tiny_sd15_dir, token_data, tmp_path, method="lora", rank=4, token_string=TOKEN, init_word="flower",
+                   embedding_lr=5e-2, max_train_steps=2, embedding_file=True), progress=False)
+    sd = load_file(str(tmp_path / "m.safetensors"))
+    save_file({k: v for k, v in sd.items() if not k.startswith("bundle_emb.")}, str(tmp_path / "plain.safetensors"))
+    one = load_base(str(tiny_sd15_dir)).pipe
+    load_loras(one, [(tmp_path / "m.safetensors", 1.0)])
+    two = load_base(str(tiny_sd15_dir)).pipe
+    load_loras(two, [(tmp_path / "plain.safetensors", 1.0)])
+    load_embeddings(two, [(tmp_path / "m_emb.safetensors", TOKEN)])
+    kw = dict(steps=3, seed=4, sampler="DDIM")
+    a, b = (np.asarray(generate(p, f"a {TOKEN} on a gray background", **kw)[0][0]) for p in (one, two))
+    assert np.array_equal(a, b)
