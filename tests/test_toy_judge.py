@@ -107,6 +107,7 @@ def test_score_counts_only_named_fields(monkeypatch):
     prompts = ["a red circle on a navy background", "a sks flower on a gray background", "a blue square", "",
                "a green triangle on a black background"]
     monkeypatch.setattr(J, "classify", lambda judge, images: [dict(zip(J.HEADS, s)) for s in seen])
+    monkeypatch.setattr(J, "concept_look_rate", lambda images: None)   # no pixels here: the judge's counts only
     r = J.score(None, [None] * 5, prompts)
     assert r["n"] == 5
     assert (r["n_shape"], r["shape_acc"]) == (4, 3 / 4)                   # the triangle was seen as a circle
