@@ -271,13 +271,15 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], settings: dict[str, Any
         return p.relative_to(out).as_posix()
 
     trigger_table = _trigger_summary(rows, columns)
+    said = verdict(rows, settings)
     report = _report_markdown(settings, rows, columns, trigger_table, notes, [rel(p) for p in plots],
-                              [rel(p) for p in grids], groups)
+                              [rel(p) for p in grids], groups, said)
     report_path = write_text(out / "report.md", report)
     html_path = write_text(out / "report.html", _report_html(settings, rows, columns, trigger_table, notes,
-                                                             [rel(p) for p in plots], [rel(p) for p in grids], groups))
+                                                             [rel(p) for p in plots], [rel(p) for p in grids], groups,
+                                                             said))
     return ProtocolResult(out, columns, rows, csv_path, md_path, report_path, html_path, json_path, manifest_path,
-                          plots, grids, notes, verdict(rows, settings))
+                          plots, grids, notes, said)
 
 
 def _trigger_summary(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> list[dict[str, Any]]:
@@ -311,9 +313,9 @@ METRIC_NOTES = [
 ]
 
 
-def _report_markdown(settings, rows, columns, trigger_table, notes, plots, grids, groups) -> str:
+def _report_markdown(settings, rows, columns, trigger_table, notes, plots, grids, groups, said) -> str:
     s = settings
-    lines = ["# Evaluation report", "", "## Verdict", ""] + [f"- {v}" for v in verdict(rows, s)] + [
+    lines = ["# Evaluation report", "", "## Verdict", ""] + [f"- {v}" for v in said] + [
              "", "## Settings", "",
              f"- model: `{s['model']}`", f"- LoRAs: {', '.join(f'`{p}`' for p in s['loras']) or 'none'}",
              f"- LoRA weights: {', '.join(f'{w:g}' for w in s['weights'])}",
@@ -362,14 +364,14 @@ def _html_table(rows, columns) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _report_html(settings, rows, columns, trigger_table, notes, plots, grids, groups) -> str:
+def _report_html(settings, rows, columns, trigger_table, notes, plots, grids, groups, said) -> str:
     e = html.escape
     s = settings
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>Evaluation report</title><style>"
              "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
              "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}img{max-width:100%}</style></head><body>",
              "<h1>Evaluation report</h1><h2>Verdict</h2><ul>",
-             *[f"<li>{_md_inline(v)}</li>" for v in verdict(rows, s)],
+             *[f"<li>{_md_inline(v)}</li>" for v in said],
              "</ul><h2>Settings</h2><ul>",
              f"<li>model: <code>{e(s['model'])}</code></li>",
              f"<li>LoRAs: {e(', '.join(s['loras']) or 'none')}; weights {e(', '.join(f'{w:g}' for w in s['weights']))}</li>",

@@ -45,9 +45,10 @@ def per_block(values: Sequence[float] | None, names: list[str], what: str) -> di
     return dict(zip(names, values))
 
 
-def filter_layers(names: list[str], patterns: Sequence[str], regex: bool = False) -> list[str]:
+def filter_layers(names: list[str], patterns: Sequence[str], regex: bool = False, *,
+                  required: bool = True) -> list[str]:
     """The module names that match any pattern: a substring, or with `regex` a regular expression searched in
-    the name. No patterns: every name."""
+    the name. No patterns: every name. When none match: ValueError, or (not `required`) every name."""
     if not patterns:
         return list(names)
     if regex:
@@ -60,6 +61,8 @@ def filter_layers(names: list[str], patterns: Sequence[str], regex: bool = False
         kept = [n for n in names if any(c.search(n) for c in compiled)]
     else:
         kept = [n for n in names if any(p in n for p in patterns)]
+    if not kept and not required:
+        return list(names)
     if not kept:
         raise ValueError(f"layer_filter {list(patterns)} keeps none of the {len(names)} target modules, e.g. "
                          f"{names[:2]}")

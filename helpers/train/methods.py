@@ -104,9 +104,10 @@ class LoraLayers(Trainable):
             raise ConfigError(str(e)) from None
         inject_lora(unet, self._config(targets, ranks, alphas))
         for te in self.text_encoders:
-            names = text_encoder_target_modules(te, cfg.target)
-            if cfg.layer_filter and _matches_any(names, cfg):
-                names = filter_layers(names, cfg.layer_filter, cfg.layer_filter_regex)
+            # a filter written for the UNet (attn2, ff) may match none of the text encoder's modules: it then
+            # trains them as without a filter
+            names = filter_layers(text_encoder_target_modules(te, cfg.target), cfg.layer_filter,
+                                  cfg.layer_filter_regex, required=False)
             inject_lora(te, self._config(names))
 
     def param_groups(self, cfg: TrainConfig) -> list[dict]:
@@ -204,18 +205,6 @@ def network_args(cfg: TrainConfig) -> dict[str, str]:
     if cfg.layer_filter:
         out["layer_filter"] = ",".join(cfg.layer_filter)
     return out
-
-
-def _matches_any(names: list[str], cfg: TrainConfig) -> bool:
-    """Whether the layer filter keeps any of these (text-encoder) modules: a filter written for the UNet
-    (attn2, ff) may match none of the text encoder's, which then trains as without a filter."""
-    from .blocks import filter_layers
-
-    try:
-        filter_layers(names, cfg.layer_filter, cfg.layer_filter_regex)
-        return True
-    except ValueError:
-        return False
 
 
 class WholeUNet(Trainable):
