@@ -710,7 +710,8 @@ def load_config(path: str | Path, cls: type = TrainConfig) -> Any:
     return config_from_dict(cls, data, source=str(path))
 
 
-CROP_MODES = ("none", "bucket", "center", "subject", "pad")
+CROP_MODES = ("none", "bucket", "face", "center", "subject", "pad")
+MASK_SOURCES = ("none", "alpha", "face", "clipseg")
 
 
 IMAGE_FORMATS = ("png", "jpg")
@@ -723,7 +724,7 @@ class PrepareConfig(ConfigBase):
     source: str = setting("", "a folder (recursive; kohya \"N_name\" subfolders kept) or a .zip file")
     output_dir: str = setting("", "the prepared copy; never inside the source")
     resolution: int = setting(512, "512 for SD 1.5, 768 for SD 2, 1024 for SDXL")
-    crop: str = setting("bucket", "none | bucket | center | subject | pad")
+    crop: str = setting("bucket", "none | bucket | face (bucket crop around the face) | center | subject | pad")
     min_size: int | None = setting(None, "shorter side below this is rejected; None: resolution // 2")
     max_pixels: int = setting(100_000_000, "larger declared sizes are rejected as decompression bombs")
     max_side: int | None = setting(None, "crop=\"none\" only: cap the long side (downscale)")
@@ -738,8 +739,16 @@ class PrepareConfig(ConfigBase):
     min_bucket_reso: int = setting(256, "smallest bucket side in px")
     max_bucket_reso: int = setting(1024, "largest bucket side in px")
     bucket_reso_steps: int = setting(64, "bucket sides are multiples of this")
+    detect_faces: bool = setting(True, "find faces, report how much of each crop they fill (crop=\"face\" needs it)")
+    face_margin: float = setting(0.5, "crop=\"face\": room kept around the face, in face sizes on each side")
+    min_face_coverage: float = setting(0.25, "flag images whose face fills less of the crop than this (0: never)")
+    masks: str = setting("none", "loss masks written to _masks/: none | alpha (transparency) | face | clipseg")
+    mask_prompt: str = setting("", "masks=\"clipseg\": what to keep, e.g. \"a person\" or \"a red flower\"")
+    mask_model: str | None = setting(None, "masks=\"clipseg\": CLIPSeg hub id or folder (None: its standard model)")
+    mask_threshold: float = setting(0.3, "masks=\"clipseg\": pixels at or above this probability are kept")
 
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"crop": CROP_MODES, "image_format": IMAGE_FORMATS}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"crop": CROP_MODES, "image_format": IMAGE_FORMATS,
+                                                     "masks": MASK_SOURCES}
 
     def validate(self) -> None:
         """Check every field; raise ConfigError naming the first bad one."""
@@ -748,6 +757,20 @@ class PrepareConfig(ConfigBase):
             raise ConfigError(f"crop must be one of {', '.join(CROP_MODES)}, got {self.crop!r}")
         if self.image_format not in IMAGE_FORMATS:
             raise ConfigError(f"image_format must be one of {', '.join(IMAGE_FORMATS)}, got {self.image_format!r}")
+        if self.masks not in MASK_SOURCES:
+            raise ConfigError(f"masks must be one of {', '.join(MASK_SOURCES)}, got {self.masks!r}")
+        if self.crop == "face" and not self.detect_faces:
+            raise ConfigError('crop="face" places the crop on the detected face: set detect_faces=True')
+        if self.masks == "face" and not self.detect_faces:
+            raise ConfigError('masks="face" draws the mask from the detected face: set detect_faces=True')
+        if self.masks == "clipseg" and not self.mask_prompt.strip():
+            raise ConfigError('masks="clipseg" needs mask_prompt: what the mask keeps, e.g. "a person"')
+        if not 0.0 <= self.face_margin <= 10.0:
+            raise ConfigError(f"face_margin must be in [0, 10] face sizes, got {self.face_margin}")
+        if not 0.0 <= self.min_face_coverage < 1.0:
+            raise ConfigError(f"min_face_coverage must be in [0, 1), got {self.min_face_coverage}")
+        if not 0.0 < self.mask_threshold < 1.0:
+            raise ConfigError(f"mask_threshold must be in (0, 1), got {self.mask_threshold}")
         for name in ("resolution", "max_pixels", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")

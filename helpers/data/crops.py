@@ -1,15 +1,21 @@
-"""Crops for a training set: none, centre, subject (a saliency map keeps an off-centre subject), pad, and
-bucket (sd-scripts' aspect-ratio buckets), never upscaling unless asked."""
+"""Crops for a training set: none, centre, subject (a saliency map keeps an off-centre subject), face (the crop
+placed on the detected face), pad, and bucket (sd-scripts' aspect-ratio buckets), never upscaling unless asked.
+
+Every mode is first a `CropPlan` (scale to a size, then cut a box, or paste on a canvas), so the same plan
+crops the image, its mask and its face box alike.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
 from ..config import PrepareConfig
-from .dataset import resize_and_crop, select_bucket
+from .dataset import cover_size, select_bucket
+from .faces import FaceBox, face_window
 
 _STEP = 64  # side step of sizes kept without upscaling (sd-scripts' bucket_reso_steps)
 
@@ -81,67 +87,144 @@ def _best_offset(profile: np.ndarray, length: int, window: int) -> int:
     return int(candidates[np.argmin(np.abs(candidates - free / 2))])
 
 
-def subject_crop(image: Image.Image, size: tuple[int, int]) -> tuple[Image.Image, tuple[int, int]]:
-    """Scale `image` to cover (width, height), then crop there with the window placed on the most salient
-    part (see `saliency_map`) rather than the centre; returns (image, (crop_top, crop_left))."""
+@dataclass(frozen=True)
+class CropPlan:
+    """How a source image becomes the prepared one: scale it to `resize`, then cut `box` (left, top, right, bottom)
+    out of the scaled image; for "pad", paste the scaled image onto a `canvas` at `offset` instead."""
+
+    source: tuple[int, int]
+    resize: tuple[int, int]
+    box: tuple[int, int, int, int]
+    canvas: tuple[int, int] | None = None
+    offset: tuple[int, int] = (0, 0)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """The prepared image's (width, height)."""
+        if self.canvas is not None:
+            return self.canvas
+        return self.box[2] - self.box[0], self.box[3] - self.box[1]
+
+    def apply(self, image: Image.Image, *, mask: bool = False,
+              fill: tuple[int, int, int] | int = (255, 255, 255)) -> Image.Image:
+        """The plan carried out on `image` (the source, or anything of its size: a mask is scaled bilinearly
+        and its padding, if any, is 0 = not trained)."""
+        if image.size != self.source:
+            raise ValueError(f"this crop plan is for a {self.source[0]}x{self.source[1]} image, "
+                             f"got {image.width}x{image.height}")
+        if image.size != self.resize:
+            image = (image.resize(self.resize, Image.Resampling.BILINEAR) if mask
+                     else image.resize(self.resize, Image.Resampling.LANCZOS, reducing_gap=3.0))
+        if self.canvas is not None:
+            out = Image.new(image.mode, self.canvas, 0 if mask else fill)
+            out.paste(image, self.offset)
+            return out
+        if self.box != (0, 0, *self.resize):
+            image = image.crop(self.box)
+        return image
+
+    def map_box(self, box: FaceBox) -> FaceBox:
+        """A box in source pixels, in the prepared image's pixels (it may reach outside a crop)."""
+        scaled = box.scaled(self.resize[0] / self.source[0], self.resize[1] / self.source[1])
+        if self.canvas is not None:
+            return scaled.shifted(*self.offset)
+        return scaled.shifted(-self.box[0], -self.box[1])
+
+
+def _cover_plan(size: tuple[int, int], target: tuple[int, int], left: int | None = None,
+                top: int | None = None) -> CropPlan:
+    """Scale to cover `target`, then crop it at (left, top) of the scaled image (centred when None)."""
+    tw, th = int(target[0]), int(target[1])
+    rw, rh = cover_size(size[0], size[1], (tw, th))
+    left = (rw - tw) // 2 if left is None else min(max(int(left), 0), rw - tw)
+    top = (rh - th) // 2 if top is None else min(max(int(top), 0), rh - th)
+    return CropPlan(tuple(size), (rw, rh), (left, top, left + tw, top + th))
+
+
+def subject_plan(image: Image.Image, size: tuple[int, int]) -> CropPlan:
+    """Scale to cover (width, height), with the window placed on the most salient part (see `saliency_map`)
+    rather than the centre."""
     tw, th = int(size[0]), int(size[1])
-    scale = max(tw / image.width, th / image.height)
-    rw, rh = max(tw, int(image.width * scale + 0.5)), max(th, int(image.height * scale + 0.5))
+    rw, rh = cover_size(image.width, image.height, (tw, th))
     sal = saliency_map(image)
-    left = _best_offset(sal.sum(axis=0), rw, tw)
-    top = _best_offset(sal.sum(axis=1), rh, th)
-    if (rw, rh) != image.size:
-        image = image.resize((rw, rh), Image.Resampling.LANCZOS, reducing_gap=3.0)
-    if (rw, rh) != (tw, th):
-        image = image.crop((left, top, left + tw, top + th))
-    return image, (top, left)
+    return _cover_plan(image.size, (tw, th), _best_offset(sal.sum(axis=0), rw, tw), _best_offset(sal.sum(axis=1), rh, th))
+
+
+def subject_crop(image: Image.Image, size: tuple[int, int]) -> tuple[Image.Image, tuple[int, int]]:
+    """`subject_plan` carried out; returns (image, (crop_top, crop_left))."""
+    plan = subject_plan(image, size)
+    return plan.apply(image), (plan.box[1], plan.box[0])
+
+
+def face_plan(size: tuple[int, int], face: FaceBox, target: tuple[int, int], *, margin: float,
+              allow_upscale: bool) -> CropPlan:
+    """Crop to `target` around the face (`faces.face_window`: `margin` face sizes of room on each side), zoomed
+    in as far as that allows but never past the source's own pixels unless `allow_upscale`."""
+    W, H = size
+    tw, th = int(target[0]), int(target[1])
+    left, top, right, bottom = face_window(size, face, (tw, th), margin=margin,
+                                           min_size=None if allow_upscale else (tw, th))
+    scale = tw / (right - left)
+    rw, rh = max(tw, round(W * scale)), max(th, round(H * scale))
+    return CropPlan((W, H), (rw, rh), _clamped_box(round(left * scale), round(top * scale), tw, th, rw, rh))
+
+
+def _clamped_box(left: int, top: int, tw: int, th: int, rw: int, rh: int) -> tuple[int, int, int, int]:
+    left, top = min(max(left, 0), rw - tw), min(max(top, 0), rh - th)
+    return left, top, left + tw, top + th
 
 
 def _floor_step(x: int, step: int = _STEP) -> int:
     return max(step, x - x % step) if x >= step else max(8, x - x % 8)
 
 
-def _shrink_to_fit(image: Image.Image, max_side: int) -> Image.Image:
-    if max(image.size) <= max_side:
-        return image
-    s = max_side / max(image.size)
-    size = (max(1, round(image.width * s)), max(1, round(image.height * s)))
-    return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+def _shrink_size(size: tuple[int, int], max_side: int | None) -> tuple[int, int]:
+    w, h = size
+    if not max_side or max(w, h) <= max_side:
+        return w, h
+    s = max_side / max(w, h)
+    return max(1, round(w * s)), max(1, round(h * s))
 
 
-def crop_image(image: Image.Image, cfg: PrepareConfig,
-               buckets: Sequence[tuple[int, int]]) -> tuple[Image.Image, list[str]]:
-    """The prepared image for crop mode `cfg.crop`, and flags saying what was done.
+def plan_crop(image: Image.Image, cfg: PrepareConfig, buckets: Sequence[tuple[int, int]],
+              face: FaceBox | None = None) -> tuple[CropPlan, list[str]]:
+    """The crop plan for crop mode `cfg.crop`, and flags saying what it does.
 
     "upscale_needed": smaller than the target, kept at its own size (step-rounded); "upscaled": the
-    same, scaled up because `allow_upscale`; plus "cropped", "resized", "padded".
+    same, scaled up because `allow_upscale`; plus "cropped", "resized", "padded", and "no_face" when
+    crop="face" found no face and placed the crop by saliency instead.
     none: unchanged (long side capped at `max_side`); bucket: sd-scripts bucket (resize + centre crop);
-    center / subject: resolution-sided square, centred or placed on the subject; pad: letterboxed square.
+    face: the bucket, cut around `face` with `cfg.face_margin`; center / subject: resolution-sided square,
+    centred or placed on the subject; pad: letterboxed square.
     """
     w, h = image.size
     res = cfg.resolution
     flags: list[str] = []
     small = False
     if cfg.crop == "none":
-        out = _shrink_to_fit(image, cfg.max_side) if cfg.max_side else image
-        bucket = select_bucket(out.width, out.height, buckets, res)
-        small = bucket[0] > out.width or bucket[1] > out.height
-        if small:
+        size = _shrink_size((w, h), cfg.max_side)
+        plan = CropPlan((w, h), size, (0, 0, *size))
+        bucket = select_bucket(size[0], size[1], buckets, res)
+        if bucket[0] > size[0] or bucket[1] > size[1]:
             flags.append("upscale_needed")  # "none" never scales up
-        small = False
-    elif cfg.crop == "bucket":
+    elif cfg.crop in ("bucket", "face"):
         bucket = select_bucket(w, h, buckets, res)
         small = bucket[0] > w or bucket[1] > h
         if small and not cfg.allow_upscale:
             bucket = select_bucket(w, h, [], res, no_upscale=True, step=cfg.bucket_reso_steps)
-        out, _ = resize_and_crop(image, bucket, "center")
+        if cfg.crop == "bucket":
+            plan = _cover_plan((w, h), bucket)
+        elif face is not None:
+            plan = face_plan((w, h), face, bucket, margin=cfg.face_margin, allow_upscale=cfg.allow_upscale)
+        else:
+            plan = subject_plan(image, bucket)
+            flags.append("no_face")
     elif cfg.crop in ("center", "subject"):
         side = res
         small = min(w, h) < res
         if small and not cfg.allow_upscale:
             side = _floor_step(min(w, h), cfg.bucket_reso_steps)
-        out = (resize_and_crop(image, (side, side), "center")[0] if cfg.crop == "center"
-               else subject_crop(image, (side, side))[0])
+        plan = _cover_plan((w, h), (side, side)) if cfg.crop == "center" else subject_plan(image, (side, side))
     else:  # pad
         side = res
         small = max(w, h) < res
@@ -149,18 +232,25 @@ def crop_image(image: Image.Image, cfg: PrepareConfig,
             side = min(res, -(-max(w, h) // 8) * 8)
         s = side / max(w, h)
         inner = (max(1, round(w * s)), max(1, round(h * s)))
-        scaled = image if inner == image.size else image.resize(inner, Image.Resampling.LANCZOS, reducing_gap=3.0)
-        out = Image.new("RGB", (side, side), cfg.background_rgb)
-        out.paste(scaled, ((side - inner[0]) // 2, (side - inner[1]) // 2))
+        plan = CropPlan((w, h), inner, (0, 0, *inner), canvas=(side, side),
+                        offset=((side - inner[0]) // 2, (side - inner[1]) // 2))
         if inner != (side, side):
             flags.append("padded")
-        if inner != image.size:
+        if inner != (w, h):
             flags.append("resized")
     if small:
         flags.append("upscaled" if cfg.allow_upscale else "upscale_needed")
     if cfg.crop != "pad":
-        if abs(out.width / out.height - w / h) > 0.01 * (w / h):
+        out_w, out_h = plan.size
+        if abs(out_w / out_h - w / h) > 0.01 * (w / h) or out_w * out_h < 0.99 * plan.resize[0] * plan.resize[1]:
             flags.append("cropped")
-        if abs(max(out.width / w, out.height / h) - 1.0) > 1e-9:
+        if plan.resize != (w, h):
             flags.append("resized")
-    return out, flags
+    return plan, flags
+
+
+def crop_image(image: Image.Image, cfg: PrepareConfig, buckets: Sequence[tuple[int, int]],
+               face: FaceBox | None = None) -> tuple[Image.Image, list[str]]:
+    """The prepared image for crop mode `cfg.crop`, and the flags of `plan_crop`."""
+    plan, flags = plan_crop(image, cfg, buckets, face)
+    return plan.apply(image, fill=cfg.background_rgb), flags

@@ -359,7 +359,7 @@ def select_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]], r
     return (max(step, size[0] - size[0] % step), max(step, size[1] - size[1] % step))
 
 
-def _cover_size(width: int, height: int, bucket: Bucket) -> tuple[int, int]:
+def cover_size(width: int, height: int, bucket: Bucket) -> tuple[int, int]:
     """Smallest aspect-preserving (width, height) that covers the bucket (sd-scripts' rounding)."""
     bw, bh = bucket
     scale = max(bw / width, bh / height)
@@ -376,7 +376,7 @@ def resize_and_crop(image: Image.Image, bucket: tuple[int, int], crop: str = "ce
     if crop not in ("center", "random"):
         raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
     bw, bh = int(bucket[0]), int(bucket[1])
-    rw, rh = _cover_size(image.width, image.height, (bw, bh))
+    rw, rh = cover_size(image.width, image.height, (bw, bh))
     if (rw, rh) != image.size:
         image = image.resize((rw, rh), Image.Resampling.LANCZOS, reducing_gap=3.0)
     if crop == "center":
@@ -541,13 +541,13 @@ class TrainDataset(torch.utils.data.Dataset):
         cached = self._latents.get(self._latent_keys[item_idx])
         if cached is not None and (not flipped or cached[1] is not None):
             w, h = self.sizes[item_idx]
-            rw, rh = _cover_size(w, h, (bw, bh))
+            rw, rh = cover_size(w, h, (bw, bh))
             top, left = (rh - bh) // 2, (rw - bw) // 2
             example["latents"] = cached[1] if flipped else cached[0]
         else:
             image = load_image(item.path)
             w, h = image.size
-            rw, rh = _cover_size(w, h, (bw, bh))
+            rw, rh = cover_size(w, h, (bw, bh))
             crop_rng = _derived_rng(self.seed, self.epoch, index, "crop")
             crop = "random" if self.random_crop and augment else "center"
             image, (top, left) = resize_and_crop(image, (bw, bh), crop, crop_rng)

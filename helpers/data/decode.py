@@ -185,6 +185,7 @@ class _Decoded:
     mode: str
     format: str
     flags: list[str]
+    alpha: Image.Image | None = None          # the transparency ("L"), when some pixel was not opaque
 
 
 def _to_8bit(im: Image.Image) -> Image.Image:
@@ -231,6 +232,7 @@ def decode_image(data: bytes, *, max_pixels: int = 100_000_000,
     if ext.lower() in HEIC_EXTENSIONS and not heic_supported():
         raise RejectedInput(HEIC_MISSING)
     flags: list[str] = []
+    alpha = None
     try:
         with _pixel_limit(max_pixels):
             im = Image.open(io.BytesIO(data))
@@ -297,6 +299,7 @@ def decode_image(data: bytes, *, max_pixels: int = 100_000_000,
             rgba = im.convert("RGBA")
             if rgba.getchannel("A").getextrema()[0] < 255:
                 flags.append("had_alpha")
+                alpha = rgba.getchannel("A")
             canvas = Image.new("RGBA", rgba.size, (*background, 255))
             im = Image.alpha_composite(canvas, rgba).convert("RGB")
         elif im.mode != "RGB":
@@ -308,7 +311,7 @@ def decode_image(data: bytes, *, max_pixels: int = 100_000_000,
     except Exception as e:
         raise RejectedInput(f"unsupported colour mode {mode} ({type(e).__name__}: {e})") from None
     im.info.clear()  # no EXIF (GPS!), ICC or text chunks travel into the prepared copy
-    return _Decoded(image=im, size=im.size, mode=mode, format=fmt, flags=flags)
+    return _Decoded(image=im, size=im.size, mode=mode, format=fmt, flags=flags, alpha=alpha)
 
 
 class CaptionDecodeError(ValueError):

@@ -12,7 +12,8 @@ Layout of the prepared copy (it is directly a training folder for `dataset.load_
       a.png, a.txt, 10_sks flower/b.png, ...   prepared images and captions (kohya folders kept)
       manifest.json, manifest.csv               one row per source file: status, reason, sizes, flags
       _report/                                  report.txt, prepare_config.toml, contact_sheet_*.png,
-                                                buckets.png, duplicates/*.png
+                                                buckets.png, duplicates/*.png, masks.png
+      _masks/                                   loss masks (masks="alpha" | "face" | "clipseg"), same names
       _dropped/                                 images the user dropped with drop_images
 """
 
@@ -35,7 +36,8 @@ from PIL import Image
 
 from ..atomic import OutputWriteError, atomic_dir, atomic_path
 from ..config import ConfigError, PrepareConfig, color_text, config_to_toml, parse_color
-from .crops import crop_image
+from .crops import plan_crop
+from .faces import detect_faces, face_coverage
 from .dataset import KOHYA_FOLDER, make_buckets, select_bucket
 from .decode import (
     INGEST_EXTENSIONS,
@@ -65,49 +67,6 @@ from .records import (
 from .sheets import write_contact_sheets, write_duplicate_sheets, open_rgb, plot_buckets
 
 logger = logging.getLogger(__name__)
-
-
-# =============================================================================================
-# Settings
-# =============================================================================================
-
-
-# =============================================================================================
-# Report objects
-# =============================================================================================
-
-
-# =============================================================================================
-# Reading the source: a folder or a zip, one entry per file
-# =============================================================================================
-
-
-# =============================================================================================
-# Decoding: any supported file -> RGB, with flags saying what was done
-# =============================================================================================
-
-
-# =============================================================================================
-# Hashes and duplicates
-# =============================================================================================
-
-
-# ---- CLIP embeddings ---------------------------------------------------------------------------
-
-
-# =============================================================================================
-# Crops
-# =============================================================================================
-
-
-# =============================================================================================
-# Sheets and plots
-# =============================================================================================
-
-
-# =============================================================================================
-# Manifest
-# =============================================================================================
 
 
 # =============================================================================================
@@ -210,6 +169,8 @@ def prepare(source: str | Path, output_dir: str | Path, *, resolution: int = 512
             caption_extension: str = ".txt", image_format: str = "png", jpeg_quality: int = 95,
             near_dup_threshold: int | None = 10, clip_model: str | None = None, clip_threshold: float = 0.95,
             min_bucket_reso: int = 256, max_bucket_reso: int = 1024, bucket_reso_steps: int = 64,
+            detect_faces: bool = True, face_margin: float = 0.5, min_face_coverage: float = 0.25,
+            masks: str = "none", mask_prompt: str = "", mask_model: str | None = None, mask_threshold: float = 0.3,
             overwrite: bool = False, progress: bool = True) -> PrepareReport:
     """Turn a folder or .zip of photos into a clean prepared copy in `output_dir`, with a manifest and a report.
 
@@ -224,7 +185,9 @@ def prepare(source: str | Path, output_dir: str | Path, *, resolution: int = 512
                         near_dup_threshold=-1 if near_dup_threshold is None else near_dup_threshold,
                         clip_model=clip_model,
                         clip_threshold=clip_threshold, min_bucket_reso=min_bucket_reso,
-                        max_bucket_reso=max_bucket_reso, bucket_reso_steps=bucket_reso_steps)
+                        max_bucket_reso=max_bucket_reso, bucket_reso_steps=bucket_reso_steps,
+                        detect_faces=detect_faces, face_margin=face_margin, min_face_coverage=min_face_coverage,
+                        masks=masks, mask_prompt=mask_prompt, mask_model=mask_model, mask_threshold=mask_threshold)
     return prepare_from_config(cfg, overwrite=overwrite, progress=progress)
 
 
@@ -242,6 +205,13 @@ def prepare_from_config(cfg: PrepareConfig, *, overwrite: bool = False, progress
     source, output = Path(cfg.source).expanduser(), Path(cfg.output_dir).expanduser()
     source_kind = _check_paths(source, output, overwrite)
     clip = load_clip(cfg.clip_model) if cfg.clip_model else None  # fail before the long loop, not after it
+    seg = None
+    if cfg.masks == "clipseg":
+        from .masking import load_clipseg
+
+        seg = load_clipseg(cfg.mask_model)
+    if cfg.detect_faces:
+        detect_faces(Image.new("RGB", (8, 8)))  # scikit-image missing: say so now, not once per image
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
     with _source_entries(source, source_kind) as (entries, skipped), atomic_dir(output) as tmp:
@@ -271,6 +241,8 @@ def prepare_from_config(cfg: PrepareConfig, *, overwrite: bool = False, progress
                 clip_embeddings([open_rgb(tmp / r.prepared) for r in ok[s:s + 64]], *clip)
                 for s in range(0, len(ok), 64)])
         del clip
+        if seg is not None:
+            _clipseg_masks(seg, cfg, tmp, ok, progress)
         groups = find_duplicates(ok, cfg.near_dup_threshold, embeddings, cfg.clip_threshold)
         report = _write_report(cfg, tmp, output, records, ok, thumbs, groups, source_kind, created)
     logger.info("Prepared %d images into %s (%d rejected, %d skipped, %d duplicate groups)", len(ok), output,
@@ -350,7 +322,9 @@ class _ImageJob:
             if min(dec.size) < min_size:
                 raise RejectedInput(f"too small: {dec.size[0]}x{dec.size[1]} (short side "
                                     f"{min(dec.size)} < min_size {min_size})")
-            out_img, crop_flags = crop_image(dec.image, cfg, self.buckets)
+            faces = detect_faces(dec.image) if cfg.detect_faces else []
+            plan, crop_flags = plan_crop(dec.image, cfg, self.buckets, faces[0] if faces else None)
+            out_img = plan.apply(dec.image, fill=cfg.background_rgb)
         except Exception as err:  # a bad file, a failed read or a decoder bug: report it, never stop the run
             rec.status = "rejected"
             if isinstance(err, RejectedInput):
@@ -362,10 +336,18 @@ class _ImageJob:
                 rec.reason = f"unexpected error while preparing ({type(err).__name__}: {err})"
             return rec, None, None if cap is None else f"caption of a rejected image ({e.rel})"
         rec.flags += crop_flags
+        rec.faces = len(faces)
+        box = plan.map_box(faces[0]) if faces else None
+        if box is not None:
+            rec.face_box = box.as_list()
+            rec.face_coverage = round(face_coverage(box, out_img.size), 4)
+            if rec.face_coverage < cfg.min_face_coverage:
+                rec.flags.append("small_face")
         rec.pixel_sha256 = pixel_digest(dec.image)
         rec.phash = f"{perceptual_hash(dec.image):016x}"
         rec.color_sig = color_signature(dec.image).hex()
         target = self._save(rec, e, out_img)
+        self._mask(rec, plan.apply(dec.alpha, mask=True) if dec.alpha is not None else None, box)
         outcome = self._caption(rec, cap, target) if cap is not None else None
         if cap is None and cfg.caption_extension:
             rec.flags.append("no_caption")
@@ -396,6 +378,25 @@ class _ImageJob:
                 out_img.save(t, format="JPEG", quality=cfg.jpeg_quality, subsampling=0)
         return target
 
+    def _mask(self, rec: FileRecord, alpha: Image.Image | None, box) -> None:
+        """Write the loss mask of masks="alpha" (the transparency, cropped as the image) or "face"."""
+        from .masking import face_mask, mask_rel, save_mask
+
+        mode = self.cfg.masks
+        if mode == "alpha":
+            mask = alpha
+            if mask is None:
+                rec.flags.append("no_mask")  # fully opaque: nothing to mask, it trains on every pixel
+        elif mode == "face":
+            mask = face_mask(rec.prepared_size, box) if box is not None else None
+            if mask is None:
+                rec.flags.append("no_mask")
+        else:
+            return
+        if mask is not None:
+            rec.mask = mask_rel(rec.prepared)
+            save_mask(mask, self.tmp / rec.mask, fsync=False)
+
     def _caption(self, rec: FileRecord, cap: SourceEntry, target: Path) -> str:
         """Copy the image's caption beside it as UTF-8; "ok", or "rejected:<why>" for an unreadable one."""
         try:
@@ -413,6 +414,26 @@ class _ImageJob:
         except (RejectedInput, OSError) as err:
             rec.flags.append("caption_unreadable")
             return "rejected:" + str(err)
+
+
+def _clipseg_masks(seg, cfg: PrepareConfig, tmp: Path, ok: list[FileRecord], progress: bool) -> None:
+    """masks="clipseg": a mask per prepared image from `cfg.mask_prompt`; the model is freed afterwards."""
+    from tqdm.auto import tqdm
+
+    from .masking import mask_rel, save_mask
+
+    try:
+        for start in tqdm(range(0, len(ok), 8), desc="masks (CLIPSeg)", disable=not progress):
+            batch = ok[start:start + 8]
+            masks = seg.masks([open_rgb(tmp / r.prepared) for r in batch], cfg.mask_prompt, cfg.mask_threshold)
+            for r, mask in zip(batch, masks):
+                if mask.getextrema()[1] == 0:
+                    r.flags.append("no_mask")
+                    continue
+                r.mask = mask_rel(r.prepared)
+                save_mask(mask, tmp / r.mask, fsync=False)
+    finally:
+        seg.close()
 
 
 def _caption_records(captions: dict[tuple[str, str], SourceEntry], outcomes: dict[str, str]) -> list[FileRecord]:
@@ -444,6 +465,10 @@ def _write_report(cfg: PrepareConfig, tmp: Path, output: Path, records: list[Fil
     table = compute_bucket_table(ok)
     plot_buckets(table, report_dir / "buckets.png", cfg.resolution, fsync=False)
     sheets = write_contact_sheets(tmp, ok, thumbs, report_dir, fsync=False)
+    if any(r.mask for r in ok):
+        from .masking import mask_sheet_for
+
+        mask_sheet_for(tmp, ok, report_dir / "masks.png")
     records.sort(key=lambda r: (r.source, r.kind))
     write_manifest(tmp, cfg, records, groups, source_kind, created, fsync=False)
     with atomic_path(report_dir / "prepare_config.toml", fsync=False) as t:
@@ -455,7 +480,8 @@ def _write_report(cfg: PrepareConfig, tmp: Path, output: Path, records: list[Fil
         duplicate_groups=groups, bucket_table=table,
         manifest_json=output / MANIFEST_JSON, manifest_csv=output / MANIFEST_CSV,
         contact_sheets=[final_report / p.name for p in sheets], bucket_plot=final_report / "buckets.png",
-        report_text=final_report / "report.txt", config_path=final_report / "prepare_config.toml")
+        report_text=final_report / "report.txt", config_path=final_report / "prepare_config.toml",
+        mask_sheet=final_report / "masks.png" if any(r.mask for r in ok) else None)
     with atomic_path(report_dir / "report.txt", fsync=False) as t:
         t.write_text(report.summary() + "\n", encoding="utf-8")
     return report
@@ -525,6 +551,29 @@ def _move_images(prepared_dir: Path, names: Sequence[str], drop: bool) -> list[s
     plot_buckets(compute_bucket_table(ok), report_dir / "buckets.png", cfg.resolution)
     write_contact_sheets(folder, ok, {}, report_dir, fsync=True)
     return moved
+
+
+def update_records(prepared_dir: str | Path, changes: dict[str, dict]) -> None:
+    """Set fields of prepared images' manifest records ({prepared name: {field: value}}) and rewrite the manifest
+    and the mask sheet; the images themselves are not touched."""
+    folder = Path(prepared_dir)
+    data = load_manifest(folder)
+    files = [FileRecord.from_dict(d) for d in data["files"]]
+    cfg_data = {k: v for k, v in data["config"].items() if k in {f.name for f in dataclasses.fields(PrepareConfig)}}
+    cfg = PrepareConfig(**cfg_data)
+    known = {f.name for f in dataclasses.fields(FileRecord)}
+    for r in files:
+        for name, value in changes.get(r.prepared, {}).items():
+            if name not in known:
+                raise ValueError(f"FileRecord has no field {name!r}")
+            setattr(r, name, value)
+    groups = [DuplicateGroup(g["kind"], g["members"], g.get("scores", {})) for g in data.get("duplicate_groups", [])]
+    write_manifest(folder, cfg, files, groups, data.get("source_kind", ""), data.get("created", ""))
+    masked = [r for r in files if r.status == "ok" and r.mask]
+    if masked:
+        from .masking import mask_sheet_for
+
+        mask_sheet_for(folder, masked, folder / REPORT_DIR / "masks.png")
 
 
 def drop_images(prepared_dir: str | Path, names: Sequence[str]) -> list[str]:

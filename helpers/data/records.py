@@ -29,6 +29,7 @@ REPORT_DIR = "_report"
 
 
 DROPPED_DIR = "_dropped"
+MASK_DIR = "_masks"   # the trainer's default mask folder (train/masks reads it as masks.MASK_FOLDER)
 
 
 @dataclass
@@ -54,6 +55,10 @@ class FileRecord:
     pixel_sha256: str = ""                    # of the decoded RGB pixels (exact duplicates across formats)
     phash: str = ""                           # 64-bit perceptual hash, hex
     color_sig: str = ""                       # 4x4 RGB thumbnail, hex (near duplicates must match in colour too)
+    faces: int = 0                            # frontal faces found in the image (0 also when detection is off)
+    face_box: list[float] | None = None       # the largest face, [x0, y0, x1, y1] in prepared-image pixels
+    face_coverage: float | None = None        # share of the prepared image that box fills (inside it)
+    mask: str = ""                            # the loss mask written for it, relative to output_dir
 
     @property
     def name(self) -> str:
@@ -111,6 +116,22 @@ class PrepareReport:
     bucket_plot: Path | None
     report_text: Path
     config_path: Path
+    mask_sheet: Path | None = None            # image | mask | overlay rows, when masks were made
+
+    @property
+    def with_face(self) -> list[FileRecord]:
+        """Prepared images in which a face was found."""
+        return [r for r in self.items if r.face_box is not None]
+
+    @property
+    def small_faces(self) -> list[FileRecord]:
+        """Prepared images whose face fills less of the crop than `min_face_coverage` (flag "small_face")."""
+        return [r for r in self.items if "small_face" in r.flags]
+
+    @property
+    def is_face_set(self) -> bool:
+        """Whether the set is about a face: crop="face", or a face in at least half of the images."""
+        return self.config.crop == "face" or (bool(self.items) and 2 * len(self.with_face) >= len(self.items))
 
     @property
     def smaller_than_target(self) -> list[FileRecord]:
@@ -148,6 +169,13 @@ class PrepareReport:
             lines += [f"    {r.name}: {r.original_size[0]}x{r.original_size[1]}" for r in shown]
             if len(small) > len(shown):
                 lines.append(f"    ... and {len(small) - len(shown)} more (flag 'upscale_needed' in the manifest)")
+        if cfg.detect_faces and self.items:
+            lines += self._face_lines()
+        masked = [r for r in self.items if r.mask]
+        if cfg.masks != "none":
+            lines.append(f"  masks ({cfg.masks}): {len(masked)} of {len(self.items)} images have one, in "
+                         f"{self.output_dir / MASK_DIR}" + ("" if len(masked) == len(self.items) else
+                                                            "; the others train on every pixel"))
         if self.rejected:
             lines.append(f"  rejected ({len(self.rejected)}):")
             lines += [f"    {r.source}: {r.reason}" for r in self.rejected]
@@ -170,9 +198,29 @@ class PrepareReport:
         return "\n".join(lines)
 
 
+    def _face_lines(self) -> list[str]:
+        """Faces found and how much of each crop they fill; the small-face warning only for a set about a face."""
+        faced = self.with_face
+        if not faced:
+            return ["  faces: none found" + (' (crop="face" placed every crop by saliency)'
+                                             if self.config.crop == "face" else "")]
+        cover = sorted(r.face_coverage or 0.0 for r in faced)
+        lines = [f"  faces: found in {len(faced)} of {len(self.items)} images; the face fills "
+                 f"{cover[0]:.0%}-{cover[-1]:.0%} of the crop (median {cover[len(cover) // 2]:.0%})"]
+        small = self.small_faces
+        if small and self.is_face_set:
+            lines.append(f"  WARNING: the face fills under {self.config.min_face_coverage:.0%} of the crop in "
+                         f"{len(small)} image(s): the model learns the face from few pixels. Crop closer "
+                         f"(crop=\"face\", face_margin) or replace them:")
+            lines += [f"    {r.name}: {r.face_coverage:.1%}" for r in small[:10]]
+            if len(small) > 10:
+                lines.append(f"    ... and {len(small) - 10} more (flag 'small_face' in the manifest)")
+        return lines
+
+
 _CSV_COLUMNS = ("source", "kind", "status", "reason", "prepared", "width", "height", "bucket", "original_width",
                 "original_height", "original_mode", "original_format", "file_bytes", "sha256", "repeats",
-                "caption", "caption_source", "flags", "phash")
+                "caption", "caption_source", "flags", "phash", "faces", "face_box", "face_coverage", "mask")
 
 
 def _csv_text(records: Sequence[FileRecord]) -> str:
@@ -185,7 +233,9 @@ def _csv_text(records: Sequence[FileRecord]) -> str:
                          f"{r.bucket[0]}x{r.bucket[1]}" if r.bucket else "",
                          r.original_size[0] if r.original_size else "", r.original_size[1] if r.original_size else "",
                          r.original_mode, r.original_format, r.file_bytes, r.sha256, r.repeats, r.caption,
-                         r.caption_source, ";".join(r.flags), r.phash])
+                         r.caption_source, ";".join(r.flags), r.phash, r.faces,
+                         " ".join(f"{v:g}" for v in r.face_box) if r.face_box else "",
+                         f"{r.face_coverage:.4f}" if r.face_coverage is not None else "", r.mask])
     return buf.getvalue()
 
 

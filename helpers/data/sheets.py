@@ -63,11 +63,26 @@ def write_contact_sheets(folder: Path, items: Sequence[FileRecord], thumbs: dict
             if img is None:
                 img = _thumb_from_file(folder / r.prepared)
             size = f"{r.prepared_size[0]}x{r.prepared_size[1]}" if r.prepared_size else ""
+            if r.face_box and r.prepared_size:
+                img = mark_face(img, r.face_box, r.prepared_size)
+                size += f", face {r.face_coverage:.0%}" if r.face_coverage is not None else ""
             cells.append((img, [r.name, size]))
         title = f"prepared set: {len(items)} images" + (f" (page {p + 1} of {pages})" if pages > 1 else "")
         sheet_path = report_dir / f"contact_sheet_{p + 1:02d}.png"
         paths.append(_save_png(thumbnail_sheet(cells, title=title), sheet_path, fsync))
     return paths
+
+
+def mark_face(thumb: Image.Image, box: Sequence[float], prepared_size: Sequence[int]) -> Image.Image:
+    """A copy of a thumbnail with the detected face's box (in prepared-image pixels) drawn on it in red."""
+    from PIL import ImageDraw
+
+    s = thumb.width / float(prepared_size[0])
+    out = thumb.convert("RGB")  # a new image: the cached thumbnail stays clean for the duplicate sheets
+    x0, y0, x1, y1 = (v * s for v in box)
+    ImageDraw.Draw(out).rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=(230, 20, 20),
+                                  width=max(1, round(thumb.width / 80)))
+    return out
 
 
 def open_rgb(path: Path) -> Image.Image:

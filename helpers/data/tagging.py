@@ -38,7 +38,6 @@ CATEGORY_GENERAL, CATEGORY_CHARACTER, CATEGORY_RATING = 0, 4, 9
 WD14_MODEL_FILE, WD14_TAGS_FILE = "model.onnx", "selected_tags.csv"
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_SKIPPED_DIRS = {"_dropped"}
 
 
 class CaptionerLoadError(ModelLoadError):
@@ -113,16 +112,18 @@ def _hub_file(kind: str, repo_id: str, filename: str, files: str) -> Path:
                                      f"(expected {files}).")
 
 
-def _source(kind: str, model: str | os.PathLike | None) -> tuple[str, bool]:
-    """(model, is_local): a local folder/file if it exists, else a Hub id; anything else is a clear error."""
-    model = str(model) if model is not None else DEFAULT_MODELS[kind]
+def model_source(kind: str, model: str | os.PathLike | None, default: str | None = None) -> tuple[str, bool]:
+    """(model, is_local): a local folder/file if it exists, else a Hub id; anything else is a clear error.
+    `default` (else DEFAULT_MODELS[kind]) is used when `model` is None."""
+    default = default or DEFAULT_MODELS[kind]
+    model = str(model) if model is not None else default
     path = Path(model).expanduser()
     if path.exists():
         return str(path), True
     if _HUB_ID.match(model):
         return model, False
     raise CaptionerLoadError(f"{model!r} does not exist. Pass a Hugging Face Hub id (default for {kind}: "
-                             f"{DEFAULT_MODELS[kind]!r}) or a local folder (on Colab: is Google Drive mounted and "
+                             f"{default!r}) or a local folder (on Colab: is Google Drive mounted and "
                              "the path right?)")
 
 
@@ -148,7 +149,8 @@ def _transformers_config(kind: str, source: str, local: bool) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _load_pretrained(kind: str, cls, source: str, local: bool, **kwargs):
+def load_pretrained(kind: str, cls, source: str, local: bool, **kwargs):
+    """`cls.from_pretrained(source)`, offline when the source is local or the Hub is off; failures say what to do."""
     offline = True if local else _offline()
     try:
         return cls.from_pretrained(source, local_files_only=offline, **kwargs)
@@ -237,15 +239,15 @@ def _load_blip(model, device: str, dtype, options: dict[str, Any]) -> BlipCaptio
 
     opts = _pop_options("blip", options, {"prompt": "", "max_new_tokens": 40, "num_beams": 3, "min_new_tokens": None,
                                           "generate_kwargs": None})
-    source, local = _source("blip", model)
+    source, local = model_source("blip", model)
     config = _transformers_config("blip", source, local)
     if config.get("model_type") != "blip":
         raise CaptionerLoadError(f"{source!r} is a {config.get('model_type')!r} model, not BLIP (model_type 'blip'), "
                                  f"e.g. {DEFAULT_MODELS['blip']!r} or 'Salesforce/blip-image-captioning-base'.")
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    processor = _load_pretrained("blip", BlipProcessor, source, local)
-    net = _load_pretrained("blip", BlipForConditionalGeneration, source, local, dtype=dtype)
+    processor = load_pretrained("blip", BlipProcessor, source, local)
+    net = load_pretrained("blip", BlipForConditionalGeneration, source, local, dtype=dtype)
     gen = {"max_new_tokens": int(opts["max_new_tokens"]), "num_beams": int(opts["num_beams"]),
            "min_new_tokens": opts["min_new_tokens"], **(opts["generate_kwargs"] or {})}
     return BlipCaptioner(net, processor, name=f"blip:{source}", device=device, dtype=dtype,
@@ -262,7 +264,7 @@ def _load_florence2(model, device: str, dtype, options: dict[str, Any]) -> Flore
         task = f"<{task.upper()}>"
     if task not in FLORENCE_TASKS:
         raise ValueError(f"task={opts['task']!r} is not a Florence-2 caption task: {', '.join(FLORENCE_TASKS)}")
-    source, local = _source("florence2", model)
+    source, local = model_source("florence2", model)
     config = _transformers_config("florence2", source, local)
     vision_type = (config.get("vision_config") or {}).get("model_type")
     if config.get("auto_map") or vision_type == "davit":
@@ -275,8 +277,8 @@ def _load_florence2(model, device: str, dtype, options: dict[str, Any]) -> Flore
                                  f"(model_type 'florence2'), e.g. {DEFAULT_MODELS['florence2']!r}.")
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    processor = _load_pretrained("florence2", Florence2Processor, source, local)
-    net = _load_pretrained("florence2", Florence2ForConditionalGeneration, source, local, dtype=dtype)
+    processor = load_pretrained("florence2", Florence2Processor, source, local)
+    net = load_pretrained("florence2", Florence2ForConditionalGeneration, source, local, dtype=dtype)
     gen = {"max_new_tokens": int(opts["max_new_tokens"]), "num_beams": int(opts["num_beams"]),
            **(opts["generate_kwargs"] or {})}
     return Florence2Captioner(net, processor, name=f"florence2:{source}", device=device, dtype=dtype, task=task,
@@ -450,7 +452,7 @@ def _providers(ort, device: str) -> list[str]:
 
 def _wd14_files(model) -> tuple[Path, Path, str]:
     files = f"{WD14_MODEL_FILE} and {WD14_TAGS_FILE}"
-    source, local = _source("wd14", model)
+    source, local = model_source("wd14", model)
     if local:
         path = Path(source)
         onnx_path = path if path.is_file() else path / WD14_MODEL_FILE
@@ -526,13 +528,15 @@ class CaptionResult(dict):
 
 
 def find_images(folder: str | os.PathLike, *, recursive: bool = True) -> list[str]:
-    """Image paths relative to `folder` (POSIX), sorted; hidden files and folders and `_dropped/` are skipped."""
+    """Image paths relative to `folder` (POSIX), sorted; hidden files and folders and underscore folders
+    (`_dropped/`, `_masks/`, `_report/`) are skipped."""
     from .decode import IMAGE_EXTENSIONS
 
     folder = Path(folder)
     found: list[str] = []
     for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in _SKIPPED_DIRS) if recursive else []
+        # hidden folders, and a prepared set's own _report/, _masks/ and _dropped/ (underscore folders)
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "_"))) if recursive else []
         rel_root = Path(root).relative_to(folder)
         for name in files:
             if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
