@@ -455,7 +455,9 @@ def parse_lora_spec(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
-CAPTIONERS = ("none", "blip", "florence2", "wd14")
+CAPTIONERS = ("none", "blip", "florence2", "wd14", "qwen2_5_vl", "joycaption")
+CAPTION_LENGTHS = ("very short", "short", "medium", "long", "very long")
+QUANTIZE_MODES = ("auto", "none", "4bit", "8bit")
 CAPTION_MODES = ("skip", "overwrite", "append", "prepend")
 
 
@@ -464,7 +466,8 @@ class TagConfig(ConfigBase):
     """Captioning and whole-set caption edits (02_tagging, `python -m helpers tag`), applied in this order:
     caption, remove, replace, dedupe, trigger/class word, sort, limit."""
 
-    captioner: str = setting("none", "none (keep the captions you have) | blip | florence2 | wd14")
+    captioner: str = setting("none", "none (keep the captions you have) | blip | florence2 | wd14 | "
+                                     "qwen2_5_vl | joycaption (VLMs, steered by a prompt template)")
     model: str | None = setting(None, "hub id or local folder of the captioner (None: its standard model)")
     mode: str = setting("skip", "images that already have a caption: skip | overwrite | append | prepend")
     batch_size: int = setting(8, "images per captioner batch")
@@ -472,6 +475,14 @@ class TagConfig(ConfigBase):
     general_threshold: float = setting(0.35, "WD14: general tags at or above this confidence")
     character_threshold: float = setting(0.85, "WD14: character tags")
     blacklist: list[str] = setting(factory=list, help="WD14 tags never written")
+    prompt: str = setting("", "VLMs: the instruction template ({trigger} {class} {tags} {length}, [optional "
+                              "parts]); \"\": the model's own default")
+    caption_template: str = setting("[{trigger}, ][{class}, ]{caption}", "VLMs: how the written caption is "
+                                    "put together from the answer {caption}")
+    caption_length: str = setting("medium", "VLMs: very short | short | medium | long | very long")
+    vlm_tags: bool = setting(False, "VLMs: tag each image with WD14 first and give the tags to the prompt's {tags}")
+    quantize: str = setting("auto", "VLMs: auto (4-bit when the GPU is too small) | none | 4bit | 8bit")
+    max_new_tokens: int = setting(160, "VLMs: the longest answer in tokens")
     extension: str = setting(".txt", "caption file extension")
     remove: list[str] = setting(factory=list, help="tags to remove; globs allowed (\"watermark*\")")
     replace: list[str] = setting(factory=list, help="OLD=NEW: tag OLD becomes NEW", flag="replace")
@@ -482,7 +493,8 @@ class TagConfig(ConfigBase):
     max_tags: int = setting(0, "keep at most N tags per caption (0: no limit)")
     keep_tokens: int = setting(1, "leading tags that sort and max_tags leave in place")
 
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"captioner": CAPTIONERS, "mode": CAPTION_MODES}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"captioner": CAPTIONERS, "mode": CAPTION_MODES,
+                                                     "caption_length": CAPTION_LENGTHS, "quantize": QUANTIZE_MODES}
 
     def validate(self) -> None:
         """Check every field; raise ConfigError naming the first bad one."""
@@ -490,6 +502,10 @@ class TagConfig(ConfigBase):
         for name, allowed in self.CHOICES.items():
             _choice(name, getattr(self, name), allowed)
         _positive_int("batch_size", self.batch_size)
+        _positive_int("max_new_tokens", self.max_new_tokens)
+        if "{caption}" not in self.caption_template:
+            raise ConfigError(f"caption_template must contain {{caption}} (the model's answer), got "
+                              f"{self.caption_template!r}")
         _number_in("general_threshold", self.general_threshold, 0.0, 1.0)
         _number_in("character_threshold", self.character_threshold, 0.0, 1.0)
         _non_negative_int("max_tags", self.max_tags)

@@ -146,11 +146,24 @@ def _snapshot(folder: Path, images: list[str], extension: str, note: str) -> Pat
     return entry
 
 
-def write_captions(folder: str | Path, captions: dict[str, str], *, extension: str = ".txt", note: str = "") -> Path:
+def snapshot_captions(folder: str | Path, images: Iterable[str] = (), *, extension: str = ".txt",
+                      note: str = "") -> Path:
+    """Save the caption files of the whole set (and of `images`, relative paths) as a new history entry, so
+    `undo` can put them back; returns the entry. `write_captions(..., history_entry=entry)` then writes without
+    a new snapshot, so a long run that writes as it goes is still one undo step."""
+    folder = Path(folder)
+    extension = _norm_extension(extension)
+    rels = {_rel_key(folder, i) for i in images}
+    return _snapshot(folder, sorted(set(list_images(folder)) | rels), extension, note)
+
+
+def write_captions(folder: str | Path, captions: dict[str, str], *, extension: str = ".txt", note: str = "",
+                   history_entry: Path | None = None) -> Path:
     """Write captions beside their images, after snapshotting the folder's caption files for `undo`.
 
     Keys are image paths relative to `folder` ("a.png", "10_sks/b.jpg"); each caption is written to
     `<image stem><extension>` atomically, UTF-8 without BOM, one stripped line. Returns the history entry.
+    With `history_entry` (from `snapshot_captions`, covering these images) no new snapshot is taken.
     """
     folder = Path(folder)
     extension = _norm_extension(extension)
@@ -171,9 +184,18 @@ def write_captions(folder: str | Path, captions: dict[str, str], *, extension: s
         if not isinstance(text, str):
             raise TypeError(f"caption for {rel} must be a str, got {type(text).__name__}")
         todo[rel] = clean_caption_text(text)
-    # Snapshot the whole set (plus any written image outside the kohya layout) so undo restores everything.
-    images = sorted(set(list_images(folder)) | set(todo))
-    entry = _snapshot(folder, images, extension, note)
+    if history_entry is not None:
+        saved = set(read_history_entry(history_entry)["had_caption"]) | set(
+            read_history_entry(history_entry)["no_caption"])
+        outside = sorted(set(todo) - saved)
+        if outside:
+            raise ValueError(f"{history_entry} does not cover {', '.join(outside[:5])}: undo could not restore "
+                             "them; take the snapshot with those images")
+        entry = Path(history_entry)
+    else:
+        # Snapshot the whole set (plus any written image outside the kohya layout) so undo restores everything.
+        images = sorted(set(list_images(folder)) | set(todo))
+        entry = _snapshot(folder, images, extension, note)
     for rel, text in todo.items():
         write_text(caption_path(folder, rel, extension), text)
     return entry

@@ -24,7 +24,7 @@ from ..sd.models import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("blip", "florence2", "wd14")
+KINDS = ("blip", "florence2", "wd14", "qwen2_5_vl", "joycaption")
 DEFAULT_MODELS = {
     "blip": "Salesforce/blip-image-captioning-large",
     "florence2": "florence-community/Florence-2-base",  # native transformers format (not microsoft/, remote code)
@@ -102,7 +102,7 @@ def _offline_error(kind: str, repo_id: str, files: str) -> CaptionerLoadError:
         f"'/content/drive/MyDrive/models/{repo_id.split('/')[-1]}').")
 
 
-def _hub_file(kind: str, repo_id: str, filename: str, files: str) -> Path:
+def hub_file(kind: str, repo_id: str, filename: str, files: str) -> Path:
     """Download (or find in the cache) one file of a Hub repo; Hub failures become CaptionerLoadError."""
     from ..sd.models import download_hub_file
 
@@ -139,10 +139,10 @@ def _pop_options(kind: str, options: dict[str, Any], defaults: dict[str, Any]) -
 # BLIP and Florence-2 (transformers)
 # =============================================================================================
 
-def _transformers_config(kind: str, source: str, local: bool) -> dict:
+def transformers_config(kind: str, source: str, local: bool) -> dict:
     """config.json of a transformers model (folder or Hub); also where offline and wrong-repo errors surface."""
     files = "config.json, the weights (*.safetensors) and the processor/tokenizer files"
-    path = Path(source) / "config.json" if local else _hub_file(kind, source, "config.json", files)
+    path = Path(source) / "config.json" if local else hub_file(kind, source, "config.json", files)
     if not path.is_file():
         raise CaptionerLoadError(f"{source!r} is not a transformers model folder (no config.json). It should hold "
                                  f"what `hf download {DEFAULT_MODELS[kind]}` fetches.")
@@ -175,7 +175,7 @@ class _TransformersCaptioner:
         self.generate_kwargs = {k: v for k, v in generate_kwargs.items() if v is not None}
 
     def _inputs(self, images: list[Image.Image], text) -> Any:
-        images = [_as_rgb(im) for im in images]
+        images = [as_rgb(im) for im in images]
         inputs = self.processor(images=images, text=text, return_tensors="pt")
         return inputs.to(self.device, self.dtype)  # BatchFeature.to casts floating tensors only
 
@@ -215,7 +215,7 @@ class Florence2Captioner(_TransformersCaptioner):
         """The task's text answer per image, through the processor's post-processing (markers and padding removed)."""
         if not images:
             return []
-        images = [_as_rgb(im) for im in images]
+        images = [as_rgb(im) for im in images]
         inputs = self._inputs(images, [self.task] * len(images))
         out = self.model.generate(**inputs, **self.generate_kwargs)
         texts = self.processor.batch_decode(out, skip_special_tokens=False)
@@ -240,7 +240,7 @@ def _load_blip(model, device: str, dtype, options: dict[str, Any]) -> BlipCaptio
     opts = _pop_options("blip", options, {"prompt": "", "max_new_tokens": 40, "num_beams": 3, "min_new_tokens": None,
                                           "generate_kwargs": None})
     source, local = model_source("blip", model)
-    config = _transformers_config("blip", source, local)
+    config = transformers_config("blip", source, local)
     if config.get("model_type") != "blip":
         raise CaptionerLoadError(f"{source!r} is a {config.get('model_type')!r} model, not BLIP (model_type 'blip'), "
                                  f"e.g. {DEFAULT_MODELS['blip']!r} or 'Salesforce/blip-image-captioning-base'.")
@@ -265,7 +265,7 @@ def _load_florence2(model, device: str, dtype, options: dict[str, Any]) -> Flore
     if task not in FLORENCE_TASKS:
         raise ValueError(f"task={opts['task']!r} is not a Florence-2 caption task: {', '.join(FLORENCE_TASKS)}")
     source, local = model_source("florence2", model)
-    config = _transformers_config("florence2", source, local)
+    config = transformers_config("florence2", source, local)
     vision_type = (config.get("vision_config") or {}).get("model_type")
     if config.get("auto_map") or vision_type == "davit":
         raise CaptionerLoadError(
@@ -322,7 +322,7 @@ def _import_onnxruntime():
     return onnxruntime
 
 
-def _as_rgb(image: Image.Image) -> Image.Image:
+def as_rgb(image: Image.Image) -> Image.Image:
     """RGB copy of an image; transparency composited on white (what the taggers and captioners were trained on)."""
     if image.mode == "RGB":
         return image
@@ -336,7 +336,7 @@ def _as_rgb(image: Image.Image) -> Image.Image:
 def wd14_preprocess(image: Image.Image, size: int) -> np.ndarray:
     """One image as the WD taggers take it: padded to a square on white (centred), resized to size x size
     (bicubic), BGR channel order, float32 in 0..255, HWC."""
-    image = _as_rgb(image)
+    image = as_rgb(image)
     w, h = image.size
     side = max(w, h)
     square = Image.new("RGB", (side, side), (255, 255, 255))
@@ -464,8 +464,8 @@ def _wd14_files(model) -> tuple[Path, Path, str]:
                                      f"`hf download {DEFAULT_MODELS['wd14']} {WD14_MODEL_FILE} {WD14_TAGS_FILE} "
                                      "--local-dir <folder>`.")
         return onnx_path, tags_path, source
-    tags_path = _hub_file("wd14", source, WD14_TAGS_FILE, files)
-    onnx_path = _hub_file("wd14", source, WD14_MODEL_FILE, files)
+    tags_path = hub_file("wd14", source, WD14_TAGS_FILE, files)
+    onnx_path = hub_file("wd14", source, WD14_MODEL_FILE, files)
     return onnx_path, tags_path, source
 
 
@@ -492,7 +492,11 @@ def _load_wd14(model, device: str, dtype, options: dict[str, Any]) -> WD14Tagger
 
 def load_captioner(kind: str, model: str | os.PathLike | None = None, *, device: str = "auto", dtype=None,
                    **options) -> Captioner:
-    """A captioner of `kind` ("blip", "florence2", "wd14") from a Hub id or local folder (default: DEFAULT_MODELS).
+    """A captioner of `kind` ("blip", "florence2", "wd14", "qwen2_5_vl", "joycaption") from a Hub id or local
+    folder (default: DEFAULT_MODELS, or vlm.VLM_MODELS for the two VLMs).
+
+    The VLMs take `vlm.load_vlm_captioner`'s options: quantize, template, prompt, caption, length, trigger,
+    class_word, tagger, system, max_side, max_new_tokens, generate_kwargs.
 
     Options: blip: prompt, max_new_tokens, num_beams, min_new_tokens, generate_kwargs; florence2: task
     (one of FLORENCE_TASKS), max_new_tokens, num_beams, generate_kwargs; wd14: general_threshold,
@@ -501,10 +505,15 @@ def load_captioner(kind: str, model: str | os.PathLike | None = None, *, device:
     """
     kind_key = str(kind).strip().lower().replace("-", "").replace("_", "")
     aliases = {"blip": "blip", "florence2": "florence2", "florence": "florence2", "wd14": "wd14", "wd": "wd14",
-               "wdtagger": "wd14", "wd14tagger": "wd14"}
+               "wdtagger": "wd14", "wd14tagger": "wd14", "qwen25vl": "qwen2_5_vl", "qwen2.5vl": "qwen2_5_vl",
+               "qwen": "qwen2_5_vl", "qwenvl": "qwen2_5_vl", "joycaption": "joycaption", "joy": "joycaption"}
     if kind_key not in aliases:
         raise ValueError(f"kind={kind!r} is not a captioner: choose one of {', '.join(KINDS)}")
     kind = aliases[kind_key]
+    if kind in ("qwen2_5_vl", "joycaption"):
+        from .vlm import load_vlm_captioner
+
+        return load_vlm_captioner(kind, model, device=device, dtype=dtype, **options)
     if kind == "wd14":
         return _load_wd14(model, device, dtype, options)
     if kind == "blip":
@@ -565,12 +574,13 @@ def caption_folder(folder: str | os.PathLike, captioner: Captioner, *, batch_siz
 
     mode: "skip" keeps images that already have a non-empty caption file, "overwrite" replaces it,
     "append"/"prepend" add the new caption after/before the old one (joined by `separator`).
-    Unreadable images are reported in the result's `failed`, never fatal. Everything is written in one
-    `write_captions` call (one undo step); an interrupted run still writes what it finished.
+    Unreadable images are reported in the result's `failed`, never fatal. Each batch is written as soon as it
+    is captioned, so an interrupted run keeps what it finished and a rerun with mode="skip" resumes; the whole
+    run is still one undo step.
     """
     from tqdm.auto import tqdm
 
-    from .captions import caption_path, write_captions
+    from .captions import caption_path, snapshot_captions, write_captions
     from .dataset import load_image
 
     folder = Path(folder)
@@ -601,7 +611,10 @@ def caption_folder(folder: str | os.PathLike, captioner: Captioner, *, batch_siz
 
     name = getattr(captioner, "name", type(captioner).__name__)
     bar = tqdm(total=len(todo), desc=f"captioning ({name})", unit="img", disable=not progress)
-    new: dict[str, str] = {}
+    # One snapshot before the first write, then each batch's captions are written as soon as they exist: a run
+    # that dies (a Colab disconnect) keeps what it finished, the next run with mode="skip" starts where it
+    # stopped, and one `captions.undo(folder)` still takes the whole run back.
+    entry: Path | None = None
     try:
         for start in range(0, len(todo), batch_size):
             batch: list[str] = []
@@ -616,16 +629,17 @@ def caption_folder(folder: str | os.PathLike, captioner: Captioner, *, batch_siz
                 captions = captioner.caption(pixels)
                 if len(captions) != len(pixels):
                     raise RuntimeError(f"{name} returned {len(captions)} captions for {len(pixels)} images")
-                for rel, text in zip(batch, captions):
-                    new[rel] = _combine(existing.get(rel), " ".join(str(text).split()), mode, separator)
+                new = {rel: _combine(existing.get(rel), " ".join(str(text).split()), mode, separator)
+                       for rel, text in zip(batch, captions)}
+                if entry is None:
+                    entry = snapshot_captions(folder, todo, extension=extension,
+                                              note=f"caption_folder {name} mode={mode}")
+                write_captions(folder, new, extension=extension, history_entry=entry)
+                result.update(new)
             bar.update(len(todo[start:start + batch_size]))
     finally:
         bar.close()
-        if new:
-            interrupted = len(new) + len([r for r in todo if r in result.failed]) < len(todo)
-            note = f"caption_folder {name} mode={mode}" + (" (interrupted)" if interrupted else "")
-            result.history = write_captions(folder, new, extension=extension, note=note)
-            result.update(new)
+        result.history = entry
     for rel, reason in result.failed.items():
         logger.warning("not captioned: %s: %s", rel, reason)
     if result.failed and progress:
@@ -657,15 +671,26 @@ def run_tag_config(folder: str | os.PathLike, cfg, *, device: str = "auto", prog
         raise FileNotFoundError(f"no such folder: {folder}")
     captioned = None
     if cfg.captioner != "none":
+        wd14 = {"general_threshold": cfg.general_threshold, "character_threshold": cfg.character_threshold,
+                "blacklist": tuple(cfg.blacklist)}
         options: dict[str, Any] = {}
         if cfg.captioner == "wd14":
-            options = {"general_threshold": cfg.general_threshold, "character_threshold": cfg.character_threshold,
-                       "blacklist": tuple(cfg.blacklist)}
+            options = wd14
+        elif cfg.captioner in ("qwen2_5_vl", "joycaption"):
+            options = {"prompt": cfg.prompt or None, "caption": cfg.caption_template, "length": cfg.caption_length,
+                       "trigger": cfg.trigger, "class_word": cfg.class_word, "quantize": cfg.quantize,
+                       "max_new_tokens": cfg.max_new_tokens,
+                       "tagger": load_captioner("wd14", None, device=device, **wd14) if cfg.vlm_tags else None}
         elif cfg.task:
             options = {"task": cfg.task}
         captioner = load_captioner(cfg.captioner, cfg.model, device=device, **options)
-        captioned = caption_folder(folder, captioner, batch_size=cfg.batch_size, mode=cfg.mode,
-                                   extension=cfg.extension, progress=progress)
+        try:
+            captioned = caption_folder(folder, captioner, batch_size=cfg.batch_size, mode=cfg.mode,
+                                       extension=cfg.extension, progress=progress)
+        finally:
+            close = getattr(captioner, "close", None)
+            if close is not None:   # give the GPU back for training
+                close()
     edited = caps = C.load_captions(folder, cfg.extension)
     if cfg.remove:
         edited = C.remove_tags(edited, patterns=cfg.remove)
