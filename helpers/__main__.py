@@ -1,4 +1,4 @@
-"""Command line: python -m helpers {prepare,tag,train,generate,evaluate,demo} ...
+"""Command line: python -m helpers {prepare,masks,tag,train,generate,evaluate,demo,...} ...
 
 Every field of a command's config dataclass is a flag (`--rank 8`, `--flip-aug`, `--no-cache-latents`,
 `--lora a.safetensors:0.8`), with the field's help text; flags override the values of `--config my.toml`,
@@ -55,6 +55,17 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     cfg = config_from_args(PrepareConfig, args)
     report = prepare_from_config(cfg, overwrite=args.overwrite, progress=not args.no_progress)
     print(report.summary())
+    return 0
+
+
+def cmd_masks(args: argparse.Namespace) -> int:
+    from .data.masking import make_masks, mask_sheet
+
+    result = make_masks(args.folder, args.source, prompt=args.prompt, model=args.model, threshold=args.threshold,
+                        device=args.device, progress=not args.no_progress)
+    print(result.summary())
+    if result.written:
+        print(f"preview: {mask_sheet(args.folder)}")
     return 0
 
 
@@ -196,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_prepare_parser, _tag_parser, _train_parser, _generate_parser, _evaluate_parser, _inspect_parser,
+    for add in (_prepare_parser, _masks_parser, _tag_parser, _train_parser, _generate_parser, _evaluate_parser, _inspect_parser,
                 _resize_parser, _convert_parser, _merge_parser, _extract_parser, _demo_parser):
         add(sub)
     return run_command(parser.parse_args(argv))
@@ -222,10 +233,23 @@ def _prepare_parser(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _masks_parser(sub) -> None:
+    p = _verb(sub, "masks", None, "write a loss mask per image of a prepared set (_masks/, for masked_loss): "
+              "from a text prompt with CLIPSeg, or from the face prepare found", cmd_masks)
+    p.add_argument("folder", help="a prepared set (prepare's output folder)")
+    p.add_argument("--source", choices=("clipseg", "face"), default="clipseg")
+    p.add_argument("--prompt", default="", help='clipseg: what the mask keeps, e.g. "a person"')
+    p.add_argument("--model", default=None, help="clipseg: hub id or folder (default CIDAS/clipseg-rd64-refined)")
+    p.add_argument("--threshold", type=float, default=0.3, help="clipseg: probability at or above which a pixel counts")
+    p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cuda, cpu")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def _tag_parser(sub) -> None:
     from .config import TagConfig
 
-    p = _verb(sub, "tag", TagConfig, "caption images (BLIP, Florence-2, WD14) and edit the captions of a whole "
+    p = _verb(sub, "tag", TagConfig, "caption images (BLIP, Florence-2, WD14, Qwen2.5-VL, JoyCaption) and edit "
+              "the captions of a whole "
               "folder", cmd_tag, "02_tagging writes one")
     p.add_argument("folder", help="folder of images with .txt captions (a prepared copy)")
     p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cuda, cpu")

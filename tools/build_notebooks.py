@@ -96,6 +96,27 @@ print(f"{len(report.duplicate_groups)} duplicate group(s); suggested drops: {rep
 DROP = report.suggested_drops() if TOY else []   # e.g. report.suggested_drops()
 if DROP:
     print("dropped:", drop_images(project.prepared, DROP))'''),
+    ("md", "## 6. Faces, subject coverage and loss masks\nFor a person, the face should fill a good part of each "
+           "crop (at least a quarter; close-ups teach a face best). `prepare` finds frontal faces (offline, on the "
+           "CPU), draws their box on the contact sheet, gives the share of the crop each face fills and warns about "
+           "small ones; `crop=\"face\"` cuts each bucket around the face with `face_margin` of room. For masked "
+           "training (`masked_loss` in `03_train_lora`) it writes a mask per image under `_masks/`: from the "
+           "photo's transparency (`masks=\"alpha\"`), from the face (`\"face\"`), or from a text prompt with "
+           "CLIPSeg (`\"clipseg\"` with `mask_prompt=\"a person\"`). In toy mode this runs on real photographs "
+           "that scikit-image ships: a portrait, a cat, a cup, a rocket, a motorcycle and a cut-out."),
+    ("code", '''if TOY:
+    from helpers.data.prepare import prepare
+    from helpers.toy.photos import write_photos
+    write_photos(project.root / "photos")
+    photos = prepare(project.root / "photos", project.root / "photos_prepared", resolution=256, min_bucket_reso=128,
+                     crop="face", masks="alpha", overwrite=True, progress=False)
+else:   # your set; masks after the fact: make_masks(project.prepared, "clipseg", prompt="a person")
+    photos = report
+print("\\n".join(line for line in photos.summary().splitlines() if "face" in line or "mask" in line))
+for sheet in photos.contact_sheets if TOY else []:
+    nb.show_file(sheet, width=1000)
+if photos.mask_sheet:
+    nb.show_file(photos.mask_sheet, width=480)'''),
 ]
 
 NB02 = header("02_tagging", "2 · Captions, trigger word and tags", """
@@ -144,6 +165,24 @@ tokenizer = CLIPTokenizer.from_pretrained(str(MODEL), subfolder="tokenizer")
 too_long = C.check_token_lengths(C.load_captions(project.prepared), tokenizer, limit=tokenizer.model_max_length)
 print(f"{len(too_long)} caption(s) longer than {tokenizer.model_max_length} tokens", too_long[:10])
 # C.undo(project.prepared)   # restores the captions as they were before the last save'''),
+    ("md", "## 6. Captions from a vision-language model\n`joycaption` (JoyCaption Beta One: Llama 3.1 8B with a "
+           "SigLIP vision tower) and `qwen2_5_vl` (Qwen2.5-VL 3B or 7B Instruct) describe photos best. The form's "
+           "*VLM prompt* group sets what the model is asked (`prompt`; empty: the model's own default) and how the "
+           "caption is put together (`caption_template`). Both take `{trigger}`, `{class}`, `{tags}` (WD14 tags, "
+           "with `vlm_tags`) and `{length}`; text in `[brackets]` is left out when a field in it is empty. On a T4 "
+           "they load 4-bit (about 6 GB for JoyCaption, 3 GB for Qwen2.5-VL 3B) and are freed after captioning, so "
+           "training gets the GPU. Images that already have a caption are skipped, so a run cut off by a "
+           "disconnect resumes where it stopped. Below: what each photo is asked, and the shape of its caption."),
+    ("code", '''from helpers.data.vlm import CaptionTemplate
+family = tag_cfg.captioner if tag_cfg.captioner in ("qwen2_5_vl", "joycaption") else "joycaption"
+template = CaptionTemplate(prompt=tag_cfg.prompt or None, caption=tag_cfg.caption_template,
+                           length=tag_cfg.caption_length)
+words = dict(trigger=tag_cfg.trigger or "sks", class_word=tag_cfg.class_word or "woman")
+print(f"{family} is asked:", template.prompt_for(family, **words))
+print("and writes:", template.caption_for(family, "<its answer>", **words))
+photo_files = sorted((project.root / ("photos_prepared" if TOY else "prepared")).glob("*.png"))[:6]
+if photo_files:
+    nb.show_images(photo_files, [p.name for p in photo_files], columns=6)'''),
 ]
 
 NB03 = header("03_train_lora", "3 · Train a LoRA", """

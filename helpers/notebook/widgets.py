@@ -322,6 +322,8 @@ def prepare_form(value=None, *, preset: str | None = None, **overrides: Any) -> 
 
     groups = {"Folders": ["source", "output_dir"],
               "Size and crop": ["resolution", "crop", "min_size", "allow_upscale", "background"],
+              "Faces and masks": ["detect_faces", "face_margin", "min_face_coverage", "masks", "mask_prompt",
+                                  "mask_model", "mask_threshold"],
               "Duplicates": ["near_dup_threshold", "clip_model", "clip_threshold"],
               "Buckets": ["min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"]}
     presets = {name: (lambda v=v: dict(v)) for name, v in PREPARE_PRESETS.items()}
@@ -332,9 +334,13 @@ def prepare_form(value=None, *, preset: str | None = None, **overrides: Any) -> 
 def tag_form(value: TagConfig | None = None, *, preset: str | None = None, **overrides: Any) -> ConfigForm:
     """The captioning and tag-editing settings (02_tagging)."""
     groups = {"Captioner": ["captioner", "model", "mode", "task", "batch_size"],
+              "VLM prompt (Qwen2.5-VL, JoyCaption)": ["prompt", "caption_template", "caption_length", "vlm_tags",
+                                                      "quantize", "max_new_tokens"],
               "WD14": ["general_threshold", "character_threshold", "blacklist"],
               "Edits": ["trigger", "class_word", "remove", "replace", "dedupe", "sort", "max_tags", "keep_tokens"]}
-    presets = {"photos: Florence-2 sentences": lambda: {"captioner": "florence2", "task": "<DETAILED_CAPTION>"},
+    presets = {"photos: JoyCaption (4-bit on a T4)": lambda: {"captioner": "joycaption", "task": None},
+               "photos: Qwen2.5-VL 3B": lambda: {"captioner": "qwen2_5_vl", "task": None},
+               "photos: Florence-2 sentences": lambda: {"captioner": "florence2", "task": "<DETAILED_CAPTION>"},
                "photos: BLIP sentences": lambda: {"captioner": "blip", "task": None},
                "anime/illustration: WD14 tags": lambda: {"captioner": "wd14", "task": None, "dedupe": True},
                "keep my captions": lambda: {"captioner": "none", "task": None}}
