@@ -28,3 +28,9 @@ def concept_dir(tmp_path_factory):
     from helpers.toy.world import write_concept_dataset
 
     return write_concept_dataset(tmp_path_factory.mktemp("data") / "concept", n=12, repeats=2)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first (stable otherwise): `make test` runs the suite on parallel workers, and a long test
+    that starts last keeps one worker busy after the other has finished."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
