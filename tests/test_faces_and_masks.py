@@ -38,7 +38,7 @@ def test_photos_without_a_face_use_the_saliency_crop(name, tmp_path):
     expected = subject_plan(image, rec.prepared_size).apply(image)
     with Image.open(tmp_path / "out" / rec.prepared) as im:
         assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(expected))
-    assert "faces: none found" in report.summary()
+    assert "faces: none found (crop=\"face\" placed every crop by saliency)" in report.summary()
 
 
 def test_coverage_is_the_face_area_over_the_crop(astronaut_face, tmp_path):

@@ -108,8 +108,8 @@ if DROP:
     from helpers.data.prepare import prepare
     from helpers.toy.photos import write_photos
     write_photos(project.root / "photos")
-    photos = prepare(project.root / "photos", project.root / "photos_prepared", resolution=256, min_bucket_reso=128,
-                     crop="face", masks="alpha", overwrite=True, progress=False)
+    photos = prepare(project.root / "photos", project.root / "photos_prepared", resolution=128, min_bucket_reso=64,
+                     crop="face", face_margin=0.35, masks="alpha", overwrite=True, progress=False)
 else:   # your set; masks after the fact: make_masks(project.prepared, "clipseg", prompt="a person")
     photos = report
 print("\\n".join(line for line in photos.summary().splitlines() if "face" in line or "mask" in line))

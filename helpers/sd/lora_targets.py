@@ -3,8 +3,9 @@
 `full` reproduces kohya sd-scripts' default selection (networks/lora.py): every Linear and 1x1
 Conv2d inside the UNet's Transformer2DModel blocks and inside the text encoder's CLIPAttention /
 CLIPMLP, so our LoRAs have the module set A1111/ComfyUI users know. `attention` keeps only the
-attention projections. Names are full module names, as peft's `LoraConfig(target_modules=...)`
-matches them exactly.
+attention projections. LoCon (sd-scripts' `conv_dim`) adds every Linear and Conv2d inside the ResNet blocks
+and the down/upsamplers (`unet_resnet_target_modules`), the 3x3 convolutions among them at their own rank.
+Names are full module names, as peft's `LoraConfig(target_modules=...)` matches them exactly.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ PRESETS = ("attention", "full")
 
 # Container classes sd-scripts searches (by class name, as it does) for LoRA targets.
 UNET_CONTAINERS = ("Transformer2DModel",)
+UNET_RESNET_CONTAINERS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")   # sd-scripts' ..._CONV2D_3X3 set
 TEXT_ENCODER_CONTAINERS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
 TEXT_ATTENTION_CONTAINERS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2")
 
@@ -52,8 +54,14 @@ def model_module_names(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
             if not _PEFT_PARTS.intersection(name.split("."))}
 
 
+def is_conv_target_layer(module: torch.nn.Module) -> bool:
+    """True for a Conv2d with a kernel larger than 1x1 (LoCon's extra layers)."""
+    module = base_layer(module)
+    return isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
+
+
 def _targets_in(model: torch.nn.Module, containers: tuple[str, ...],
-                leaves: tuple[str, ...] | None) -> list[str]:
+                leaves: tuple[str, ...] | None, convs: bool = False) -> list[str]:
     modules = model_module_names(model)
     found: set[str] = set()
     for name, module in modules.items():
@@ -64,7 +72,7 @@ def _targets_in(model: torch.nn.Module, containers: tuple[str, ...],
             if not child_name.startswith(prefix) or child_name == name:
                 continue
             rel = child_name[len(prefix):]
-            if not is_lora_target_layer(child):
+            if not (is_lora_target_layer(child) or (convs and is_conv_target_layer(child))):
                 continue
             if leaves is not None and not any(rel == leaf or rel.endswith("." + leaf) for leaf in leaves):
                 continue
@@ -78,6 +86,16 @@ def unet_target_modules(unet: torch.nn.Module, preset: str) -> list[str]:
     if preset == "full":
         return _targets_in(unet, UNET_CONTAINERS, None)
     return _targets_in(unet, UNET_CONTAINERS, UNET_ATTENTION_LEAVES)
+
+
+def unet_resnet_target_modules(unet: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """LoCon's extra UNet modules: (Linear and 1x1 convolutions, larger convolutions) inside the ResNet blocks and
+    the down/upsamplers, as sd-scripts' networks/lora.py selects them with conv_dim (time_emb_proj,
+    conv_shortcut; conv1, conv2 and the samplers' conv)."""
+    names = _targets_in(unet, UNET_RESNET_CONTAINERS, None, convs=True)
+    modules = model_module_names(unet)
+    convs = [n for n in names if is_conv_target_layer(modules[n])]
+    return [n for n in names if n not in set(convs)], convs
 
 
 def text_encoder_target_modules(text_encoder: torch.nn.Module, preset: str) -> list[str]:

@@ -9,6 +9,7 @@ read. A method is a list of them: LoRA `[LoraLayers]`, DreamBooth `[WholeUNet]`,
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,18 +91,27 @@ class LoraLayers(Trainable):
                           target_modules=targets, rank_pattern=ranks or {}, alpha_pattern=alphas or {})
 
     def attach(self, unet, text_encoders, tokenizers, device) -> None:
-        from ..sd.lora_targets import inject_lora, text_encoder_target_modules, unet_target_modules
+        from ..sd.lora_targets import (inject_lora, text_encoder_target_modules, unet_resnet_target_modules,
+                                       unet_target_modules)
         from .blocks import filter_layers, rank_plan
 
         cfg = self.cfg
         self.unet = unet
         self.text_encoders = list(text_encoders) if cfg.train_text_encoder else []
+        candidates, convs = unet_target_modules(unet, cfg.target), []
+        if cfg.network == "locon":   # the ResNet blocks too; their 3x3 convolutions at conv_dim / conv_alpha
+            linear, convs = unet_resnet_target_modules(unet)
+            candidates = sorted(candidates + linear + convs)
         try:
-            targets = filter_layers(unet_target_modules(unet, cfg.target), cfg.layer_filter, cfg.layer_filter_regex)
+            targets = filter_layers(candidates, cfg.layer_filter, cfg.layer_filter_regex)
             targets, ranks, alphas = rank_plan(targets, unet.config, cfg.rank, cfg.alpha, cfg.block_dims,
                                                cfg.block_alphas)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        for name in set(convs).intersection(targets):
+            key = f"^{re.escape(name)}"
+            ranks[key] = cfg.conv_dim or cfg.rank
+            alphas[key] = cfg.conv_alpha if cfg.conv_alpha is not None else cfg.alpha
         inject_lora(unet, self._config(targets, ranks, alphas))
         for te in self.text_encoders:
             # a filter written for the UNet (attn2, ff) may match none of the text encoder's modules: it then
@@ -127,9 +137,15 @@ class LoraLayers(Trainable):
         return out
 
     def describe(self) -> str:
+        cfg = self.cfg
         te = " + text encoder" if self.text_encoders else ""
-        plus = f", LoRA+ x{self.cfg.loraplus_lr_ratio:g}" if self.cfg.loraplus_lr_ratio else ""
-        return f"LoRA rank {self.cfg.rank} alpha {self.cfg.alpha} ({self.cfg.target}{te}{plus})"
+        plus = f", LoRA+ x{cfg.loraplus_lr_ratio:g}" if cfg.loraplus_lr_ratio else ""
+        conv = ""
+        if cfg.network == "locon":
+            conv = (f", ResNet blocks too: 3x3 convolutions at rank {cfg.conv_dim or cfg.rank} alpha "
+                    f"{cfg.conv_alpha if cfg.conv_alpha is not None else cfg.alpha:g}")
+        kind = "LoCon" if cfg.network == "locon" else "LoRA"
+        return f"{kind} rank {cfg.rank} alpha {cfg.alpha} ({cfg.target}{te}{plus}{conv})"
 
     def save(self, to, name, step, epoch) -> list[Path]:
         from ..formats.lora import extract_peft_lora, save_lora
@@ -204,6 +220,9 @@ def network_args(cfg: TrainConfig) -> dict[str, str]:
         out["block_alphas"] = ",".join(f"{a:g}" for a in cfg.block_alphas)
     if cfg.layer_filter:
         out["layer_filter"] = ",".join(cfg.layer_filter)
+    if cfg.network == "locon":   # sd-scripts' networks.lora spells LoCon as these two network_args
+        out["conv_dim"] = str(cfg.conv_dim or cfg.rank)
+        out["conv_alpha"] = f"{cfg.conv_alpha if cfg.conv_alpha is not None else cfg.alpha:g}"
     return out
 
 

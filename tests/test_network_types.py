@@ -1,0 +1,192 @@
+"""Network types beyond plain LoRA: LoCon (LoRA on the ResNet blocks' 3x3 convolutions too, sd-scripts' conv_dim).
+
+Trained on the tiny SD 1.5 / SDXL models through the real loop, written in the kohya layout, read back into a fresh
+pipeline; and named and shaped on the full-size models (meta device) as sd-scripts, A1111 and ComfyUI expect.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from helpers.config import ConfigError, TrainConfig
+from helpers.formats.lora import LoraModule, to_kohya_state_dict
+from helpers.sd.lora_targets import unet_resnet_target_modules, unet_target_modules
+from helpers.train.loop import train
+from test_lora_conformance import SD15_UNET, SDXL_UNET
+
+
+def make_cfg(base_dir, data_dir, out_dir, **overrides) -> TrainConfig:
+    settings = dict(pretrained_model=str(base_dir), train_data_dir=str(data_dir), resolution=32,
+                    enable_bucket=False, rank=4, alpha=2.0, target="full", learning_rate=5e-3, train_batch_size=4,
+                    max_train_steps=30, mixed_precision="no", output_dir=str(out_dir), output_name="n",
+                    log_every_n_steps=10, save_precision="float", seed=3, network="locon", conv_dim=2,
+                    conv_alpha=1.0)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def _pixels(pipe) -> np.ndarray:
+    """The pipeline's float output (no uint8 rounding) for a fixed prompt and seed."""
+    out = pipe("sks flower, on a black background", num_inference_steps=3, guidance_scale=4.0, height=32, width=32,
+               generator=torch.Generator().manual_seed(5), output_type="np")
+    return np.asarray(out.images, dtype=np.float64)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_locon_trains_saves_and_reloads_exactly(family, tiny_sd15_dir, tiny_sdxl_dir, concept_dir, tmp_path):
+    from safetensors import safe_open
+
+    from helpers.generate.inference import load_loras
+    from helpers.sd.models import load_base
+    from helpers.train.log import read_log
+
+    base_dir = tiny_sd15_dir if family == "sd15" else tiny_sdxl_dir
+    trained = load_base(str(base_dir))
+    steps = 40 if family == "sd15" else 60
+    cfg = make_cfg(base_dir, concept_dir, tmp_path, max_train_steps=steps, validation_every_n_steps=steps)
+    result = train(cfg, base=trained, progress=False)
+    before, after = [r["val_loss"] for r in read_log(result.log_path) if "val_loss" in r]
+    assert after < before, (before, after)
+
+    with safe_open(str(result.lora_path), "pt") as f:
+        keys = set(f.keys())
+        convs = {k.removesuffix(".lora_down.weight"): f.get_tensor(k) for k in keys
+                 if k.endswith(".lora_down.weight") and f.get_tensor(k).dim() == 4
+                 and tuple(f.get_tensor(k).shape[2:]) == (3, 3)}
+        assert convs, "no 3x3 convolution was trained"
+        for name, down in convs.items():
+            assert down.shape[0] == 2 and f.get_tensor(f"{name}.alpha").item() == 1.0   # conv_dim, conv_alpha
+            assert tuple(f.get_tensor(f"{name}.lora_up.weight").shape[1:]) == (2, 1, 1)
+        meta = f.metadata()
+    assert json.loads(meta["ss_network_args"])["conv_dim"] == "2" and meta["ss_network_module"] == "networks.lora"
+
+    for m in (trained.unet, *trained.text_encoders):
+        m.eval()
+    want = _pixels(trained.pipe)
+    plain = _pixels(load_base(str(base_dir)).pipe)
+    assert np.abs(want - plain).max() > 1e-3                      # the LoCon changes the output
+    fresh = load_base(str(base_dir))
+    names = load_loras(fresh.pipe, [(result.lora_path, 1.0)])
+    assert np.abs(_pixels(fresh.pipe) - want).max() < 1e-5
+    fresh.pipe.set_adapters(names, adapter_weights=[0.0])
+    assert np.array_equal(_pixels(fresh.pipe), plain)             # weight 0 is the base model
+
+
+def test_locon_settings_are_checked():
+    with pytest.raises(ConfigError, match="conv_dim and conv_alpha size the 3x3 convolutions of network locon"):
+        TrainConfig(conv_dim=4)
+    with pytest.raises(ConfigError, match="conv_dim must be a whole number >= 1"):
+        TrainConfig(network="locon", conv_dim=0)
+    with pytest.raises(ConfigError, match="network='locon' is a kind of LoRA"):
+        TrainConfig(network="locon", method="dreambooth")
+
+
+# ----------------------------------------------------------------- full-size naming and shapes (meta device)
+
+@pytest.fixture(scope="module")
+def unets():
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        return {"sd1": UNet2DConditionModel(**SD15_UNET), "sdxl": UNet2DConditionModel(**SDXL_UNET)}
+
+
+def sd_scripts_conv_rule(unet) -> tuple[set[str], set[str]]:
+    """sd-scripts' conv_dim selection, re-stated: inside every ResnetBlock2D, Downsample2D and Upsample2D, each
+    Linear and Conv2d; (Linear and 1x1, larger kernels), as diffusers module names."""
+    small, large = set(), set()
+    for name, module in unet.named_modules():
+        if type(module).__name__ not in ("ResnetBlock2D", "Downsample2D", "Upsample2D"):
+            continue
+        for child_name, child in module.named_modules():
+            if isinstance(child, torch.nn.Linear) or (isinstance(child, torch.nn.Conv2d)
+                                                      and child.kernel_size == (1, 1)):
+                small.add(f"{name}.{child_name}")
+            elif isinstance(child, torch.nn.Conv2d):
+                large.add(f"{name}.{child_name}")
+    return small, large
+
+
+def locon_file(family: str, unet, rank: int = 4, conv_rank: int = 2) -> dict[str, dict[str, tuple]]:
+    """What our exporter writes for a LoCon of `unet`: kohya module -> {suffix: shape}."""
+    modules = dict(unet.named_modules())
+    linear, convs = unet_resnet_target_modules(unet)
+    weights = {}
+    for n in unet_target_modules(unet, "full") + linear + convs:
+        m = modules[n]
+        r = conv_rank if n in convs else rank
+        if isinstance(m, torch.nn.Conv2d):
+            down = torch.empty(r, m.in_channels, *m.kernel_size, device="meta")
+            up = torch.empty(m.out_channels, r, 1, 1, device="meta")
+        else:
+            down, up = torch.empty(r, m.in_features, device="meta"), torch.empty(m.out_features, r, device="meta")
+        weights[n] = LoraModule(down, up, 1.0)
+    sd = to_kohya_state_dict({"unet": weights}, family, dict(unet.config))
+    out: dict[str, dict[str, tuple]] = {}
+    for k, v in sd.items():
+        mod, _, suffix = k.partition(".")
+        out.setdefault(mod, {})[suffix] = tuple(v.shape)
+    return out
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_locon_selects_what_sd_scripts_selects(unets, family):
+    small, large = sd_scripts_conv_rule(unets[family])
+    linear, convs = unet_resnet_target_modules(unets[family])
+    assert set(linear) == small and set(convs) == large
+    resnets = sum(1 for m in unets[family].modules() if type(m).__name__ == "ResnetBlock2D")
+    samplers = sum(1 for m in unets[family].modules() if type(m).__name__ in ("Downsample2D", "Upsample2D"))
+    assert (resnets, samplers) == ({"sd1": 22, "sdxl": 17}[family], {"sd1": 6, "sdxl": 4}[family])
+    assert len(convs) == 2 * resnets + samplers                  # conv1 and conv2 of each block, one per sampler
+    assert sum(n.endswith("time_emb_proj") for n in linear) == resnets
+
+
+def test_sd1_locon_keys_are_diffusers_names_of_original_modules(unets):
+    """SD 1.x: sd-scripts names ResNet modules by their diffusers path; each lands on an original LDM module
+    (A1111 renames down_blocks.i.resnets.j.conv1 -> input_blocks.(3i+j+1).0.in_layers.2, ...), with the
+    shapes LyCORIS writes: down [r, in, 3, 3], up [out, r, 1, 1]; Linear [r, in] / [out, r]."""
+    from helpers.formats.checkpoint import unet_module_map
+
+    unet = unets["sd1"]
+    mods = locon_file("sd1", unet)
+    original = unet_module_map(SD15_UNET)
+    modules = dict(unet.named_modules())
+    linear, convs = unet_resnet_target_modules(unet)
+    for n in linear + convs:
+        key = "lora_unet_" + n.replace(".", "_")
+        assert key in mods and n in original, n
+        m = modules[n]
+        shapes = mods[key]
+        if n in convs:
+            assert shapes["lora_down.weight"] == (2, m.in_channels, 3, 3)
+            assert shapes["lora_up.weight"] == (m.out_channels, 2, 1, 1)
+        elif isinstance(m, torch.nn.Linear):
+            assert shapes["lora_down.weight"] == (4, m.in_features) and shapes["lora_up.weight"] == (m.out_features, 4)
+        else:
+            assert shapes["lora_down.weight"] == (4, m.in_channels, 1, 1)
+        assert shapes["alpha"] == ()
+    assert original["down_blocks.0.resnets.0.conv1"] == "input_blocks.1.0.in_layers.2"
+    assert original["down_blocks.0.downsamplers.0.conv"] == "input_blocks.3.0.op"
+    assert original["up_blocks.0.upsamplers.0.conv"] == "output_blocks.2.1.conv"
+
+
+def test_sdxl_locon_keys_are_sgm_names(unets):
+    """SDXL: sd-scripts trains on the SGM-layout UNet, so its ResNet keys are SGM names (input_blocks.1.0.in_layers.2,
+    ..., input_blocks.3.0.op, output_blocks.2.2.conv): every key names an original module with a weight."""
+    from helpers.formats.checkpoint import unet_key_map
+
+    mods = locon_file("sdxl", unets["sdxl"])
+    weights = {k.rsplit(".", 1)[0].replace(".", "_") for k in unet_key_map(SDXL_UNET).values() if k.endswith(".weight")}
+    unet_keys = {k[len("lora_unet_"):] for k in mods}
+    assert unet_keys <= weights
+    for key in ("input_blocks_1_0_in_layers_2", "input_blocks_1_0_out_layers_3", "input_blocks_1_0_emb_layers_1",
+                "input_blocks_3_0_op", "input_blocks_4_0_skip_connection", "middle_block_0_in_layers_2",
+                "output_blocks_2_2_conv"):
+        assert key in unet_keys, key
+    assert mods["lora_unet_input_blocks_3_0_op"]["lora_down.weight"] == (2, 320, 3, 3)
+    assert mods["lora_unet_input_blocks_4_0_skip_connection"]["lora_down.weight"] == (4, 320, 1, 1)
+    assert mods["lora_unet_output_blocks_2_2_conv"]["lora_up.weight"] == (1280, 2, 1, 1)
