@@ -84,7 +84,8 @@ SAVE_FORMATS = ("kohya", "diffusers", "both")
 ATTENTION = ("sdpa", "xformers")
 NAN_POLICIES = ("stop", "skip")
 COMPILE_BACKENDS = ("inductor", "cudagraphs", "aot_eager")  # torch.compile backends (aot_eager: no codegen)
-NETWORKS = ("lora", "locon")   # locon: LoRA on the ResNet blocks' 3x3 convolutions too (sd-scripts' conv_dim)
+NETWORKS = ("lora", "locon", "loha")   # locon: LoRA on the ResNet blocks' 3x3 convolutions too (sd-scripts'
+# conv_dim); loha: LyCORIS' Hadamard-product network (ResNet blocks too when conv_dim is set)
 # The closed choices of each config class, by field: validation and the notebook widgets' dropdowns.
 TRAIN_CHOICES: dict[str, tuple[str, ...]] = {
     "family": FAMILIES, "prediction_type": PREDICTION_TYPES, "method": METHODS, "target": TARGET_PRESETS,
@@ -171,15 +172,17 @@ class TrainConfig(ConfigBase):
     num_class_images: int = setting(0, "generate class images with the base model until reg_data_dir has this many")
 
     # --- network (lora) ---
-    network: str = setting("lora", "lora | locon (also the ResNet blocks: their 3x3 convolutions at conv_dim)")
+    network: str = setting("lora", "lora | locon (also the ResNet blocks: their 3x3 convolutions at conv_dim) | "
+                                   "loha (LyCORIS: two rank-r products multiplied; ResNet blocks with conv_dim)")
     rank: int = setting(16, "kohya: network_dim")
     alpha: float = setting(16.0, "kohya: network_alpha; the LoRA scale is alpha / rank")
     lora_dropout: float = setting(0.0, "dropout on the LoRA layers' input")
     block_dims: list[int] = setting(factory=list, help="rank per UNet block, kohya's order IN00.., MID, OUT.. (25 "
                                                        "values for SD 1.5, 19 for SDXL; 0 leaves a block out)")
     block_alphas: list[float] = setting(factory=list, help="alpha per UNet block, in block_dims' order")
-    conv_dim: int | None = setting(None, "locon: rank of the 3x3 convolutions (kohya: conv_dim); None: rank")
-    conv_alpha: float | None = setting(None, "locon: their alpha (kohya: conv_alpha); None: alpha")
+    conv_dim: int | None = setting(None, "locon, loha: rank of the 3x3 convolutions (kohya: conv_dim); None: rank "
+                                         "(locon), no convolutions (loha)")
+    conv_alpha: float | None = setting(None, "locon, loha: their alpha (kohya: conv_alpha); None: alpha")
     layer_filter: list[str] = setting(factory=list, help="train only target modules whose name contains one of "
                                                          "these (e.g. attn2, ff); empty: all")
     layer_filter_regex: bool = setting(False, "layer_filter entries are regular expressions")
@@ -389,9 +392,15 @@ class TrainConfig(ConfigBase):
             raise ConfigError("block_dims, block_alphas and layer_filter shape a LoRA: use them with method lora")
         if self.network != "lora" and self.method != "lora":
             raise ConfigError(f"network={self.network!r} is a kind of LoRA: use it with method lora")
-        if (self.conv_dim is not None or self.conv_alpha is not None) and self.network != "locon":
-            raise ConfigError("conv_dim and conv_alpha size the 3x3 convolutions of network locon; set "
+        if (self.conv_dim is not None or self.conv_alpha is not None) and self.network == "lora":
+            raise ConfigError("conv_dim and conv_alpha size the 3x3 convolutions of network locon or loha; set "
                               "network = \"locon\" (or leave them unset)")
+        if self.network == "loha":
+            if self.save_format != "kohya":
+                raise ConfigError("LoHa files exist in the kohya/LyCORIS layout only (A1111, ComfyUI and helpers "
+                                  "read it): set save_format = \"kohya\"")
+            if self.loraplus_lr_ratio:
+                raise ConfigError("loraplus_lr_ratio speeds up LoRA's B matrices; LoHa has none")
         if self.conv_dim is not None and (not isinstance(self.conv_dim, int) or self.conv_dim < 1):
             raise ConfigError(f"conv_dim must be a whole number >= 1 (or unset: the rank), got {self.conv_dim!r}")
         if self.conv_alpha is not None:

@@ -1,4 +1,5 @@
-"""Network types beyond plain LoRA: LoCon (LoRA on the ResNet blocks' 3x3 convolutions too, sd-scripts' conv_dim).
+"""Network types beyond plain LoRA: LoCon (LoRA on the ResNet blocks' 3x3 convolutions too, sd-scripts' conv_dim)
+and LoHa (LyCORIS' Hadamard product of two low-rank products).
 
 Trained on the tiny SD 1.5 / SDXL models through the real loop, written in the kohya layout, read back into a fresh
 pipeline; and named and shaped on the full-size models (meta device) as sd-scripts, A1111 and ComfyUI expect.
@@ -36,8 +37,10 @@ def _pixels(pipe) -> np.ndarray:
     return np.asarray(out.images, dtype=np.float64)
 
 
+@pytest.mark.parametrize("network", ["locon", "loha"])
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
-def test_locon_trains_saves_and_reloads_exactly(family, tiny_sd15_dir, tiny_sdxl_dir, concept_dir, tmp_path):
+def test_network_trains_saves_and_reloads_exactly(family, network, tiny_sd15_dir, tiny_sdxl_dir, concept_dir,
+                                                  tmp_path):
     from safetensors import safe_open
 
     from helpers.generate.inference import load_loras
@@ -47,28 +50,42 @@ def test_locon_trains_saves_and_reloads_exactly(family, tiny_sd15_dir, tiny_sdxl
     base_dir = tiny_sd15_dir if family == "sd15" else tiny_sdxl_dir
     trained = load_base(str(base_dir))
     steps = 40 if family == "sd15" else 60
-    cfg = make_cfg(base_dir, concept_dir, tmp_path, max_train_steps=steps, validation_every_n_steps=steps)
+    cfg = make_cfg(base_dir, concept_dir, tmp_path, network=network, max_train_steps=steps,
+                   validation_every_n_steps=steps, train_text_encoder=network == "loha")
     result = train(cfg, base=trained, progress=False)
     before, after = [r["val_loss"] for r in read_log(result.log_path) if "val_loss" in r]
     assert after < before, (before, after)
 
     with safe_open(str(result.lora_path), "pt") as f:
         keys = set(f.keys())
-        convs = {k.removesuffix(".lora_down.weight"): f.get_tensor(k) for k in keys
-                 if k.endswith(".lora_down.weight") and f.get_tensor(k).dim() == 4
-                 and tuple(f.get_tensor(k).shape[2:]) == (3, 3)}
-        assert convs, "no 3x3 convolution was trained"
-        for name, down in convs.items():
-            assert down.shape[0] == 2 and f.get_tensor(f"{name}.alpha").item() == 1.0   # conv_dim, conv_alpha
-            assert tuple(f.get_tensor(f"{name}.lora_up.weight").shape[1:]) == (2, 1, 1)
         meta = f.metadata()
-    assert json.loads(meta["ss_network_args"])["conv_dim"] == "2" and meta["ss_network_module"] == "networks.lora"
+        tensors = {k: f.get_tensor(k) for k in keys}
+    args = json.loads(meta["ss_network_args"])
+    assert args["conv_dim"] == "2" and args["conv_alpha"] == "1"
+    modules = {k.rsplit(".", 1)[0] if network == "loha" else k.removesuffix(".lora_down.weight")
+               for k in keys if not k.endswith(".alpha")}
+    convs = {m for m in modules if m.endswith(("_conv1", "_conv2", "_op", "_conv")) and "_attentions_" not in m}
+    assert convs, "no 3x3 convolution was trained"
+    if network == "locon":
+        assert meta["ss_network_module"] == "networks.lora"
+        for m in convs:
+            down, up = tensors[f"{m}.lora_down.weight"], tensors[f"{m}.lora_up.weight"]
+            assert down.shape[0] == 2 and down.shape[2:] == (3, 3) and tuple(up.shape[1:]) == (2, 1, 1)
+            assert tensors[f"{m}.alpha"].item() == 1.0                         # conv_dim, conv_alpha
+    else:
+        assert meta["ss_network_module"] == "lycoris.kohya" and args["algo"] == "loha"
+        assert any(k.startswith("lora_te") for k in keys)                   # the text encoder's LoHa too
+        for m in convs:
+            w1a, w1b = tensors[f"{m}.hada_w1_a"], tensors[f"{m}.hada_w1_b"]
+            assert w1a.dim() == 2 and w1b.shape[0] == 2 and w1b.shape[1] % 9 == 0   # [r, in * 3 * 3]
+            assert tensors[f"{m}.hada_w2_b"].shape == w1b.shape and tensors[f"{m}.alpha"].item() == 1.0
+        assert not any("lora_down" in k for k in keys)
 
     for m in (trained.unet, *trained.text_encoders):
         m.eval()
     want = _pixels(trained.pipe)
     plain = _pixels(load_base(str(base_dir)).pipe)
-    assert np.abs(want - plain).max() > 1e-3                      # the LoCon changes the output
+    assert np.abs(want - plain).max() > 1e-3                      # the network changes the output
     fresh = load_base(str(base_dir))
     names = load_loras(fresh.pipe, [(result.lora_path, 1.0)])
     assert np.abs(_pixels(fresh.pipe) - want).max() < 1e-5
@@ -76,9 +93,13 @@ def test_locon_trains_saves_and_reloads_exactly(family, tiny_sd15_dir, tiny_sdxl
     assert np.array_equal(_pixels(fresh.pipe), plain)             # weight 0 is the base model
 
 
-def test_locon_settings_are_checked():
+def test_network_settings_are_checked():
     with pytest.raises(ConfigError, match="conv_dim and conv_alpha size the 3x3 convolutions of network locon"):
         TrainConfig(conv_dim=4)
+    with pytest.raises(ConfigError, match="LoHa files exist in the kohya/LyCORIS layout only"):
+        TrainConfig(network="loha", save_format="both")
+    with pytest.raises(ConfigError, match="LoHa has none"):
+        TrainConfig(network="loha", loraplus_lr_ratio=4.0)
     with pytest.raises(ConfigError, match="conv_dim must be a whole number >= 1"):
         TrainConfig(network="locon", conv_dim=0)
     with pytest.raises(ConfigError, match="network='locon' is a kind of LoRA"):
@@ -190,3 +211,75 @@ def test_sdxl_locon_keys_are_sgm_names(unets):
     assert mods["lora_unet_input_blocks_3_0_op"]["lora_down.weight"] == (2, 320, 3, 3)
     assert mods["lora_unet_input_blocks_4_0_skip_connection"]["lora_down.weight"] == (4, 320, 1, 1)
     assert mods["lora_unet_output_blocks_2_2_conv"]["lora_up.weight"] == (1280, 2, 1, 1)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_loha_keys_and_shapes_are_what_lycoris_writes(family):
+    """peft's LoHa on the full-size UNet (meta device), written by our exporter: the same module names as LoRA
+    and LoCon, and per module hada_w1_a / hada_w2_a [out, r], hada_w1_b / hada_w2_b [r, in * kh * kw], alpha."""
+    import re
+
+    from diffusers import UNet2DConditionModel
+
+    from helpers.formats.lycoris import extract_peft_loha, loha_config
+    from helpers.sd.lora_targets import inject_lora
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**(SD15_UNET if family == "sd1" else SDXL_UNET))
+    plain = dict(unet.named_modules())
+    linear, convs = unet_resnet_target_modules(unet)
+    targets = sorted(unet_target_modules(unet, "full") + linear + convs)
+    inject_lora(unet, loha_config(4, 2.0, targets, {f"^{re.escape(n)}": 2 for n in convs},
+                                  {f"^{re.escape(n)}": 1.0 for n in convs}))
+    modules = extract_peft_loha(unet)
+    assert sorted(modules) == targets
+    sd = to_kohya_state_dict({"unet": modules}, family, dict(unet.config))
+    lora_names = set(locon_file(family, plain_unet(family)))
+    by_module: dict[str, dict[str, tuple]] = {}
+    for k, v in sd.items():
+        mod, _, part = k.partition(".")
+        by_module.setdefault(mod, {})[part] = tuple(v.shape)
+    assert set(by_module) == lora_names                          # LoHa names its modules as LoRA / LoCon do
+    from helpers.formats.lora import kohya_module_names
+
+    names = kohya_module_names("unet", targets, family, dict(unet.config))
+    for n in targets:
+        shapes, weight = by_module[names[n]], plain[n].weight
+        r = 2 if n in convs else 4
+        out, rest = weight.shape[0], weight[0].numel()
+        assert shapes == {"hada_w1_a": (out, r), "hada_w1_b": (r, rest), "hada_w2_a": (out, r),
+                          "hada_w2_b": (r, rest), "alpha": ()}, n
+
+
+def plain_unet(family):
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        return UNet2DConditionModel(**(SD15_UNET if family == "sd1" else SDXL_UNET))
+
+
+def test_a_loha_merges_into_the_model_as_its_hadamard_product(tiny_sd15_dir):
+    from helpers.formats.lycoris import LohaModule
+    from helpers.sd.lora_targets import base_layer, model_module_names
+    from helpers.sd.models import load_base
+    from helpers.toolbox.merge import concat_loras, merge_into_model
+
+    base = load_base(str(tiny_sd15_dir))
+    names = model_module_names(base.unet)
+    linear = unet_target_modules(base.unet, "full")[0]
+    conv = unet_resnet_target_modules(base.unet)[1][0]
+    g = torch.Generator().manual_seed(0)
+    weights, before = {}, {}
+    for n in (linear, conv):
+        w = base_layer(names[n]).weight
+        out, rest = w.shape[0], w[0].numel()
+        weights[n] = LohaModule(*(torch.randn(s, generator=g) for s in ((out, 2), (2, rest), (out, 2), (2, rest))),
+                                alpha=1.0)
+        before[n] = w.detach().double().clone()
+    assert merge_into_model(base.pipe, [({"unet": weights}, 0.7)]) == 2
+    for n, m in weights.items():
+        by_hand = (m.w1_a.double() @ m.w1_b.double()) * (m.w2_a.double() @ m.w2_b.double()) * (1.0 / 2) * 0.7
+        got = base_layer(names[n]).weight.detach().double() - before[n]
+        assert torch.allclose(got, by_hand.reshape(got.shape), atol=1e-5)
+    with pytest.raises(ValueError, match="LoHa modules do not concatenate"):
+        concat_loras([({"unet": weights}, 1.0)])

@@ -25,6 +25,7 @@ from .. import __version__
 from ..atomic import atomic_dir, save_safetensors
 from ..files import load_safetensors
 from ..sd.lora_targets import base_layer, inject_lora, model_module_names
+from .lycoris import HADA_PARTS, UNSUPPORTED_HADA, inject_loha, loha_from_parts
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -80,7 +81,9 @@ def _check_components(weights: Mapping, family: str | None = None) -> None:
         raise ValueError(f"LoRA weights have component(s) {bad}; a {family or 'LoRA'} model has {list(allowed)}")
     for comp, modules in weights.items():
         for name, m in modules.items():
-            if m.down.shape[0] != m.up.shape[1]:
+            if not isinstance(m, LoraModule):
+                m.check(f"{comp}.{name}")   # a LyCORIS module checks its own factors
+            elif m.down.shape[0] != m.up.shape[1]:
                 raise ValueError(f"{comp}.{name}: down has rank {m.down.shape[0]} but up has rank {m.up.shape[1]}")
 
 
@@ -169,8 +172,12 @@ def to_kohya_state_dict(weights: LoraWeights, family: str, unet_config: Mapping 
         names = kohya_module_names(comp, modules.keys(), family, unet_config)
         for name, m in modules.items():
             key = names[name]
-            sd[f"{key}.lora_down.weight"] = m.down.detach().to(dtype=dtype).contiguous()
-            sd[f"{key}.lora_up.weight"] = m.up.detach().to(dtype=dtype).contiguous()
+            if isinstance(m, LoraModule):
+                sd[f"{key}.lora_down.weight"] = m.down.detach().to(dtype=dtype).contiguous()
+                sd[f"{key}.lora_up.weight"] = m.up.detach().to(dtype=dtype).contiguous()
+            else:   # LyCORIS LoHa: its hada_* matrices under their own names (formats/lycoris.py)
+                for part, t in m.tensors().items():
+                    sd[f"{key}.{part}"] = t.detach().to(dtype=dtype).contiguous()
             sd[f"{key}.alpha"] = torch.tensor(float(m.alpha), dtype=torch.float32)
     return sd
 
@@ -275,6 +282,10 @@ def to_diffusers_state_dict(weights: LoraWeights) -> dict[str, torch.Tensor]:
     sd: dict[str, torch.Tensor] = {}
     for comp in COMPONENTS:
         for name, m in (weights.get(comp) or {}).items():
+            if not isinstance(m, LoraModule):
+                raise ValueError(f"{comp}.{name} is a {type(m).__name__}: the diffusers/peft LoRA layout holds "
+                                 "plain LoRA only; save LoHa in the kohya layout (save_format = \"kohya\"), which "
+                                 "A1111, ComfyUI and helpers read")
             key = name if comp == "unet" else _te_name_with_text_model(name)
             sd[f"{comp}.{key}.lora_A.weight"] = m.down.detach().contiguous()
             sd[f"{comp}.{key}.lora_B.weight"] = m.up.detach().contiguous()
@@ -396,7 +407,8 @@ def _read_state_dict(path_or_state_dict) -> tuple[dict[str, torch.Tensor], dict[
 
 
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
-_KOHYA_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
+_KOHYA_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha",
+                   **{f".{p}": p for p in (*HADA_PARTS, *UNSUPPORTED_HADA)}}
 # peft/diffusers suffixes, newest first: (suffix, part)
 _PEFT_SUFFIXES = (
     (".lora_A.weight", "down"), (".lora_B.weight", "up"),
@@ -405,7 +417,7 @@ _PEFT_SUFFIXES = (
     ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),  # attn-procs: to_q_lora.down.weight
     (".alpha", "alpha"),
 )
-_UNSUPPORTED_PARTS = ("hada_", "lokr_", "dora_scale", "lora_mid", "lora_magnitude_vector")
+_UNSUPPORTED_PARTS = ("lokr_", "dora_scale", "lora_mid", "lora_magnitude_vector")
 _UNSUPPORTED_ENDINGS = (".diff", ".diff_b", "lora_B.bias")
 
 
@@ -414,8 +426,8 @@ def _split_entries(sd: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, tor
     kohya keys keep their `lora_unet_...` name; peft/diffusers keys their dotted name."""
     odd = [k for k in sd if any(p in k for p in _UNSUPPORTED_PARTS) or k.endswith(_UNSUPPORTED_ENDINGS)]
     if odd:
-        raise ValueError(f"this file holds a LoRA variant we cannot load (LyCORIS LoHa/LoKr, DoRA, LoCon mid "
-                         f"weights or full diffs), e.g. {odd[:5]}; only plain LoRA is supported")
+        raise ValueError(f"this file holds a LoRA variant we cannot load (LyCORIS LoKr, DoRA, LoCon mid "
+                         f"weights or full diffs), e.g. {odd[:5]}; plain LoRA, LoCon and LoHa are read")
     entries: dict[str, dict[str, torch.Tensor]] = {}
     unparsed: list[str] = []
     for k, v in sd.items():
@@ -598,11 +610,25 @@ def load_lora(path_or_state_dict, pipe) -> tuple[LoraWeights, dict[str, str]]:
     problems: list[str] = []
     for raw, (comp, name) in resolved.items():
         parts = entries[raw]
+        layer = layers[comp][name]
+        if any(p.startswith("hada_") for p in parts):   # LyCORIS LoHa
+            try:
+                loha = loha_from_parts(parts, raw)
+            except ValueError as e:
+                problems.append(str(e))
+                continue
+            err = loha.fits(layer)
+            if err:
+                problems.append(f"{comp}.{name}: {err}")
+            elif name in weights.get(comp, {}):
+                problems.append(f"{comp}.{name}: given twice in the file")
+            else:
+                weights.setdefault(comp, {})[name] = loha
+            continue
         if "down" not in parts or "up" not in parts:
             problems.append(f"{raw}: has {sorted(parts)} but needs both down and up weights")
             continue
         down, up = parts["down"], parts["up"]
-        layer = layers[comp][name]
         down, up, err = _fit_shapes(layer, down, up)
         if err:
             problems.append(f"{comp}.{name}: {err}")
@@ -684,6 +710,13 @@ def apply_lora(pipe, weights: LoraWeights, adapter_name: str, scale: float = 1.0
     for comp in COMPONENTS:
         modules = weights.get(comp) or {}
         if not modules:
+            continue
+        kinds = {type(m) for m in modules.values()}
+        if kinds != {LoraModule}:
+            if len(kinds) > 1:
+                raise ValueError(f"{comp}: this file mixes {sorted(k.__name__ for k in kinds)} modules; one adapter "
+                                 "holds one network type")
+            inject_loha(comps[comp], modules, adapter_name, text_encoder=comp != "unet")
             continue
         cfg = peft_adapter_config(modules, text_encoder=comp != "unet")
         with warnings.catch_warnings():

@@ -31,6 +31,9 @@ def concat_loras(loras: list[tuple[LoraWeights, float]]) -> LoraWeights:
     merged: LoraWeights = {}
     for comp, modules in out.items():
         for name, parts in modules.items():
+            if any(not isinstance(m, LoraModule) for m, _ in parts):
+                raise ValueError(f"{comp}.{name}: LoHa modules do not concatenate into one LoRA; merge them into "
+                                 "the model (merge_to_checkpoint) instead")
             shapes = {tuple(m.down.shape[1:]) for m, _ in parts}
             if len(shapes) > 1:
                 raise ValueError(f"{comp}.{name}: the LoRAs' down weights have different shapes {sorted(shapes)}; "
@@ -54,7 +57,9 @@ def merge_into_model(pipe, loras: list[tuple[LoraWeights, float]]) -> int:
                 names = model_module_names(parts[comp])
                 for name, m in modules.items():
                     layer = base_layer(names[name])
-                    delta = _delta(m).reshape(layer.weight.shape) * w
+                    # a LyCORIS module (LoHa) knows its own product; LoRA and LoCon are scale * up @ down
+                    delta = (m.delta(layer.weight.shape).double() if not isinstance(m, LoraModule)
+                             else _delta(m).reshape(layer.weight.shape)) * w
                     layer.weight.copy_((layer.weight.double() + delta).to(layer.weight.dtype))
                     changed += 1
     return changed
