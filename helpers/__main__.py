@@ -207,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_prepare_parser, _masks_parser, _tag_parser, _train_parser, _generate_parser, _evaluate_parser, _inspect_parser,
+    for add in (_prepare_parser, _masks_parser, _tag_parser, _train_parser, _generate_parser, _evaluate_parser,
+                _inspect_parser,
                 _resize_parser, _convert_parser, _merge_parser, _extract_parser, _demo_parser):
         add(sub)
     return run_command(parser.parse_args(argv))

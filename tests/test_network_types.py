@@ -37,7 +37,7 @@ def _pixels(pipe) -> np.ndarray:
     return np.asarray(out.images, dtype=np.float64)
 
 
-@pytest.mark.parametrize("network", ["locon", "loha"])
+@pytest.mark.parametrize("network", ["locon", "loha", "lokr"])
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_network_trains_saves_and_reloads_exactly(family, network, tiny_sd15_dir, tiny_sdxl_dir, concept_dir,
                                                   tmp_path):
@@ -51,7 +51,7 @@ def test_network_trains_saves_and_reloads_exactly(family, network, tiny_sd15_dir
     trained = load_base(str(base_dir))
     steps = 40 if family == "sd15" else 60
     cfg = make_cfg(base_dir, concept_dir, tmp_path, network=network, max_train_steps=steps,
-                   validation_every_n_steps=steps, train_text_encoder=network == "loha")
+                   validation_every_n_steps=steps, train_text_encoder=network != "locon")
     result = train(cfg, base=trained, progress=False)
     before, after = [r["val_loss"] for r in read_log(result.log_path) if "val_loss" in r]
     assert after < before, (before, after)
@@ -62,7 +62,7 @@ def test_network_trains_saves_and_reloads_exactly(family, network, tiny_sd15_dir
         tensors = {k: f.get_tensor(k) for k in keys}
     args = json.loads(meta["ss_network_args"])
     assert args["conv_dim"] == "2" and args["conv_alpha"] == "1"
-    modules = {k.rsplit(".", 1)[0] if network == "loha" else k.removesuffix(".lora_down.weight")
+    modules = {k.rsplit(".", 1)[0] if network != "locon" else k.removesuffix(".lora_down.weight")
                for k in keys if not k.endswith(".alpha")}
     convs = {m for m in modules if m.endswith(("_conv1", "_conv2", "_op", "_conv")) and "_attentions_" not in m}
     assert convs, "no 3x3 convolution was trained"
@@ -72,6 +72,15 @@ def test_network_trains_saves_and_reloads_exactly(family, network, tiny_sd15_dir
             down, up = tensors[f"{m}.lora_down.weight"], tensors[f"{m}.lora_up.weight"]
             assert down.shape[0] == 2 and down.shape[2:] == (3, 3) and tuple(up.shape[1:]) == (2, 1, 1)
             assert tensors[f"{m}.alpha"].item() == 1.0                         # conv_dim, conv_alpha
+    elif network == "lokr":
+        assert meta["ss_network_module"] == "lycoris.kohya" and args["algo"] == "lokr" and args["factor"] == "-1"
+        assert any(k.startswith("lora_te") for k in keys) and not any("lora_down" in k for k in keys)
+        for m in convs:   # conv_dim 2 is small: w2 is decomposed, [out_k, 2] @ [2, in_n * 3 * 3]
+            w1, w2a, w2b = (tensors[f"{m}.lokr_{p}"] for p in ("w1", "w2_a", "w2_b"))
+            assert w2a.shape[1] == 2 and w2b.shape[0] == 2 and w2b.shape[1] % 9 == 0
+            assert w1.dim() == 2 and tensors[f"{m}.alpha"].item() == 1.0
+        full = [k for k in keys if k.endswith(".lokr_w2")]
+        assert full, "the rank-4 modules of a 32-wide model split into full factors"
     else:
         assert meta["ss_network_module"] == "lycoris.kohya" and args["algo"] == "loha"
         assert any(k.startswith("lora_te") for k in keys)                   # the text encoder's LoHa too
@@ -96,10 +105,12 @@ def test_network_trains_saves_and_reloads_exactly(family, network, tiny_sd15_dir
 def test_network_settings_are_checked():
     with pytest.raises(ConfigError, match="conv_dim and conv_alpha size the 3x3 convolutions of network locon"):
         TrainConfig(conv_dim=4)
-    with pytest.raises(ConfigError, match="LoHa files exist in the kohya/LyCORIS layout only"):
+    with pytest.raises(ConfigError, match="loha files exist in the kohya/LyCORIS layout only"):
         TrainConfig(network="loha", save_format="both")
-    with pytest.raises(ConfigError, match="LoHa has none"):
-        TrainConfig(network="loha", loraplus_lr_ratio=4.0)
+    with pytest.raises(ConfigError, match="lokr has none"):
+        TrainConfig(network="lokr", loraplus_lr_ratio=4.0)
+    with pytest.raises(ConfigError, match="factor splits the weights of network lokr"):
+        TrainConfig(factor=8)
     with pytest.raises(ConfigError, match="conv_dim must be a whole number >= 1"):
         TrainConfig(network="locon", conv_dim=0)
     with pytest.raises(ConfigError, match="network='locon' is a kind of LoRA"):
@@ -283,3 +294,46 @@ def test_a_loha_merges_into_the_model_as_its_hadamard_product(tiny_sd15_dir):
         assert torch.allclose(got, by_hand.reshape(got.shape), atol=1e-5)
     with pytest.raises(ValueError, match="LoHa modules do not concatenate"):
         concat_loras([({"unet": weights}, 1.0)])
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_lokr_keys_and_shapes_are_what_lycoris_writes(family):
+    """peft's LoKr on the full-size UNet (meta device), written by our exporter: LoRA's module names, and per module
+    lokr_w1 [out_l, in_m] with lokr_w2 [out_k, in_n(, kh, kw)] or lokr_w2_a [out_k, r] / lokr_w2_b
+    [r, in_n * kh * kw], so that kron(w1, w2) has the layer's weight's size, as LyCORIS' factorization splits it."""
+    import re
+
+    from peft.tuners.lokr.layer import factorization
+
+    from helpers.formats.lora import kohya_module_names
+    from helpers.formats.lycoris import extract_peft_lokr, lokr_config
+    from helpers.sd.lora_targets import inject_lora
+
+    unet = plain_unet(family)
+    plain = dict(unet.named_modules())
+    linear, convs = unet_resnet_target_modules(unet)
+    targets = sorted(unet_target_modules(unet, "full") + linear + convs)
+    inject_lora(unet, lokr_config(4, 2.0, targets, {f"^{re.escape(n)}": 2 for n in convs},
+                                  {f"^{re.escape(n)}": 1.0 for n in convs}))
+    modules = extract_peft_lokr(unet)
+    assert sorted(modules) == targets
+    sd = to_kohya_state_dict({"unet": modules}, family, dict(unet.config))
+    parts: dict[str, dict[str, tuple]] = {}
+    for k, v in sd.items():
+        mod, _, part = k.partition(".")
+        parts.setdefault(mod, {})[part] = tuple(v.shape)
+    assert set(parts) == set(locon_file(family, plain_unet(family)))
+    names = kohya_module_names("unet", targets, family, dict(unet.config))
+    for n in targets:
+        weight, got = plain[n].weight, parts[names[n]]
+        out_l, out_k = factorization(weight.shape[0], -1)
+        in_m, in_n = factorization(weight.shape[1], -1)
+        assert got["lokr_w1"] == (out_l, in_m), n
+        kernel = tuple(weight.shape[2:]) if weight.dim() == 4 else ()
+        r = 2 if n in convs else 4
+        if "lokr_w2" in got:
+            assert got["lokr_w2"] == (out_k, in_n, *kernel) and r >= max(out_k, in_n) / 2, n
+        else:
+            size = in_n * (kernel[0] * kernel[1] if kernel else 1)
+            assert (got["lokr_w2_a"], got["lokr_w2_b"]) == ((out_k, r), (r, size)), n
+        assert got["alpha"] == ()

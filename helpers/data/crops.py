@@ -147,7 +147,8 @@ def subject_plan(image: Image.Image, size: tuple[int, int]) -> CropPlan:
     tw, th = int(size[0]), int(size[1])
     rw, rh = cover_size(image.width, image.height, (tw, th))
     sal = saliency_map(image)
-    return _cover_plan(image.size, (tw, th), _best_offset(sal.sum(axis=0), rw, tw), _best_offset(sal.sum(axis=1), rh, th))
+    left, top = _best_offset(sal.sum(axis=0), rw, tw), _best_offset(sal.sum(axis=1), rh, th)
+    return _cover_plan(image.size, (tw, th), left, top)
 
 
 def subject_crop(image: Image.Image, size: tuple[int, int]) -> tuple[Image.Image, tuple[int, int]]:

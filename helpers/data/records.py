@@ -202,7 +202,9 @@ class PrepareReport:
         """Faces found and how much of each crop they fill; the small-face warning only for a set about a face."""
         faced = self.with_face
         if not faced:   # a set of flowers or products: nothing to say, unless the crop was to follow faces
-            return ['  faces: none found (crop="face" placed every crop by saliency)'] if self.config.crop == "face" else []
+            if self.config.crop != "face":
+                return []
+            return ['  faces: none found (crop="face" placed every crop by saliency)']
         cover = sorted(r.face_coverage or 0.0 for r in faced)
         lines = [f"  faces: found in {len(faced)} of {len(self.items)} images; the face fills "
                  f"{cover[0]:.0%}-{cover[-1]:.0%} of the crop (median {cover[len(cover) // 2]:.0%})"]

@@ -25,7 +25,8 @@ from .. import __version__
 from ..atomic import atomic_dir, save_safetensors
 from ..files import load_safetensors
 from ..sd.lora_targets import base_layer, inject_lora, model_module_names
-from .lycoris import HADA_PARTS, UNSUPPORTED_HADA, inject_loha, loha_from_parts
+from .lycoris import (HADA_PARTS, LOKR_PARTS, UNSUPPORTED_HADA, UNSUPPORTED_LOKR, LokrModule, inject_loha,
+                      inject_lokr, loha_from_parts, lokr_from_parts)
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -284,8 +285,8 @@ def to_diffusers_state_dict(weights: LoraWeights) -> dict[str, torch.Tensor]:
         for name, m in (weights.get(comp) or {}).items():
             if not isinstance(m, LoraModule):
                 raise ValueError(f"{comp}.{name} is a {type(m).__name__}: the diffusers/peft LoRA layout holds "
-                                 "plain LoRA only; save LoHa in the kohya layout (save_format = \"kohya\"), which "
-                                 "A1111, ComfyUI and helpers read")
+                                 "plain LoRA only; save LoHa and LoKr in the kohya layout (save_format = "
+                                 "\"kohya\"), which A1111, ComfyUI and helpers read")
             key = name if comp == "unet" else _te_name_with_text_model(name)
             sd[f"{comp}.{key}.lora_A.weight"] = m.down.detach().contiguous()
             sd[f"{comp}.{key}.lora_B.weight"] = m.up.detach().contiguous()
@@ -408,7 +409,7 @@ def _read_state_dict(path_or_state_dict) -> tuple[dict[str, torch.Tensor], dict[
 
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 _KOHYA_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha",
-                   **{f".{p}": p for p in (*HADA_PARTS, *UNSUPPORTED_HADA)}}
+                   **{f".{p}": p for p in (*HADA_PARTS, *UNSUPPORTED_HADA, *LOKR_PARTS, *UNSUPPORTED_LOKR)}}
 # peft/diffusers suffixes, newest first: (suffix, part)
 _PEFT_SUFFIXES = (
     (".lora_A.weight", "down"), (".lora_B.weight", "up"),
@@ -417,7 +418,7 @@ _PEFT_SUFFIXES = (
     ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),  # attn-procs: to_q_lora.down.weight
     (".alpha", "alpha"),
 )
-_UNSUPPORTED_PARTS = ("lokr_", "dora_scale", "lora_mid", "lora_magnitude_vector")
+_UNSUPPORTED_PARTS = ("dora_scale", "lora_mid", "lora_magnitude_vector")
 _UNSUPPORTED_ENDINGS = (".diff", ".diff_b", "lora_B.bias")
 
 
@@ -426,8 +427,8 @@ def _split_entries(sd: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, tor
     kohya keys keep their `lora_unet_...` name; peft/diffusers keys their dotted name."""
     odd = [k for k in sd if any(p in k for p in _UNSUPPORTED_PARTS) or k.endswith(_UNSUPPORTED_ENDINGS)]
     if odd:
-        raise ValueError(f"this file holds a LoRA variant we cannot load (LyCORIS LoKr, DoRA, LoCon mid "
-                         f"weights or full diffs), e.g. {odd[:5]}; plain LoRA, LoCon and LoHa are read")
+        raise ValueError(f"this file holds a LoRA variant we cannot load (DoRA, LoCon mid weights or full "
+                         f"diffs), e.g. {odd[:5]}; plain LoRA, LoCon, LoHa and LoKr are read")
     entries: dict[str, dict[str, torch.Tensor]] = {}
     unparsed: list[str] = []
     for k, v in sd.items():
@@ -606,14 +607,19 @@ def load_lora(path_or_state_dict, pipe) -> tuple[LoraWeights, dict[str, str]]:
             resolved[raw] = hit
 
     configs = _peft_alphas(file_meta)
+    lokr_factor = _network_arg(file_meta, "factor", -1)
     weights: LoraWeights = {}
     problems: list[str] = []
     for raw, (comp, name) in resolved.items():
         parts = entries[raw]
         layer = layers[comp][name]
-        if any(p.startswith("hada_") for p in parts):   # LyCORIS LoHa
+        if any(p.startswith(("hada_", "lokr_")) for p in parts):   # LyCORIS LoHa / LoKr
             try:
-                loha = loha_from_parts(parts, raw)
+                if any(p.startswith("lokr_") for p in parts):
+                    loha = lokr_from_parts(parts, raw)
+                    loha.factor = lokr_factor
+                else:
+                    loha = loha_from_parts(parts, raw)
             except ValueError as e:
                 problems.append(str(e))
                 continue
@@ -662,6 +668,14 @@ def load_lora(path_or_state_dict, pipe) -> tuple[LoraWeights, dict[str, str]]:
         raise ValueError(f"LoRA shapes do not fit this {_FAMILY_NAMES[model_family]} model: "
                          + "; ".join(problems[:5]))
     return {c: dict(sorted(m.items())) for c, m in weights.items()}, file_meta
+
+
+def _network_arg(meta: Mapping[str, str], name: str, default: int) -> int:
+    """An integer of the file's ss_network_args (LyCORIS writes its settings there), or `default`."""
+    try:
+        return int(json.loads(meta.get("ss_network_args") or "{}").get(name, default))
+    except (ValueError, TypeError, AttributeError):
+        return default
 
 
 def _fit_shapes(layer: torch.nn.Module, down: torch.Tensor, up: torch.Tensor):
@@ -716,7 +730,8 @@ def apply_lora(pipe, weights: LoraWeights, adapter_name: str, scale: float = 1.0
             if len(kinds) > 1:
                 raise ValueError(f"{comp}: this file mixes {sorted(k.__name__ for k in kinds)} modules; one adapter "
                                  "holds one network type")
-            inject_loha(comps[comp], modules, adapter_name, text_encoder=comp != "unet")
+            inject = inject_lokr if kinds == {LokrModule} else inject_loha
+            inject(comps[comp], modules, adapter_name, text_encoder=comp != "unet")
             continue
         cfg = peft_adapter_config(modules, text_encoder=comp != "unet")
         with warnings.catch_warnings():

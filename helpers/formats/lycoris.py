@@ -1,4 +1,4 @@
-"""LyCORIS network types in the kohya layout that A1111's built-in LyCORIS support and ComfyUI read: LoHa.
+"""LyCORIS network types in the kohya layout that A1111's built-in LyCORIS support and ComfyUI read: LoHa, LoKr.
 
 LoHa (Hadamard product of two low-rank products, LyCORIS' `loha`): per module `<kohya name>.hada_w1_a`
 [out, r], `.hada_w1_b` [r, in * kh * kw], `.hada_w2_a`, `.hada_w2_b` and `.alpha`, with
@@ -7,6 +7,12 @@ reshaped to the layer's weight (A1111 network_hada.py, ComfyUI weight_adapter/lo
 hada_w1_b's first dimension). Convolutions use the flattened form (no `hada_t1`/`hada_t2`), as LyCORIS writes
 them without `use_tucker`. peft's LoHa (`LoHaConfig`, use_effective_conv2d=False) trains exactly this product
 with the same scale, so its four matrices are written as they are.
+
+LoKr (Kronecker product, LyCORIS' `lokr`): `.lokr_w1` (or `.lokr_w1_a`/`_b`) and `.lokr_w2` (or `.lokr_w2_a`
+[out_k, r] / `.lokr_w2_b` [r, in_n * kh * kw]), with delta W = kron(w1, w2) * scale reshaped to the weight
+(A1111 network_lokr.py, ComfyUI weight_adapter/lokr.py). The UIs scale by alpha / r only when a factor is
+decomposed; peft scales every LoKr by alpha / r, so a module whose factors are both full is written with the
+scale folded into w1.
 """
 
 from __future__ import annotations
@@ -143,4 +149,168 @@ def inject_loha(model: torch.nn.Module, modules: Mapping[str, LohaModule], adapt
                 if tuple(param.shape) != tuple(tensor.shape):
                     raise ValueError(f"LoHa module {name!r}: {part} should be {list(param.shape)}, got "
                                      f"{list(tensor.shape)}")
+                param.data = tensor.detach().to(device=weight.device, dtype=weight.dtype).clone()
+
+
+# =============================================================================================
+# LoKr
+# =============================================================================================
+
+LOKR_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+UNSUPPORTED_LOKR = ("lokr_t2",)
+
+
+@dataclass
+class LokrModule:
+    """One module's LoKr: delta W = kron(w1, w2) * scale, reshaped to the weight, where w1 is `w1` (or w1_a @
+    w1_b) and w2 is `w2` (or w2_a @ w2_b). As A1111 (network_lokr.py) and ComfyUI read it, the scale is
+    alpha / r with r the rank of a decomposed factor (w2_b's, else w1_b's), and 1 when both factors are full."""
+
+    w1: torch.Tensor | None = None
+    w1_a: torch.Tensor | None = None
+    w1_b: torch.Tensor | None = None
+    w2: torch.Tensor | None = None      # [out_k, in_n] or, for a convolution, [out_k, in_n, kh, kw]
+    w2_a: torch.Tensor | None = None    # [out_k, r]
+    w2_b: torch.Tensor | None = None    # [r, in_n * kh * kw]
+    alpha: float = 1.0
+    factor: int = -1                     # how the weight's sides were split (LyCORIS' factor; -1: most square)
+
+    @property
+    def rank(self) -> int | None:
+        """The rank the scale divides by; None when both factors are full (scale 1)."""
+        if self.w2_b is not None:
+            return int(self.w2_b.shape[0])
+        return int(self.w1_b.shape[0]) if self.w1_b is not None else None
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank if self.rank else 1.0
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        w1 = self.w1.float() if self.w1 is not None else self.w1_a.float() @ self.w1_b.float()
+        w2 = self.w2.float() if self.w2 is not None else self.w2_a.float() @ self.w2_b.float()
+        return w1, w2
+
+    def delta(self, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+        w1, w2 = self.factors()
+        if w2.dim() == 4:
+            w1 = w1[:, :, None, None]
+        return (torch.kron(w1, w2.contiguous()) * self.scale).reshape(tuple(shape))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {p: getattr(self, p.removeprefix("lokr_")) for p in LOKR_PARTS
+                if getattr(self, p.removeprefix("lokr_")) is not None}
+
+    def check(self, where: str) -> None:
+        if (self.w1 is None) == (self.w1_a is None or self.w1_b is None) or \
+                (self.w2 is None) == (self.w2_a is None or self.w2_b is None):
+            raise ValueError(f"{where}: a LoKr needs lokr_w1 (or lokr_w1_a and lokr_w1_b) and lokr_w2 (or "
+                             "lokr_w2_a and lokr_w2_b), one of each")
+        if self.w1 is None and self.w1_a.shape[1] != self.w1_b.shape[0]:
+            raise ValueError(f"{where}: lokr_w1_a and lokr_w1_b have different ranks")
+        if self.w2 is None and self.w2_a.shape[1] != self.w2_b.shape[0]:
+            raise ValueError(f"{where}: lokr_w2_a and lokr_w2_b have different ranks")
+
+    def fits(self, layer: torch.nn.Module) -> str | None:
+        w1, w2 = self.factors()
+        weight = layer.weight
+        out = w1.shape[0] * w2.shape[0]
+        if out != weight.shape[0] or w1[0].numel() * w2[0].numel() != weight[0].numel():
+            return (f"a LoKr of kron({list(w1.shape)}, {list(w2.shape)}) does not fit the layer's weight "
+                    f"{list(weight.shape)}")
+        return None
+
+
+def lokr_from_parts(parts: Mapping[str, torch.Tensor], where: str) -> LokrModule:
+    """A LokrModule from a file's `lokr_*` (and `alpha`) tensors of one module."""
+    if any(p in parts for p in UNSUPPORTED_LOKR):
+        raise ValueError(f"{where}: LoKr with a Tucker convolution factor (lokr_t2, LyCORIS' use_tucker) is not "
+                         "supported; retrain without use_tucker")
+    module = LokrModule(**{p.removeprefix("lokr_"): parts[p] for p in LOKR_PARTS if p in parts},
+                        alpha=float(parts["alpha"].float().item()) if "alpha" in parts else 1.0)
+    module.check(where)
+    if "alpha" not in parts and module.rank:
+        module.alpha = float(module.rank)   # no alpha stored: scale 1
+    return module
+
+
+def extract_peft_lokr(model: torch.nn.Module, adapter_name: str = "default") -> dict[str, LokrModule]:
+    """The trained LoKr of a peft-injected model as A1111 and ComfyUI read it: peft scales every LoKr by
+    alpha / r, the UIs only a decomposed one, so a module with both factors full has the scale folded into w1."""
+    from peft.tuners.lokr import LoKrLayer
+
+    out: dict[str, LokrModule] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, LoKrLayer) or (adapter_name not in module.lokr_w1
+                                                 and adapter_name not in module.lokr_w1_a):
+            continue
+        if adapter_name in module.lokr_t2:
+            raise NotImplementedError(f"{name}: LoKr with effective conv2d (Tucker) factors is not written")
+        parts = {p: getattr(module, p)[adapter_name].detach().clone() for p in LOKR_PARTS
+                 if adapter_name in getattr(module, p)}
+        scale = float(module.alpha[adapter_name]) / float(module.r[adapter_name])
+        m = LokrModule(**{p.removeprefix("lokr_"): t for p, t in parts.items()},
+                       alpha=float(module.alpha[adapter_name]))
+        if m.rank is None:          # both full: the UIs apply kron(w1, w2) as it is
+            m.w1 = m.w1 * scale
+            m.alpha = 1.0
+        elif m.rank != int(module.r[adapter_name]):
+            m.alpha = scale * m.rank   # the decomposed factor's rank is the one the UIs divide by
+        out[name.removeprefix("base_model.model.").replace("_orig_mod.", "")] = m
+    if not out:
+        raise ValueError(f"model has no LoKr layers for adapter {adapter_name!r}")
+    return dict(sorted(out.items()))
+
+
+def lokr_config(r: int, alpha: float, targets: list[str], ranks: Mapping[str, int] | None = None,
+                alphas: Mapping[str, float] | None = None, dropout: float = 0.0, factor: int = -1):
+    """peft's LoKrConfig for these targets (w1 full, w2 decomposed where the rank is small enough, flattened
+    convolutions; ΔW = 0 at the start), `factor` as LyCORIS' factor (-1: the most square split)."""
+    from peft import LoKrConfig
+
+    return LoKrConfig(r=r, alpha=alpha, target_modules=list(targets), rank_pattern=dict(ranks or {}),
+                      alpha_pattern=dict(alphas or {}), module_dropout=float(dropout), rank_dropout=0.0,
+                      use_effective_conv2d=False, decompose_both=False, decompose_factor=int(factor),
+                      init_weights=True)
+
+
+def inject_lokr(model: torch.nn.Module, modules: Mapping[str, LokrModule], adapter_name: str,
+                text_encoder: bool = False) -> None:
+    """Add `modules` to `model` as peft LoKr adapter `adapter_name`, their factors copied in. peft must split
+    each weight as the file did (`factor`, a full w1); a file that splits otherwise is refused by name."""
+    from ..sd.lora_targets import inject_lora, model_module_names
+
+    def key(name: str) -> str:
+        return name.removeprefix("text_model.") if text_encoder else name
+
+    factor = next(iter(modules.values())).factor
+    ranks, alphas = {}, {}
+    for n, m in modules.items():
+        if m.w1 is None:
+            raise ValueError(f"LoKr module {n!r} has a decomposed w1 (LyCORIS decompose_both): not supported")
+        # a full w2 is what peft makes when r >= max(w2's sides) / 2: that rank, and alpha = r for scale 1
+        r = m.rank if m.w2 is None else max(int(m.w2.shape[0]), int(m.w2.shape[1]))
+        ranks[key(n)], alphas[key(n)] = r, (m.alpha if m.w2 is None else float(r))
+    r0 = max(set(ranks.values()), key=list(ranks.values()).count)
+    a0 = max(set(alphas.values()), key=list(alphas.values()).count)
+    config = lokr_config(r0, a0, sorted(ranks), {k: v for k, v in ranks.items() if v != r0},
+                         {k: v for k, v in alphas.items() if v != a0}, factor=factor)
+    inject_lora(model, config, adapter_name)
+    by_short = {n.removeprefix("text_model."): n for n in model_module_names(model)}
+    with torch.no_grad():
+        for name, m in modules.items():
+            full = by_short.get(name.removeprefix("text_model."))
+            layer = model.get_submodule(full) if full else None
+            if layer is None or (adapter_name not in getattr(layer, "lokr_w1", {})):
+                raise ValueError(f"LoKr module {name!r} has no layer in this {type(model).__name__}")
+            weight = layer.get_base_layer().weight
+            made = {p for p in LOKR_PARTS if adapter_name in getattr(layer, p)}
+            if made != set(m.tensors()):
+                raise ValueError(f"LoKr module {name!r} splits its weight as {sorted(m.tensors())}, peft as "
+                                 f"{sorted(made)} (another factor than {factor}?)")
+            for part, tensor in m.tensors().items():
+                param = getattr(layer, part)[adapter_name]
+                if tuple(param.shape) != tuple(tensor.shape):
+                    raise ValueError(f"LoKr module {name!r}: {part} should be {list(param.shape)} for factor "
+                                     f"{factor}, got {list(tensor.shape)}")
                 param.data = tensor.detach().to(device=weight.device, dtype=weight.dtype).clone()

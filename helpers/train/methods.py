@@ -91,6 +91,10 @@ class LoraLayers(Trainable):
             from ..formats.lycoris import loha_config
 
             return loha_config(cfg.rank, cfg.alpha, targets, ranks, alphas, cfg.lora_dropout)
+        if cfg.network == "lokr":
+            from ..formats.lycoris import lokr_config
+
+            return lokr_config(cfg.rank, cfg.alpha, targets, ranks, alphas, cfg.lora_dropout, cfg.factor)
         return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout, init_lora_weights=True,
                           target_modules=targets, rank_pattern=ranks or {}, alpha_pattern=alphas or {})
 
@@ -103,7 +107,7 @@ class LoraLayers(Trainable):
         self.unet = unet
         self.text_encoders = list(text_encoders) if cfg.train_text_encoder else []
         candidates, convs = unet_target_modules(unet, cfg.target), []
-        if cfg.network == "locon" or (cfg.network == "loha" and cfg.conv_dim):
+        if cfg.network == "locon" or (cfg.network in ("loha", "lokr") and cfg.conv_dim):
             # the ResNet blocks too; their 3x3 convolutions at conv_dim / conv_alpha
             linear, convs = unet_resnet_target_modules(unet)
             candidates = sorted(candidates + linear + convs)
@@ -146,18 +150,18 @@ class LoraLayers(Trainable):
         te = " + text encoder" if self.text_encoders else ""
         plus = f", LoRA+ x{cfg.loraplus_lr_ratio:g}" if cfg.loraplus_lr_ratio else ""
         conv = ""
-        if cfg.network == "locon" or (cfg.network == "loha" and cfg.conv_dim):
+        if cfg.network == "locon" or (cfg.network in ("loha", "lokr") and cfg.conv_dim):
             conv = (f", ResNet blocks too: 3x3 convolutions at rank {cfg.conv_dim or cfg.rank} alpha "
                     f"{cfg.conv_alpha if cfg.conv_alpha is not None else cfg.alpha:g}")
-        kind = {"locon": "LoCon", "loha": "LoHa"}.get(cfg.network, "LoRA")
+        kind = {"locon": "LoCon", "loha": "LoHa", "lokr": "LoKr"}.get(cfg.network, "LoRA")
         return f"{kind} rank {cfg.rank} alpha {cfg.alpha} ({cfg.target}{te}{plus}{conv})"
 
     def save(self, to, name, step, epoch) -> list[Path]:
         from ..formats.lora import extract_peft_lora, save_lora
-        from ..formats.lycoris import extract_peft_loha
+        from ..formats.lycoris import extract_peft_loha, extract_peft_lokr
 
         cfg, base = self.cfg, to.base
-        extract = extract_peft_loha if cfg.network == "loha" else extract_peft_lora
+        extract = {"loha": extract_peft_loha, "lokr": extract_peft_lokr}.get(cfg.network, extract_peft_lora)
         weights = {"unet": extract(self.unet)}
         for key, te in zip(("text_encoder", "text_encoder_2"), self.text_encoders):
             weights[key] = extract(te)
@@ -206,7 +210,7 @@ class LoraLayers(Trainable):
                    "ss_training_comment": f"helpers target={cfg.target}",
                    "ss_network_args": json.dumps({"target": cfg.target, **network_args(cfg)}),
                    # LyCORIS' own module name for its network types (what kohya_ss and LoRA browsers show)
-                   **({"ss_network_module": "lycoris.kohya"} if cfg.network == "loha" else {})})
+                   **({"ss_network_module": "lycoris.kohya"} if cfg.network in ("loha", "lokr") else {})})
 
 
 # sd-scripts' metadata names for the noise, timestep and loss variants (key, TrainConfig field)
@@ -229,9 +233,11 @@ def network_args(cfg: TrainConfig) -> dict[str, str]:
         out["block_alphas"] = ",".join(f"{a:g}" for a in cfg.block_alphas)
     if cfg.layer_filter:
         out["layer_filter"] = ",".join(cfg.layer_filter)
-    if cfg.network == "loha":
-        out["algo"] = "loha"    # LyCORIS' network_args spelling
-    if cfg.network == "locon" or (cfg.network == "loha" and cfg.conv_dim):
+    if cfg.network in ("loha", "lokr"):
+        out["algo"] = cfg.network    # LyCORIS' network_args spelling
+    if cfg.network == "lokr":
+        out["factor"] = str(cfg.factor)
+    if cfg.network == "locon" or (cfg.network in ("loha", "lokr") and cfg.conv_dim):
         # sd-scripts' networks.lora spells LoCon as these two network_args (LyCORIS too)
         out["conv_dim"] = str(cfg.conv_dim or cfg.rank)
         out["conv_alpha"] = f"{cfg.conv_alpha if cfg.conv_alpha is not None else cfg.alpha:g}"
