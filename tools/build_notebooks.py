@@ -289,6 +289,21 @@ checkpoints = sorted(run_dir.glob(f"{train_cfg.output_name}-step*.safetensors"))
 grid = grid_prompt_x_checkpoint(base.pipe, with_trigger, checkpoints, 1.0, **look)
 save_grid(grid, project.samples / "grid_prompt_x_checkpoint.png")
 nb.show_file(project.samples / "grid_prompt_x_checkpoint.png", width=900)'''),
+    ("md", "## 6. The LoRA toolbox\nWhat is in the file (family, network type, rank and alpha per block, the "
+           "training settings, tags, hashes); a smaller copy by SVD (`resize`, with the share of each module's "
+           "norm kept); and the LoRA merged into the base model as one checkpoint file A1111 and ComfyUI load "
+           "without the LoRA. The same as `python -m helpers inspect | resize | merge | extract | convert`."),
+    ("code", '''from helpers.toolbox.inspect import format_info, inspect_lora
+from helpers.toolbox.merge import merge_to_checkpoint
+from helpers.toolbox.resize import resize_lora
+print(format_info(inspect_lora(LORA)))
+small = project.lora_files / f"{Path(LORA).stem}_rank4.safetensors"
+report = resize_lora(LORA, small, 4)
+kept = sorted(r.fro_retained for r in report)
+print(f"\\nresized to rank 4: {small.name}, {small.stat().st_size / 1e3:.0f} kB; Frobenius norm kept per module "
+      f"{kept[0]:.1%}-{kept[-1]:.1%} (median {kept[len(kept) // 2]:.1%})")
+merged = merge_to_checkpoint(gen_cfg.model, [(LORA, 1.0)], single_file=project.outputs / "merged.safetensors")
+print("merged into one checkpoint:", *merged)'''),
 ]
 
 NB05 = header("05_eval", "5 · Did it work? Metrics and reports", """
