@@ -20,6 +20,11 @@ def two_loras(tiny_sd15_dir, concept_dir, tmp_path_factory):
     return tiny_sd15_dir, paths, out
 
 
+def by_hand(m) -> torch.Tensor:
+    """alpha / rank * up @ down, over flattened kernels (what A1111 and ComfyUI add to the weight)."""
+    return m.alpha / m.rank * (m.up.flatten(1).double() @ m.down.flatten(1).double())
+
+
 def _weights(pipe):
     return {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
 
@@ -27,7 +32,7 @@ def _weights(pipe):
 def test_merging_into_the_model_adds_each_weighted_delta_exactly(two_loras):
     from helpers.formats.lora import load_lora
     from helpers.sd.models import load_base
-    from helpers.toolbox.merge import _delta, merge_into_model
+    from helpers.toolbox.merge import merge_into_model
 
     base_dir, (a, b), _ = two_loras
     pipe = load_base(str(base_dir), dtype=torch.float32).pipe
@@ -37,8 +42,8 @@ def test_merging_into_the_model_adds_each_weighted_delta_exactly(two_loras):
     after = _weights(pipe)
     name = next(iter(la["unet"]))
     key = f"{name}.weight"
-    expected = before[key].double() + 0.8 * _delta(la["unet"][name]).reshape(before[key].shape) \
-        - 0.5 * _delta(lb["unet"][name]).reshape(before[key].shape)
+    expected = before[key].double() + 0.8 * by_hand(la["unet"][name]).reshape(before[key].shape) \
+        - 0.5 * by_hand(lb["unet"][name]).reshape(before[key].shape)
     assert torch.allclose(after[key].double(), expected, atol=1e-6)
 
 
@@ -72,15 +77,15 @@ def test_loras_merged_into_one_exactly_or_at_a_lower_rank(two_loras, tmp_path):
 
     from helpers.formats.lora import load_lora
     from helpers.sd.models import load_base
-    from helpers.toolbox.merge import _delta, merge_loras
+    from helpers.toolbox.merge import merge_loras
 
     base_dir, (a, b), _ = two_loras
     exact = merge_loras([(a, 0.7), (b, 0.3)], tmp_path / "one.safetensors", model=str(base_dir))
     pipe = load_base(str(base_dir), dtype=torch.float32).pipe
     la, lb, lm = (load_lora(p, pipe)[0] for p in (a, b, exact))
     name = next(iter(la["unet"]))
-    want = 0.7 * _delta(la["unet"][name]) + 0.3 * _delta(lb["unet"][name])
-    assert lm["unet"][name].rank == 6 and torch.allclose(_delta(lm["unet"][name]), want, atol=1e-6)
+    want = 0.7 * by_hand(la["unet"][name]) + 0.3 * by_hand(lb["unet"][name])
+    assert lm["unet"][name].rank == 6 and torch.allclose(by_hand(lm["unet"][name]), want, atol=1e-6)
     small = merge_loras([(a, 0.7), (b, 0.3)], tmp_path / "small.safetensors", model=str(base_dir), rank=2)
     sd = load_file(small)
     assert all(v.shape[0] == 2 for k, v in sd.items() if k.endswith(".lora_down.weight"))

@@ -64,8 +64,14 @@ class LoraModule:
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    def delta(self, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+        """scale * up @ down in the layer's weight shape (float64: a merge adds it to the weight exactly once)."""
+        r = self.rank
+        d = self.up.reshape(self.up.shape[0], r).double() @ self.down.reshape(r, -1).double() * self.scale
+        return d.reshape(tuple(shape))
 
-LoraWeights = dict[str, dict[str, LoraModule]]
+
+LoraWeights = dict[str, dict[str, LoraModule]]   # LoraModule, or a LyCORIS module (formats/lycoris.py)
 
 
 # ------------------------------------------------------------------------------------ checks

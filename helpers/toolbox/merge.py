@@ -13,13 +13,6 @@ import torch
 from ..formats.lora import LoraModule, LoraWeights
 
 
-def _delta(m: LoraModule) -> torch.Tensor:
-    """The module's weight change, shaped as the layer's weight (conv: [out, in, kh, kw])."""
-    r = m.rank
-    d = m.up.reshape(m.up.shape[0], r).double() @ m.down.reshape(r, -1).double() * m.scale
-    return d.reshape(m.up.shape[0], *m.down.shape[1:])
-
-
 def concat_loras(loras: list[tuple[LoraWeights, float]]) -> LoraWeights:
     """One LoRA whose every module equals the weighted sum of the inputs' (exact): ranks concatenated,
     each input's weight * alpha / rank folded into its up factor, alpha = the new rank (scale 1)."""
@@ -57,9 +50,8 @@ def merge_into_model(pipe, loras: list[tuple[LoraWeights, float]]) -> int:
                 names = model_module_names(parts[comp])
                 for name, m in modules.items():
                     layer = base_layer(names[name])
-                    # a LyCORIS module (LoHa) knows its own product; LoRA and LoCon are scale * up @ down
-                    delta = (m.delta(layer.weight.shape).double() if not isinstance(m, LoraModule)
-                             else _delta(m).reshape(layer.weight.shape)) * w
+                    # each module type knows its own product: scale * up @ down, LoHa's, LoKr's
+                    delta = m.delta(layer.weight.shape).double() * w
                     layer.weight.copy_((layer.weight.double() + delta).to(layer.weight.dtype))
                     changed += 1
     return changed
