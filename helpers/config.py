@@ -407,6 +407,9 @@ class TrainConfig(ConfigBase):
                                   "helpers read it): set save_format = \"kohya\"")
             if self.loraplus_lr_ratio:
                 raise ConfigError(f"loraplus_lr_ratio speeds up LoRA's B matrices; {self.network} has none")
+            if self.lora_dropout:
+                raise ConfigError(f"lora_dropout drops LoRA's inputs; {self.network} (peft's) has no such dropout: "
+                                  "set lora_dropout = 0")
         if self.conv_dim is not None and (not isinstance(self.conv_dim, int) or self.conv_dim < 1):
             raise ConfigError(f"conv_dim must be a whole number >= 1 (or unset: the rank), got {self.conv_dim!r}")
         if self.conv_alpha is not None:

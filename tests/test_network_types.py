@@ -111,6 +111,8 @@ def test_network_settings_are_checked():
         TrainConfig(network="lokr", loraplus_lr_ratio=4.0)
     with pytest.raises(ConfigError, match="factor splits the weights of network lokr"):
         TrainConfig(factor=8)
+    with pytest.raises(ConfigError, match="loha \\(peft's\\) has no such dropout"):
+        TrainConfig(network="loha", lora_dropout=0.1)
     with pytest.raises(ConfigError, match="conv_dim must be a whole number >= 1"):
         TrainConfig(network="locon", conv_dim=0)
     with pytest.raises(ConfigError, match="network='locon' is a kind of LoRA"):

@@ -111,12 +111,12 @@ def extract_peft_loha(model: torch.nn.Module, adapter_name: str = "default") -> 
 
 
 def loha_config(r: int, alpha: float, targets: list[str], ranks: Mapping[str, int] | None = None,
-                alphas: Mapping[str, float] | None = None, dropout: float = 0.0):
+                alphas: Mapping[str, float] | None = None):
     """peft's LoHaConfig for these targets (flattened convolutions, LyCORIS' plain form; ΔW = 0 at the start)."""
     from peft import LoHaConfig
 
     return LoHaConfig(r=r, alpha=alpha, target_modules=list(targets), rank_pattern=dict(ranks or {}),
-                      alpha_pattern=dict(alphas or {}), module_dropout=float(dropout), rank_dropout=0.0,
+                      alpha_pattern=dict(alphas or {}), module_dropout=0.0, rank_dropout=0.0,
                       use_effective_conv2d=False, init_weights=True)
 
 
@@ -263,13 +263,13 @@ def extract_peft_lokr(model: torch.nn.Module, adapter_name: str = "default") -> 
 
 
 def lokr_config(r: int, alpha: float, targets: list[str], ranks: Mapping[str, int] | None = None,
-                alphas: Mapping[str, float] | None = None, dropout: float = 0.0, factor: int = -1):
+                alphas: Mapping[str, float] | None = None, factor: int = -1):
     """peft's LoKrConfig for these targets (w1 full, w2 decomposed where the rank is small enough, flattened
     convolutions; ΔW = 0 at the start), `factor` as LyCORIS' factor (-1: the most square split)."""
     from peft import LoKrConfig
 
     return LoKrConfig(r=r, alpha=alpha, target_modules=list(targets), rank_pattern=dict(ranks or {}),
-                      alpha_pattern=dict(alphas or {}), module_dropout=float(dropout), rank_dropout=0.0,
+                      alpha_pattern=dict(alphas or {}), module_dropout=0.0, rank_dropout=0.0,
                       use_effective_conv2d=False, decompose_both=False, decompose_factor=int(factor),
                       init_weights=True)
 

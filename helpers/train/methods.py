@@ -90,11 +90,11 @@ class LoraLayers(Trainable):
         if cfg.network == "loha":
             from ..formats.lycoris import loha_config
 
-            return loha_config(cfg.rank, cfg.alpha, targets, ranks, alphas, cfg.lora_dropout)
+            return loha_config(cfg.rank, cfg.alpha, targets, ranks, alphas)
         if cfg.network == "lokr":
             from ..formats.lycoris import lokr_config
 
-            return lokr_config(cfg.rank, cfg.alpha, targets, ranks, alphas, cfg.lora_dropout, cfg.factor)
+            return lokr_config(cfg.rank, cfg.alpha, targets, ranks, alphas, factor=cfg.factor)
         return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout, init_lora_weights=True,
                           target_modules=targets, rank_pattern=ranks or {}, alpha_pattern=alphas or {})
 
