@@ -17,6 +17,15 @@ GRID_LEFT, GRID_TOP, GRID_PAD, GRID_ZOOM = 250, 26, 8, 3
 Cell = Image.Image | list[Image.Image]
 
 
+def fit_size(size: tuple[int, int], max_side: int | None) -> tuple[int, int]:
+    """(width, height) scaled down, never up, so the long side is at most `max_side` (None: unchanged)."""
+    w, h = size
+    if not max_side or max(w, h) <= max_side:
+        return w, h
+    s = max_side / max(w, h)
+    return max(1, round(w * s)), max(1, round(h * s))
+
+
 def load_font(size: int) -> ImageFont.ImageFont:
     """Pillow's default font at `size` px (the fixed bitmap font where FreeType is missing)."""
     try:

@@ -185,8 +185,8 @@ def write_captions(folder: str | Path, captions: dict[str, str], *, extension: s
             raise TypeError(f"caption for {rel} must be a str, got {type(text).__name__}")
         todo[rel] = clean_caption_text(text)
     if history_entry is not None:
-        saved = set(read_history_entry(history_entry)["had_caption"]) | set(
-            read_history_entry(history_entry)["no_caption"])
+        manifest = read_history_entry(history_entry)
+        saved = set(manifest["had_caption"]) | set(manifest["no_caption"])
         outside = sorted(set(todo) - saved)
         if outside:
             raise ValueError(f"{history_entry} does not cover {', '.join(outside[:5])}: undo could not restore "

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from ..config import PrepareConfig
+from ..drawing import fit_size
 from .dataset import cover_size, select_bucket
 from .faces import FaceBox, face_window
 
@@ -136,9 +137,9 @@ def _cover_plan(size: tuple[int, int], target: tuple[int, int], left: int | None
     """Scale to cover `target`, then crop it at (left, top) of the scaled image (centred when None)."""
     tw, th = int(target[0]), int(target[1])
     rw, rh = cover_size(size[0], size[1], (tw, th))
-    left = (rw - tw) // 2 if left is None else min(max(int(left), 0), rw - tw)
-    top = (rh - th) // 2 if top is None else min(max(int(top), 0), rh - th)
-    return CropPlan(tuple(size), (rw, rh), (left, top, left + tw, top + th))
+    left = (rw - tw) // 2 if left is None else int(left)
+    top = (rh - th) // 2 if top is None else int(top)
+    return CropPlan(tuple(size), (rw, rh), _clamped_box(left, top, tw, th, rw, rh))
 
 
 def subject_plan(image: Image.Image, size: tuple[int, int]) -> CropPlan:
@@ -179,14 +180,6 @@ def _floor_step(x: int, step: int = _STEP) -> int:
     return max(step, x - x % step) if x >= step else max(8, x - x % 8)
 
 
-def _shrink_size(size: tuple[int, int], max_side: int | None) -> tuple[int, int]:
-    w, h = size
-    if not max_side or max(w, h) <= max_side:
-        return w, h
-    s = max_side / max(w, h)
-    return max(1, round(w * s)), max(1, round(h * s))
-
-
 def plan_crop(image: Image.Image, cfg: PrepareConfig, buckets: Sequence[tuple[int, int]],
               face: FaceBox | None = None) -> tuple[CropPlan, list[str]]:
     """The crop plan for crop mode `cfg.crop`, and flags saying what it does.
@@ -203,7 +196,7 @@ def plan_crop(image: Image.Image, cfg: PrepareConfig, buckets: Sequence[tuple[in
     flags: list[str] = []
     small = False
     if cfg.crop == "none":
-        size = _shrink_size((w, h), cfg.max_side)
+        size = fit_size((w, h), cfg.max_side)
         plan = CropPlan((w, h), size, (0, 0, *size))
         bucket = select_bucket(size[0], size[1], buckets, res)
         if bucket[0] > size[0] or bucket[1] > size[1]:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from ..drawing import fit_size
+
 FACE_NEIGHBOURS = 8        # overlapping detections a face needs (see the module docstring for what it gives)
 MIN_FACE_FRACTION = 0.08   # smallest face side searched for, as a share of the image's short side
 DETECT_SIDE = 512          # photos are searched at this long side (a 24 MP photo would take a minute)
@@ -82,7 +84,8 @@ class FaceBox:
 
 
 @functools.lru_cache(maxsize=1)
-def _cascade():
+def load_face_detector():
+    """scikit-image's LBP frontal-face cascade, loaded once; ImportError saying what to install without it."""
     try:
         from skimage import data
         from skimage.feature import Cascade
@@ -98,15 +101,14 @@ def detect_faces(image: Image.Image, *, neighbours: int = FACE_NEIGHBOURS,
     The photo is searched in greyscale at DETECT_SIDE long side; faces smaller than `min_fraction` of the short
     side (and than the cascade's 24 px window) are not looked for.
     """
-    scale = min(1.0, DETECT_SIDE / max(image.size))
-    small = image if scale == 1.0 else image.resize(
-        (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BILINEAR)
+    size = fit_size(image.size, DETECT_SIDE)
+    small = image if size == image.size else image.resize(size, Image.Resampling.BILINEAR)
     grey = np.asarray(small.convert("L"), dtype=np.float64) / 255.0
     short = min(grey.shape)
     side = max(24, int(short * float(min_fraction)))
     if short < side:
         return []
-    found = _cascade().detect_multi_scale(img=grey, scale_factor=SCALE_STEP, step_ratio=1, min_size=(side, side),
+    found = load_face_detector().detect_multi_scale(img=grey, scale_factor=SCALE_STEP, step_ratio=1, min_size=(side, side),
                                           max_size=(short, short), min_neighbor_number=int(neighbours))
     sx, sy = image.width / small.width, image.height / small.height
     boxes = [FaceBox(d["c"], d["r"], d["c"] + d["width"], d["r"] + d["height"]).scaled(sx, sy) for d in found]

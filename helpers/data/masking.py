@@ -8,7 +8,6 @@ manifest records each image's mask. `mask_sheet` draws image, mask and overlay s
 
 from __future__ import annotations
 
-import gc
 import logging
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -97,13 +96,11 @@ class ClipSeg:
 
     def close(self) -> None:
         """Drop the model and give its memory back (the GPU is needed for training next)."""
-        import torch
+        from ..sd.models import free_memory
 
         self.model = None
         self.processor = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
 
     def __enter__(self) -> "ClipSeg":
         return self
@@ -126,6 +123,28 @@ def load_clipseg(model: str | None = None, *, device: str = "auto") -> ClipSeg:
     except CaptionerLoadError as e:
         raise CaptionerLoadError(str(e).replace("captioner", "mask model")) from None
     return ClipSeg(net.to(device).eval(), processor, device, f"clipseg:{source}")
+
+
+def write_clipseg_masks(seg: ClipSeg, folder: Path, names: Sequence[str], prompt: str, threshold: float, *,
+                        batch_size: int = 8, progress: bool = True, fsync: bool = True) -> dict[str, str | None]:
+    """CLIPSeg's mask of each prepared image `names` (paths inside `folder`) written under `_masks/`: {name: the
+    mask's path inside the set, or None when CLIPSeg finds nothing for `prompt` (no file written)}."""
+    from tqdm.auto import tqdm
+
+    out: dict[str, str | None] = {}
+    for start in tqdm(range(0, len(names), batch_size), desc=f"masks ({seg.name})", disable=not progress):
+        batch = list(names[start:start + batch_size])
+        images = []
+        for name in batch:
+            with Image.open(folder / name) as im:
+                images.append(im.convert("RGB"))
+        for name, mask in zip(batch, seg.masks(images, prompt, threshold)):
+            if mask.getextrema()[1] == 0:
+                out[name] = None
+                continue
+            out[name] = mask_rel(name)
+            save_mask(mask, folder / out[name], fsync=fsync)
+    return out
 
 
 # =============================================================================================
@@ -154,8 +173,6 @@ def make_masks(prepared_dir: str | Path, source: str = "clipseg", *, prompt: str
     "face": the ellipse around the face `prepare` found (images without a face get none). Existing masks are
     replaced. Images without a mask train on every pixel (the trainer warns about them).
     """
-    from tqdm.auto import tqdm
-
     from .prepare import update_records
     from .records import load_manifest
 
@@ -182,22 +199,16 @@ def make_masks(prepared_dir: str | Path, source: str = "clipseg", *, prompt: str
         own = clipseg is None
         seg = clipseg or load_clipseg(model, device=device)
         try:
-            for start in tqdm(range(0, len(records), batch_size), desc=f"masks ({seg.name})", disable=not progress):
-                batch = records[start:start + batch_size]
-                images = []
-                for r in batch:
-                    with Image.open(folder / r["prepared"]) as im:
-                        images.append(im.convert("RGB"))
-                for r, mask in zip(batch, seg.masks(images, prompt, float(threshold))):
-                    rel = mask_rel(r["prepared"])
-                    if mask.getextrema()[1] == 0:
-                        missing[r["prepared"]] = f"CLIPSeg finds nothing for {prompt!r} at threshold {threshold}"
-                        continue
-                    save_mask(mask, folder / rel)
-                    written[r["prepared"]] = rel
+            found = write_clipseg_masks(seg, folder, [r["prepared"] for r in records], prompt, float(threshold),
+                                        batch_size=batch_size, progress=progress)
         finally:
             if own:
                 seg.close()
+        for name, rel in found.items():
+            if rel is None:
+                missing[name] = f"CLIPSeg finds nothing for {prompt!r} at threshold {threshold}"
+            else:
+                written[name] = rel
     for name in missing:
         stale = folder / mask_rel(name)
         if stale.is_file():

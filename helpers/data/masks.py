@@ -14,8 +14,7 @@ import torch
 from PIL import Image, ImageOps
 
 from .decode import IMAGE_EXTENSIONS
-
-MASK_FOLDER = "_masks"   # beside the prepared images; underscore folders are not read as training images
+from .records import MASK_DIR as MASK_FOLDER   # beside the prepared images; underscore folders are not trained on
 
 
 def find_mask(image_path: Path, mask_dir: Path) -> Path | None:

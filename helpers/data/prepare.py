@@ -37,7 +37,7 @@ from PIL import Image
 from ..atomic import OutputWriteError, atomic_dir, atomic_path
 from ..config import ConfigError, PrepareConfig, color_text, config_to_toml, parse_color
 from .crops import plan_crop
-from .faces import detect_faces, face_coverage
+from .faces import detect_faces, face_coverage, load_face_detector
 from .dataset import KOHYA_FOLDER, make_buckets, select_bucket
 from .decode import (
     INGEST_EXTENSIONS,
@@ -211,7 +211,7 @@ def prepare_from_config(cfg: PrepareConfig, *, overwrite: bool = False, progress
 
         seg = load_clipseg(cfg.mask_model)
     if cfg.detect_faces:
-        detect_faces(Image.new("RGB", (8, 8)))  # scikit-image missing: say so now, not once per image
+        load_face_detector()  # scikit-image missing: say so now, not as a rejection of every image
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
     with _source_entries(source, source_kind) as (entries, skipped), atomic_dir(output) as tmp:
@@ -418,22 +418,18 @@ class _ImageJob:
 
 def _clipseg_masks(seg, cfg: PrepareConfig, tmp: Path, ok: list[FileRecord], progress: bool) -> None:
     """masks="clipseg": a mask per prepared image from `cfg.mask_prompt`; the model is freed afterwards."""
-    from tqdm.auto import tqdm
-
-    from .masking import mask_rel, save_mask
+    from .masking import write_clipseg_masks
 
     try:
-        for start in tqdm(range(0, len(ok), 8), desc="masks (CLIPSeg)", disable=not progress):
-            batch = ok[start:start + 8]
-            masks = seg.masks([open_rgb(tmp / r.prepared) for r in batch], cfg.mask_prompt, cfg.mask_threshold)
-            for r, mask in zip(batch, masks):
-                if mask.getextrema()[1] == 0:
-                    r.flags.append("no_mask")
-                    continue
-                r.mask = mask_rel(r.prepared)
-                save_mask(mask, tmp / r.mask, fsync=False)
+        found = write_clipseg_masks(seg, tmp, [r.prepared for r in ok], cfg.mask_prompt, cfg.mask_threshold,
+                                    progress=progress, fsync=False)
     finally:
         seg.close()
+    for r in ok:
+        if found[r.prepared] is None:
+            r.flags.append("no_mask")
+        else:
+            r.mask = found[r.prepared]
 
 
 def _caption_records(captions: dict[tuple[str, str], SourceEntry], outcomes: dict[str, str]) -> list[FileRecord]:
@@ -516,12 +512,23 @@ def _resolve_names(files: list[FileRecord], names: Sequence[str]) -> list[FileRe
     return chosen
 
 
-def _move_images(prepared_dir: Path, names: Sequence[str], drop: bool) -> list[str]:
-    folder = Path(prepared_dir)
+def _read_set(folder: Path) -> tuple[dict, list[FileRecord], PrepareConfig]:
+    """A prepared set's manifest: (its data, its records, the settings that made it)."""
     data = load_manifest(folder)
     files = [FileRecord.from_dict(d) for d in data["files"]]
     cfg_data = {k: v for k, v in data["config"].items() if k in {f.name for f in dataclasses.fields(PrepareConfig)}}
-    cfg = PrepareConfig(**cfg_data)
+    return data, files, PrepareConfig(**cfg_data)
+
+
+def _write_set(folder: Path, data: dict, cfg: PrepareConfig, files: list[FileRecord]) -> None:
+    """Rewrite the manifest of `_read_set` with changed records (duplicate groups, source and date kept)."""
+    groups = [DuplicateGroup(g["kind"], g["members"], g.get("scores", {})) for g in data.get("duplicate_groups", [])]
+    write_manifest(folder, cfg, files, groups, data.get("source_kind", ""), data.get("created", ""))
+
+
+def _move_images(prepared_dir: Path, names: Sequence[str], drop: bool) -> list[str]:
+    folder = Path(prepared_dir)
+    data, files, cfg = _read_set(folder)
     chosen = [r for r in _resolve_names(files, names) if r.status == ("ok" if drop else "dropped")]
     root = folder.resolve()
     moved: list[str] = []
@@ -544,8 +551,7 @@ def _move_images(prepared_dir: Path, names: Sequence[str], drop: bool) -> list[s
         r.status = "dropped" if drop else "ok"
         r.reason = "dropped by the user" if drop else ""
         moved.append(rel if drop else new_rel)
-    groups = [DuplicateGroup(g["kind"], g["members"], g.get("scores", {})) for g in data.get("duplicate_groups", [])]
-    write_manifest(folder, cfg, files, groups, data.get("source_kind", ""), data.get("created", ""))
+    _write_set(folder, data, cfg, files)
     report_dir = folder / REPORT_DIR
     ok = [r for r in files if r.status == "ok"]
     plot_buckets(compute_bucket_table(ok), report_dir / "buckets.png", cfg.resolution)
@@ -557,18 +563,14 @@ def update_records(prepared_dir: str | Path, changes: dict[str, dict]) -> None:
     """Set fields of prepared images' manifest records ({prepared name: {field: value}}) and rewrite the manifest
     and the mask sheet; the images themselves are not touched."""
     folder = Path(prepared_dir)
-    data = load_manifest(folder)
-    files = [FileRecord.from_dict(d) for d in data["files"]]
-    cfg_data = {k: v for k, v in data["config"].items() if k in {f.name for f in dataclasses.fields(PrepareConfig)}}
-    cfg = PrepareConfig(**cfg_data)
+    data, files, cfg = _read_set(folder)
     known = {f.name for f in dataclasses.fields(FileRecord)}
     for r in files:
         for name, value in changes.get(r.prepared, {}).items():
             if name not in known:
                 raise ValueError(f"FileRecord has no field {name!r}")
             setattr(r, name, value)
-    groups = [DuplicateGroup(g["kind"], g["members"], g.get("scores", {})) for g in data.get("duplicate_groups", [])]
-    write_manifest(folder, cfg, files, groups, data.get("source_kind", ""), data.get("created", ""))
+    _write_set(folder, data, cfg, files)
     masked = [r for r in files if r.status == "ok" and r.mask]
     if masked:
         from .masking import mask_sheet_for

@@ -29,7 +29,7 @@ REPORT_DIR = "_report"
 
 
 DROPPED_DIR = "_dropped"
-MASK_DIR = "_masks"   # the trainer's default mask folder (train/masks reads it as masks.MASK_FOLDER)
+MASK_DIR = "_masks"   # loss masks beside the prepared images, where the trainer looks (data/masks.MASK_FOLDER)
 
 
 @dataclass
@@ -196,7 +196,6 @@ class PrepareReport:
         if self.contact_sheets:
             lines.append(f"  contact sheet: {', '.join(str(p) for p in self.contact_sheets)}")
         return "\n".join(lines)
-
 
     def _face_lines(self) -> list[str]:
         """Faces found and how much of each crop they fill; the small-face warning only for a set about a face."""

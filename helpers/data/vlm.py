@@ -22,7 +22,6 @@ fit), the vision tower left unquantized. `close()` frees the model so training g
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
@@ -35,6 +34,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..drawing import fit_size
+from ..sd.models import free_memory
 from .tagging import (CaptionerLoadError, as_rgb, hub_file, load_pretrained, model_source, resolve_device,
                       resolve_dtype, transformers_config)
 
@@ -152,10 +153,8 @@ def clean_answer(text: str) -> str:
 
 def _fit(image: Image.Image, max_side: int) -> Image.Image:
     image = as_rgb(image)
-    if max(image.size) <= max_side:
-        return image
-    s = max_side / max(image.size)
-    return image.resize((max(1, round(image.width * s)), max(1, round(image.height * s))), Image.Resampling.LANCZOS)
+    size = fit_size(image.size, max_side)
+    return image if size == image.size else image.resize(size, Image.Resampling.LANCZOS)
 
 
 class VLMCaptioner:
@@ -223,14 +222,13 @@ class VLMCaptioner:
     def _image_inputs(self, images: list[Image.Image]) -> tuple[dict[str, torch.Tensor], list[int]]:
         feats = self.image_processor(images=images, return_tensors="pt")
         feats = {k: v for k, v in feats.items() if k in ("pixel_values", "image_grid_thw")}
+        feats["pixel_values"] = feats["pixel_values"].to(self.device, self.dtype)
         if "image_grid_thw" in feats:   # Qwen: patches merged merge_size x merge_size into one token each
             merge = int(getattr(self.image_processor, "merge_size", 2))
             counts = [int(g.prod()) // (merge * merge) for g in feats["image_grid_thw"]]
+            feats["image_grid_thw"] = feats["image_grid_thw"].to(self.device)
         else:
             counts = [int(self.model.config.image_seq_length)] * len(images)
-        feats["pixel_values"] = feats["pixel_values"].to(self.device, self.dtype)
-        if "image_grid_thw" in feats:
-            feats["image_grid_thw"] = feats["image_grid_thw"].to(self.device)
         return feats, counts
 
     @torch.inference_mode()
@@ -256,9 +254,7 @@ class VLMCaptioner:
     def close(self) -> None:
         """Free the model (and its GPU memory) for the next notebook step; the captioner cannot caption after."""
         self.model = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
 
     def __enter__(self) -> "VLMCaptioner":
         return self

@@ -24,7 +24,7 @@ import torch
 from .. import __version__
 from ..atomic import atomic_dir, save_safetensors
 from ..files import load_safetensors
-from ..sd.lora_targets import base_layer, inject_lora, model_module_names
+from ..sd.lora_targets import base_layer, inject_lora, model_module_names, plain_module_name
 from .lycoris import (HADA_PARTS, LOKR_PARTS, UNSUPPORTED_HADA, UNSUPPORTED_LOKR, LokrModule, inject_loha,
                       inject_lokr, loha_from_parts, lokr_from_parts)
 
@@ -96,12 +96,6 @@ def _check_components(weights: Mapping, family: str | None = None) -> None:
 
 # ---------------------------------------------------------------------------- peft -> ours
 
-def _strip_peft_wrapper_prefix(name: str) -> str:
-    # PeftModel (get_peft_model) nests the model as base_model.model; diffusers' add_adapter does
-    # not. torch.compile wraps as _orig_mod.
-    return name.removeprefix("base_model.model.").replace("_orig_mod.", "")
-
-
 def extract_peft_lora(model: torch.nn.Module, adapter_name: str = "default") -> dict[str, LoraModule]:
     """Read a trained LoRA out of a peft-injected model (diffusers/transformers `add_adapter`):
     module name (as in the plain model) -> LoraModule with the adapter's true alpha."""
@@ -121,7 +115,7 @@ def extract_peft_lora(model: torch.nn.Module, adapter_name: str = "default") -> 
         alpha = float(module.lora_alpha[adapter_name])
         if module.use_rslora.get(adapter_name, False):
             alpha = alpha * math.sqrt(rank)  # rsLoRA scale alpha/sqrt(r) == alpha*sqrt(r)/r
-        out[_strip_peft_wrapper_prefix(name)] = LoraModule(down=down, up=up, alpha=alpha)
+        out[plain_module_name(name)] = LoraModule(down=down, up=up, alpha=alpha)
     if not out:
         raise ValueError(f"model has no LoRA layers for adapter {adapter_name!r}")
     return dict(sorted(out.items()))
@@ -182,7 +176,7 @@ def to_kohya_state_dict(weights: LoraWeights, family: str, unet_config: Mapping 
             if isinstance(m, LoraModule):
                 sd[f"{key}.lora_down.weight"] = m.down.detach().to(dtype=dtype).contiguous()
                 sd[f"{key}.lora_up.weight"] = m.up.detach().to(dtype=dtype).contiguous()
-            else:   # LyCORIS LoHa: its hada_* matrices under their own names (formats/lycoris.py)
+            else:   # LyCORIS LoHa / LoKr: their hada_* / lokr_* matrices under their own names (formats/lycoris.py)
                 for part, t in m.tensors().items():
                     sd[f"{key}.{part}"] = t.detach().to(dtype=dtype).contiguous()
             sd[f"{key}.alpha"] = torch.tensor(float(m.alpha), dtype=torch.float32)
@@ -622,20 +616,20 @@ def load_lora(path_or_state_dict, pipe) -> tuple[LoraWeights, dict[str, str]]:
         if any(p.startswith(("hada_", "lokr_")) for p in parts):   # LyCORIS LoHa / LoKr
             try:
                 if any(p.startswith("lokr_") for p in parts):
-                    loha = lokr_from_parts(parts, raw)
-                    loha.factor = lokr_factor
+                    module = lokr_from_parts(parts, raw)
+                    module.factor = lokr_factor
                 else:
-                    loha = loha_from_parts(parts, raw)
+                    module = loha_from_parts(parts, raw)
             except ValueError as e:
                 problems.append(str(e))
                 continue
-            err = loha.fits(layer)
+            err = module.fits(layer)
             if err:
                 problems.append(f"{comp}.{name}: {err}")
             elif name in weights.get(comp, {}):
                 problems.append(f"{comp}.{name}: given twice in the file")
             else:
-                weights.setdefault(comp, {})[name] = loha
+                weights.setdefault(comp, {})[name] = module
             continue
         if "down" not in parts or "up" not in parts:
             problems.append(f"{raw}: has {sorted(parts)} but needs both down and up weights")

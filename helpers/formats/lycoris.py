@@ -17,10 +17,13 @@ scale folded into w1.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Mapping
 
 import torch
+
+from ..sd.lora_targets import plain_module_name
 
 HADA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 UNSUPPORTED_HADA = ("hada_t1", "hada_t2")
@@ -103,8 +106,7 @@ def extract_peft_loha(model: torch.nn.Module, adapter_name: str = "default") -> 
         if adapter_name in getattr(module, "hada_t1", {}):
             raise NotImplementedError(f"{name}: LoHa with effective conv2d (Tucker) factors is not written")
         w = [getattr(module, p)[adapter_name].detach().clone() for p in HADA_PARTS]
-        out[name.removeprefix("base_model.model.").replace("_orig_mod.", "")] = LohaModule(
-            *w, alpha=float(module.alpha[adapter_name]))
+        out[plain_module_name(name)] = LohaModule(*w, alpha=float(module.alpha[adapter_name]))
     if not out:
         raise ValueError(f"model has no LoHa layers for adapter {adapter_name!r}")
     return dict(sorted(out.items()))
@@ -120,36 +122,73 @@ def loha_config(r: int, alpha: float, targets: list[str], ranks: Mapping[str, in
                       use_effective_conv2d=False, init_weights=True)
 
 
-def inject_loha(model: torch.nn.Module, modules: Mapping[str, LohaModule], adapter_name: str,
-                text_encoder: bool = False) -> None:
-    """Add `modules` to `model` as peft LoHa adapter `adapter_name`, their matrices copied in."""
-    from collections import Counter
+def _common_and_rest(values: Mapping[str, float]) -> tuple[float, dict[str, float]]:
+    """The most common value (the largest on a tie) and the names whose value differs from it: a peft config's
+    r / alpha and its rank / alpha patterns."""
+    counts = Counter(values.values())
+    best = max(counts.values())
+    common = max(v for v, c in counts.items() if c == best)
+    return common, {n: v for n, v in values.items() if v != common}
 
+
+def _inject(model: torch.nn.Module, modules: Mapping, adapter_name: str, text_encoder: bool, kind: str,
+            parts: tuple[str, ...], make_config) -> None:
+    """Add `modules` to `model` as the peft adapter `make_config(r, alpha, targets, ranks, alphas)` builds, then
+    copy each module's matrices in (in the layer's own device and dtype: this is for inference). peft must make
+    the same matrices the file holds; anything else is refused by name."""
     from ..sd.lora_targets import inject_lora, model_module_names
 
     def key(name: str) -> str:
         return name.removeprefix("text_model.") if text_encoder else name
 
-    r = Counter(m.rank for m in modules.values()).most_common(1)[0][0]
-    alpha = Counter(m.alpha for m in modules.values()).most_common(1)[0][0]
-    config = loha_config(r, alpha, sorted(key(n) for n in modules),
-                         {key(n): m.rank for n, m in modules.items() if m.rank != r},
-                         {key(n): m.alpha for n, m in modules.items() if m.alpha != alpha})
-    inject_lora(model, config, adapter_name)
+    ranks = {key(n): r for n, r in _peft_ranks(modules).items()}
+    alphas = {key(n): a for n, a in _peft_alphas(modules).items()}
+    (r, rank_pattern), (alpha, alpha_pattern) = _common_and_rest(ranks), _common_and_rest(alphas)
+    inject_lora(model, make_config(int(r), alpha, sorted(ranks), rank_pattern, alpha_pattern), adapter_name)
     by_short = {n.removeprefix("text_model."): n for n in model_module_names(model)}
     with torch.no_grad():
         for name, m in modules.items():
             full = by_short.get(name.removeprefix("text_model."))
             layer = model.get_submodule(full) if full else None
-            if layer is None or adapter_name not in getattr(layer, "hada_w1_a", {}):
-                raise ValueError(f"LoHa module {name!r} has no layer in this {type(model).__name__}")
-            weight = layer.get_base_layer().weight   # inference: the adapter in the layer's own device and dtype
+            if layer is None or adapter_name not in getattr(layer, parts[0], {}):
+                raise ValueError(f"{kind} module {name!r} has no layer in this {type(model).__name__}")
+            made = {p for p in parts if adapter_name in getattr(layer, p)}
+            if made != set(m.tensors()):
+                raise ValueError(f"{kind} module {name!r} splits its weight as {sorted(m.tensors())}, peft as "
+                                 f"{sorted(made)} (another LyCORIS factor or decomposition?)")
+            weight = layer.get_base_layer().weight
             for part, tensor in m.tensors().items():
                 param = getattr(layer, part)[adapter_name]
                 if tuple(param.shape) != tuple(tensor.shape):
-                    raise ValueError(f"LoHa module {name!r}: {part} should be {list(param.shape)}, got "
+                    raise ValueError(f"{kind} module {name!r}: {part} should be {list(param.shape)}, got "
                                      f"{list(tensor.shape)}")
                 param.data = tensor.detach().to(device=weight.device, dtype=weight.dtype).clone()
+
+
+def _peft_ranks(modules: Mapping) -> dict[str, int]:
+    """The r peft needs per module to make the file's matrices: a LoHa's rank; for a LoKr the decomposed
+    factor's rank, or with both factors full any r >= max(w2's sides) / 2 (peft's rule; max(w2's sides) is taken)."""
+    out = {}
+    for n, m in modules.items():
+        if isinstance(m, LokrModule) and m.w2 is not None:
+            out[n] = max(int(m.w2.shape[0]), int(m.w2.shape[1]))
+        else:
+            out[n] = m.rank
+    return out
+
+
+def _peft_alphas(modules: Mapping) -> dict[str, float]:
+    """The alpha peft needs per module: the file's, except a LoKr with full factors, which the UIs apply at scale 1
+    (alpha = r)."""
+    ranks = _peft_ranks(modules)
+    return {n: float(ranks[n]) if isinstance(m, LokrModule) and m.w2 is not None else float(m.alpha)
+            for n, m in modules.items()}
+
+
+def inject_loha(model: torch.nn.Module, modules: Mapping[str, LohaModule], adapter_name: str,
+                text_encoder: bool = False) -> None:
+    """Add `modules` to `model` as peft LoHa adapter `adapter_name`, their matrices copied in."""
+    _inject(model, modules, adapter_name, text_encoder, "LoHa", HADA_PARTS, loha_config)
 
 
 # =============================================================================================
@@ -256,7 +295,7 @@ def extract_peft_lokr(model: torch.nn.Module, adapter_name: str = "default") -> 
             m.alpha = 1.0
         elif m.rank != int(module.r[adapter_name]):
             m.alpha = scale * m.rank   # the decomposed factor's rank is the one the UIs divide by
-        out[name.removeprefix("base_model.model.").replace("_orig_mod.", "")] = m
+        out[plain_module_name(name)] = m
     if not out:
         raise ValueError(f"model has no LoKr layers for adapter {adapter_name!r}")
     return dict(sorted(out.items()))
@@ -277,40 +316,13 @@ def lokr_config(r: int, alpha: float, targets: list[str], ranks: Mapping[str, in
 def inject_lokr(model: torch.nn.Module, modules: Mapping[str, LokrModule], adapter_name: str,
                 text_encoder: bool = False) -> None:
     """Add `modules` to `model` as peft LoKr adapter `adapter_name`, their factors copied in. peft must split
-    each weight as the file did (`factor`, a full w1); a file that splits otherwise is refused by name."""
-    from ..sd.lora_targets import inject_lora, model_module_names
-
-    def key(name: str) -> str:
-        return name.removeprefix("text_model.") if text_encoder else name
-
+    each weight as the file did (its `factor`, a full w1); a file that splits otherwise is refused by name."""
     factor = next(iter(modules.values())).factor
-    ranks, alphas = {}, {}
     for n, m in modules.items():
         if m.w1 is None:
             raise ValueError(f"LoKr module {n!r} has a decomposed w1 (LyCORIS decompose_both): not supported")
-        # a full w2 is what peft makes when r >= max(w2's sides) / 2: that rank, and alpha = r for scale 1
-        r = m.rank if m.w2 is None else max(int(m.w2.shape[0]), int(m.w2.shape[1]))
-        ranks[key(n)], alphas[key(n)] = r, (m.alpha if m.w2 is None else float(r))
-    r0 = max(set(ranks.values()), key=list(ranks.values()).count)
-    a0 = max(set(alphas.values()), key=list(alphas.values()).count)
-    config = lokr_config(r0, a0, sorted(ranks), {k: v for k, v in ranks.items() if v != r0},
-                         {k: v for k, v in alphas.items() if v != a0}, factor=factor)
-    inject_lora(model, config, adapter_name)
-    by_short = {n.removeprefix("text_model."): n for n in model_module_names(model)}
-    with torch.no_grad():
-        for name, m in modules.items():
-            full = by_short.get(name.removeprefix("text_model."))
-            layer = model.get_submodule(full) if full else None
-            if layer is None or (adapter_name not in getattr(layer, "lokr_w1", {})):
-                raise ValueError(f"LoKr module {name!r} has no layer in this {type(model).__name__}")
-            weight = layer.get_base_layer().weight
-            made = {p for p in LOKR_PARTS if adapter_name in getattr(layer, p)}
-            if made != set(m.tensors()):
-                raise ValueError(f"LoKr module {name!r} splits its weight as {sorted(m.tensors())}, peft as "
-                                 f"{sorted(made)} (another factor than {factor}?)")
-            for part, tensor in m.tensors().items():
-                param = getattr(layer, part)[adapter_name]
-                if tuple(param.shape) != tuple(tensor.shape):
-                    raise ValueError(f"LoKr module {name!r}: {part} should be {list(param.shape)} for factor "
-                                     f"{factor}, got {list(tensor.shape)}")
-                param.data = tensor.detach().to(device=weight.device, dtype=weight.dtype).clone()
+
+    def make_config(r, alpha, targets, ranks, alphas):
+        return lokr_config(r, alpha, targets, ranks, alphas, factor=factor)
+
+    _inject(model, modules, adapter_name, text_encoder, "LoKr", LOKR_PARTS, make_config)

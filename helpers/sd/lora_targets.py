@@ -48,6 +48,12 @@ def is_lora_target_layer(module: torch.nn.Module) -> bool:
     return isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) == (1, 1)
 
 
+def plain_module_name(name: str) -> str:
+    """A module's name in the plain model: PeftModel (get_peft_model) nests the model as base_model.model
+    (diffusers' add_adapter does not), torch.compile wraps it as _orig_mod."""
+    return name.removeprefix("base_model.model.").replace("_orig_mod.", "")
+
+
 def model_module_names(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """named_modules() without peft's wrapper internals (`.base_layer`, `.lora_A.<adapter>`, ...)."""
     return {name: mod for name, mod in model.named_modules()

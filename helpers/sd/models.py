@@ -49,6 +49,16 @@ class ModelLoadError(RuntimeError):
     """A base model could not be loaded; the message says what to do about it."""
 
 
+def free_memory() -> None:
+    """Collect the Python objects a dropped model left and give CUDA's cached memory back, so the next step (a
+    captioner after a tagger, training after captioning, the OOM advice) has the GPU."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _say(message: str) -> None:
     """One line for the user (Colab shows prints, not INFO logs)."""
     print(message, flush=True)

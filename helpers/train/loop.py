@@ -74,11 +74,9 @@ def _advice_on_oom(cfg: TrainConfig, prog: Progress):
     try:
         yield
     except torch.OutOfMemoryError:
-        import gc
+        from ..sd.models import free_memory
 
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
         raise TrainingError(oom_advice(cfg, step=prog.step, last_saved=prog.last_saved)) from None
 
 

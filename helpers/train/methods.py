@@ -107,8 +107,8 @@ class LoraLayers(Trainable):
         self.unet = unet
         self.text_encoders = list(text_encoders) if cfg.train_text_encoder else []
         candidates, convs = unet_target_modules(unet, cfg.target), []
-        if cfg.network == "locon" or (cfg.network in ("loha", "lokr") and cfg.conv_dim):
-            # the ResNet blocks too; their 3x3 convolutions at conv_dim / conv_alpha
+        conv = conv_layers(cfg)
+        if conv is not None:   # the ResNet blocks too; their 3x3 convolutions at conv_dim / conv_alpha
             linear, convs = unet_resnet_target_modules(unet)
             candidates = sorted(candidates + linear + convs)
         try:
@@ -119,8 +119,7 @@ class LoraLayers(Trainable):
             raise ConfigError(str(e)) from None
         for name in set(convs).intersection(targets):
             key = f"^{re.escape(name)}"
-            ranks[key] = cfg.conv_dim or cfg.rank
-            alphas[key] = cfg.conv_alpha if cfg.conv_alpha is not None else cfg.alpha
+            ranks[key], alphas[key] = conv
         inject_lora(unet, self._config(targets, ranks, alphas))
         for te in self.text_encoders:
             # a filter written for the UNet (attn2, ff) may match none of the text encoder's modules: it then
@@ -149,10 +148,8 @@ class LoraLayers(Trainable):
         cfg = self.cfg
         te = " + text encoder" if self.text_encoders else ""
         plus = f", LoRA+ x{cfg.loraplus_lr_ratio:g}" if cfg.loraplus_lr_ratio else ""
-        conv = ""
-        if cfg.network == "locon" or (cfg.network in ("loha", "lokr") and cfg.conv_dim):
-            conv = (f", ResNet blocks too: 3x3 convolutions at rank {cfg.conv_dim or cfg.rank} alpha "
-                    f"{cfg.conv_alpha if cfg.conv_alpha is not None else cfg.alpha:g}")
+        layers = conv_layers(cfg)
+        conv = f", ResNet blocks too: 3x3 convolutions at rank {layers[0]} alpha {layers[1]:g}" if layers else ""
         kind = {"locon": "LoCon", "loha": "LoHa", "lokr": "LoKr"}.get(cfg.network, "LoRA")
         return f"{kind} rank {cfg.rank} alpha {cfg.alpha} ({cfg.target}{te}{plus}{conv})"
 
@@ -237,11 +234,18 @@ def network_args(cfg: TrainConfig) -> dict[str, str]:
         out["algo"] = cfg.network    # LyCORIS' network_args spelling
     if cfg.network == "lokr":
         out["factor"] = str(cfg.factor)
-    if cfg.network == "locon" or (cfg.network in ("loha", "lokr") and cfg.conv_dim):
-        # sd-scripts' networks.lora spells LoCon as these two network_args (LyCORIS too)
-        out["conv_dim"] = str(cfg.conv_dim or cfg.rank)
-        out["conv_alpha"] = f"{cfg.conv_alpha if cfg.conv_alpha is not None else cfg.alpha:g}"
+    conv = conv_layers(cfg)
+    if conv is not None:   # sd-scripts' networks.lora spells LoCon as these two network_args (LyCORIS too)
+        out["conv_dim"], out["conv_alpha"] = str(conv[0]), f"{conv[1]:g}"
     return out
+
+
+def conv_layers(cfg: TrainConfig) -> tuple[int, float] | None:
+    """(rank, alpha) of the ResNet blocks' 3x3 convolutions when the network trains them (locon always, loha and
+    lokr with conv_dim), else None."""
+    if cfg.network == "locon" or (cfg.network in ("loha", "lokr") and cfg.conv_dim):
+        return cfg.conv_dim or cfg.rank, cfg.conv_alpha if cfg.conv_alpha is not None else cfg.alpha
+    return None
 
 
 class WholeUNet(Trainable):
