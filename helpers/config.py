@@ -84,8 +84,9 @@ SAVE_FORMATS = ("kohya", "diffusers", "both")
 ATTENTION = ("sdpa", "xformers")
 NAN_POLICIES = ("stop", "skip")
 COMPILE_BACKENDS = ("inductor", "cudagraphs", "aot_eager")  # torch.compile backends (aot_eager: no codegen)
-NETWORKS = ("lora", "locon", "loha", "lokr")   # locon: LoRA on the ResNet blocks' 3x3 convolutions too (sd-scripts'
-# conv_dim); loha, lokr: LyCORIS' Hadamard- and Kronecker-product networks (ResNet blocks too with conv_dim)
+NETWORKS = ("lora", "locon", "loha", "lokr", "dora")   # locon: LoRA on the ResNet blocks' 3x3 convolutions too
+# (sd-scripts' conv_dim); loha, lokr: LyCORIS' Hadamard- and Kronecker-product networks; dora: LoRA with a trained
+# magnitude per weight column (LyCORIS' dora_wd); loha, lokr and dora train the ResNet blocks too with conv_dim
 # The closed choices of each config class, by field: validation and the notebook widgets' dropdowns.
 TRAIN_CHOICES: dict[str, tuple[str, ...]] = {
     "family": FAMILIES, "prediction_type": PREDICTION_TYPES, "method": METHODS, "target": TARGET_PRESETS,
@@ -174,16 +175,17 @@ class TrainConfig(ConfigBase):
     # --- network (lora) ---
     network: str = setting("lora", "lora | locon (also the ResNet blocks: their 3x3 convolutions at conv_dim) | "
                                    "loha (LyCORIS: two rank-r products multiplied) | lokr (LyCORIS: a Kronecker "
-                                   "product); loha and lokr train the ResNet blocks too with conv_dim")
+                                   "product) | dora (LoRA with a trained magnitude per weight column, LyCORIS' "
+                                   "dora_wd); loha, lokr and dora train the ResNet blocks too with conv_dim")
     rank: int = setting(16, "kohya: network_dim")
     alpha: float = setting(16.0, "kohya: network_alpha; the LoRA scale is alpha / rank")
     lora_dropout: float = setting(0.0, "dropout on the LoRA layers' input")
     block_dims: list[int] = setting(factory=list, help="rank per UNet block, kohya's order IN00.., MID, OUT.. (25 "
                                                        "values for SD 1.5, 19 for SDXL; 0 leaves a block out)")
     block_alphas: list[float] = setting(factory=list, help="alpha per UNet block, in block_dims' order")
-    conv_dim: int | None = setting(None, "locon, loha: rank of the 3x3 convolutions (kohya: conv_dim); None: rank "
-                                         "(locon), no convolutions (loha)")
-    conv_alpha: float | None = setting(None, "locon, loha: their alpha (kohya: conv_alpha); None: alpha")
+    conv_dim: int | None = setting(None, "locon, loha, lokr, dora: rank of the 3x3 convolutions (kohya: conv_dim); "
+                                         "None: rank (locon), no convolutions (the others)")
+    conv_alpha: float | None = setting(None, "locon, loha, lokr, dora: their alpha (kohya: conv_alpha); None: alpha")
     factor: int = setting(-1, "lokr: LyCORIS' factor, how each side of a weight is split (-1: as square as "
                               "possible; 8: one factor of 8 or less)")
     layer_filter: list[str] = setting(factory=list, help="train only target modules whose name contains one of "
@@ -396,11 +398,14 @@ class TrainConfig(ConfigBase):
         if self.network != "lora" and self.method != "lora":
             raise ConfigError(f"network={self.network!r} is a kind of LoRA: use it with method lora")
         if (self.conv_dim is not None or self.conv_alpha is not None) and self.network == "lora":
-            raise ConfigError("conv_dim and conv_alpha size the 3x3 convolutions of network locon or loha; set "
-                              "network = \"locon\" (or leave them unset)")
+            raise ConfigError("conv_dim and conv_alpha size the 3x3 convolutions of network locon, loha, lokr or "
+                              "dora; set network = \"locon\" (or leave them unset)")
         if self.factor != -1 and (self.network != "lokr" or self.factor < 1):
             raise ConfigError(f"factor splits the weights of network lokr: -1 or a whole number >= 1, with "
                               f"network = \"lokr\"; got factor={self.factor!r} for network {self.network!r}")
+        if self.network == "dora" and self.save_format != "kohya":
+            raise ConfigError("dora files exist in the kohya/LyCORIS layout only (A1111, ComfyUI and helpers read "
+                              "it; diffusers' own layout keeps peft's other DoRA): set save_format = \"kohya\"")
         if self.network in ("loha", "lokr"):
             if self.save_format != "kohya":
                 raise ConfigError(f"{self.network} files exist in the kohya/LyCORIS layout only (A1111, ComfyUI and "

@@ -392,9 +392,9 @@ def test_unknown_keys_and_shape_mismatch_are_listed(tok_dir, tmp_path):
     with pytest.raises(ValueError, match=r"text_encoder\.encoder\.layers\.0\.mlp\.fc2: expected down \[4, 64\].*"
                                          r"got down \[4, 99\]"):
         load_lora(wrong, t.build())
-    lycoris = {"lora_unet_x.dora_scale": torch.zeros(1)}
-    with pytest.raises(ValueError, match=r"a LoRA variant we cannot load \(DoRA"):
-        load_lora(lycoris, t.build())
+    peft_dora = {"unet.down_blocks.0.attentions.0.proj_in.lora_magnitude_vector": torch.zeros(1)}
+    with pytest.raises(ValueError, match=r"a LoRA variant we cannot load \(peft's DoRA with a magnitude per output"):
+        load_lora(peft_dora, t.build())
     half_loha = {"lora_te_text_model_encoder_layers_0_mlp_fc2.hada_w1_a": torch.zeros(64, 2),
                  "lora_te_text_model_encoder_layers_0_mlp_fc2.hada_w1_b": torch.zeros(2, 64)}
     with pytest.raises(ValueError, match="a LoHa needs hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b; missing "

@@ -37,7 +37,7 @@ def _pixels(pipe) -> np.ndarray:
     return np.asarray(out.images, dtype=np.float64)
 
 
-@pytest.mark.parametrize("network", ["locon", "loha", "lokr"])
+@pytest.mark.parametrize("network", ["locon", "loha", "lokr", "dora"])
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_network_trains_saves_and_reloads_exactly(family, network, tiny_sd15_dir, tiny_sdxl_dir, concept_dir,
                                                   tmp_path):
@@ -62,8 +62,7 @@ def test_network_trains_saves_and_reloads_exactly(family, network, tiny_sd15_dir
         tensors = {k: f.get_tensor(k) for k in keys}
     args = json.loads(meta["ss_network_args"])
     assert args["conv_dim"] == "2" and args["conv_alpha"] == "1"
-    modules = {k.rsplit(".", 1)[0] if network != "locon" else k.removesuffix(".lora_down.weight")
-               for k in keys if not k.endswith(".alpha")}
+    modules = {k.partition(".")[0] for k in keys}
     convs = {m for m in modules if m.endswith(("_conv1", "_conv2", "_op", "_conv")) and "_attentions_" not in m}
     assert convs, "no 3x3 convolution was trained"
     if network == "locon":
@@ -72,6 +71,18 @@ def test_network_trains_saves_and_reloads_exactly(family, network, tiny_sd15_dir
             down, up = tensors[f"{m}.lora_down.weight"], tensors[f"{m}.lora_up.weight"]
             assert down.shape[0] == 2 and down.shape[2:] == (3, 3) and tuple(up.shape[1:]) == (2, 1, 1)
             assert tensors[f"{m}.alpha"].item() == 1.0                         # conv_dim, conv_alpha
+    elif network == "dora":   # LoCon + DoRA: every module's LoRA with its magnitude per input column
+        assert meta["ss_network_module"] == "lycoris.kohya" and args["algo"] == "locon" and args["dora_wd"] == "True"
+        assert any(k.startswith("lora_te") for k in keys)
+        for m in modules:
+            down, scale = tensors[f"{m}.lora_down.weight"], tensors[f"{m}.dora_scale"]
+            assert tuple(scale.shape) == (1, down.shape[1], *([1] * (down.dim() - 2))), m     # [1, in(, 1, 1)]
+            assert not torch.equal(scale, torch.zeros_like(scale))
+        for m in convs:
+            assert tensors[f"{m}.lora_down.weight"].shape[2:] == (3, 3) and tensors[f"{m}.alpha"].item() == 1.0
+        from helpers.toolbox.inspect import inspect_lora
+
+        assert inspect_lora(result.lora_path).network == "dora (locon)"
     elif network == "lokr":
         assert meta["ss_network_module"] == "lycoris.kohya" and args["algo"] == "lokr" and args["factor"] == "-1"
         assert any(k.startswith("lora_te") for k in keys) and not any("lora_down" in k for k in keys)
@@ -339,3 +350,126 @@ def test_lokr_keys_and_shapes_are_what_lycoris_writes(family):
             size = in_n * (kernel[0] * kernel[1] if kernel else 1)
             assert (got["lokr_w2_a"], got["lokr_w2_b"]) == ((out_k, r), (r, size)), n
         assert got["alpha"] == ()
+
+
+# ----------------------------------------------------------------------------------------- DoRA
+
+def a1111_dora_weight(weight, down, up, alpha, dora_scale, multiplier):
+    """A1111's network.py for a DoRA module, re-stated: updown = up @ down * alpha / r, then
+    apply_weight_decompose (norm of W + updown per input column, times dora_scale), times the multiplier."""
+    w = weight.double()
+    updown = (up.reshape(up.shape[0], -1).double() @ down.reshape(down.shape[0], -1).double()).reshape(w.shape)
+    updown = updown * (alpha / down.shape[0])
+    merged = updown + w
+    dims = w.dim() - 1
+    norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1, keepdim=True) \
+        .reshape(merged.shape[1], *[1] * dims).transpose(0, 1)
+    return w + (merged * (dora_scale.double() / norm) - w) * multiplier
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv3x3"])
+def test_dora_layer_computes_the_weight_a1111_and_comfyui_apply(kind):
+    """A DoRA layer (peft LoRA + InputAxisDora) at weight 0.6 gives the output of the plain layer whose weight is
+    what A1111 computes from the same file tensors; DoraModule.delta (merges) is the same change; merging and
+    unmerging through peft restores the weight; the magnitude and both LoRA factors get gradients."""
+    from peft import LoraConfig
+
+    from helpers.formats.dora import add_input_dora, extract_peft_dora
+    from helpers.sd.lora_targets import inject_lora
+
+    g = torch.Generator().manual_seed(1)
+    layer = torch.nn.Linear(12, 10) if kind == "linear" else torch.nn.Conv2d(6, 8, 3, padding=1)
+    model = torch.nn.Sequential()
+    model.add_module("layer", layer)
+    plain_weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
+    inject_lora(model, LoraConfig(r=3, lora_alpha=1.5, target_modules=["layer"], init_lora_weights=True))
+    assert add_input_dora(model) == 1
+    peft_layer = model.layer
+    x = torch.randn(4, 12, generator=g) if kind == "linear" else torch.randn(2, 6, 5, 5, generator=g)
+    before = model(x)
+    assert torch.allclose(before, peft_layer.base_layer(x), atol=1e-6)   # it starts as the base layer
+    with torch.no_grad():
+        peft_layer.lora_A["default"].weight.normal_(generator=g)
+        peft_layer.lora_B["default"].weight.normal_(generator=g)
+        peft_layer.lora_magnitude_vector["default"].weight.mul_(1 + 0.3 * torch.rand(
+            peft_layer.lora_magnitude_vector["default"].weight.shape, generator=g))
+    m = extract_peft_dora(model)["layer"]
+    scale = m.tensors()["dora_scale"]
+    assert tuple(scale.shape) == ((1, 12) if kind == "linear" else (1, 6, 1, 1))
+    by_hand = a1111_dora_weight(plain_weight, m.down, m.up, 1.5, scale, 0.6).float()
+    peft_layer.set_scale("default", 0.6)
+    fn = torch.nn.functional.linear if kind == "linear" else \
+        (lambda t, w, b: torch.nn.functional.conv2d(t, w, b, padding=1))
+    assert torch.allclose(model(x), fn(x, by_hand, bias), atol=1e-5)
+    assert torch.allclose(plain_weight.double() + 0.6 * m.delta(plain_weight), by_hand.double(), atol=1e-5)
+    peft_layer.merge()
+    assert torch.allclose(peft_layer.base_layer.weight, by_hand, atol=1e-5)
+    peft_layer.unmerge()
+    assert torch.allclose(peft_layer.base_layer.weight, plain_weight, atol=1e-5)
+
+    peft_layer.set_scale("default", 1.0)
+    model(x).square().sum().backward()
+    for p in (peft_layer.lora_magnitude_vector["default"].weight, peft_layer.lora_A["default"].weight,
+              peft_layer.lora_B["default"].weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    assert layer.weight.grad is None
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_dora_keys_and_shapes_are_what_lycoris_writes(family):
+    """LoCon + DoRA on the full-size UNet (meta device), written by our exporter: LoCon's module names, and per
+    module lora_down, lora_up, alpha and dora_scale [1, in] (Linear) or [1, in, 1, 1] (Conv2d), as LyCORIS'
+    dora_wd writes it and A1111's apply_weight_decompose reads it."""
+    import re
+
+    from peft import LoraConfig
+
+    from helpers.formats.dora import add_input_dora, extract_peft_dora
+    from helpers.formats.lora import kohya_module_names
+    from helpers.sd.lora_targets import inject_lora
+
+    unet = plain_unet(family)
+    plain = dict(unet.named_modules())
+    linear, convs = unet_resnet_target_modules(unet)
+    targets = sorted(unet_target_modules(unet, "full") + linear + convs)
+    inject_lora(unet, LoraConfig(r=4, lora_alpha=2.0, target_modules=targets,
+                                 rank_pattern={f"^{re.escape(n)}": 2 for n in convs}))
+    add_input_dora(unet)
+    modules = extract_peft_dora(unet)
+    assert sorted(modules) == targets
+    sd = to_kohya_state_dict({"unet": modules}, family, dict(unet.config))
+    parts: dict[str, dict[str, tuple]] = {}
+    for k, v in sd.items():
+        mod, _, part = k.partition(".")
+        parts.setdefault(mod, {})[part] = tuple(v.shape)
+    locon = locon_file(family, plain_unet(family))
+    assert set(parts) == set(locon)
+    names = kohya_module_names("unet", targets, family, dict(unet.config))
+    for n in targets:
+        weight, got = plain[n].weight, parts[names[n]]
+        assert {p: s for p, s in got.items() if p != "dora_scale"} == {**locon[names[n]], "alpha": ()}, n
+        assert got["dora_scale"] == (1, weight.shape[1], *([1] * (weight.dim() - 2))), n
+
+
+def test_dora_files_are_checked_when_read(tiny_sd15_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    from helpers.formats.lora import load_lora
+    from helpers.sd.models import load_base
+
+    base = load_base(str(tiny_sd15_dir))
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    width = base.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.in_features
+    lora = {f"{name}.lora_down.weight": torch.zeros(2, width), f"{name}.lora_up.weight": torch.zeros(width, 2),
+            f"{name}.alpha": torch.tensor(2.0)}
+    save_file({**lora, f"{name}.dora_scale": torch.ones(width + 1, 1)}, str(tmp_path / "out_axis.safetensors"))
+    with pytest.raises(ValueError, match="dora_scale has 33 values but the layer takes 32 inputs"):
+        load_lora(tmp_path / "out_axis.safetensors", base.pipe)
+    hada = {f"{name}.hada_{p}": torch.zeros(s) for p, s in (("w1_a", (width, 2)), ("w1_b", (2, width)),
+                                                              ("w2_a", (width, 2)), ("w2_b", (2, width)))}
+    save_file({**hada, f"{name}.alpha": torch.tensor(2.0), f"{name}.dora_scale": torch.ones(1, width)},
+              str(tmp_path / "loha_dora.safetensors"))
+    with pytest.raises(ValueError, match="DoRA on a LoHa or LoKr"):
+        load_lora(tmp_path / "loha_dora.safetensors", base.pipe)
+    with pytest.raises(ConfigError, match="dora files exist in the kohya/LyCORIS layout only"):
+        TrainConfig(network="dora", save_format="diffusers")

@@ -17,6 +17,7 @@ import warnings
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from .. import __version__
 from ..atomic import atomic_dir, save_safetensors
 from ..files import load_safetensors
 from ..sd.lora_targets import base_layer, inject_lora, model_module_names, plain_module_name
+from .dora import DORA_PART, DoraModule, add_input_dora
 from .lycoris import (HADA_PARTS, LOKR_PARTS, UNSUPPORTED_HADA, UNSUPPORTED_LOKR, LokrModule, inject_loha,
                       inject_lokr, loha_from_parts, lokr_from_parts)
 
@@ -52,6 +54,8 @@ _IMPL_SGM = "https://github.com/Stability-AI/generative-models"
 class LoraModule:
     """One module's LoRA: W' = W + (alpha / rank) * up @ down (conv: over flattened kernels)."""
 
+    kind: ClassVar[str] = "LoRA"   # the network type, as people name it
+
     down: torch.Tensor  # [r, in] (Linear) or [r, in, kh, kw] (Conv2d)
     up: torch.Tensor  # [out, r] or [out, r, 1, 1]
     alpha: float
@@ -64,14 +68,14 @@ class LoraModule:
     def scale(self) -> float:
         return self.alpha / self.rank
 
-    def delta(self, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    def delta(self, weight: torch.Tensor) -> torch.Tensor:
         """scale * up @ down in the layer's weight shape (float64: a merge adds it to the weight exactly once)."""
         r = self.rank
         d = self.up.reshape(self.up.shape[0], r).double() @ self.down.reshape(r, -1).double() * self.scale
-        return d.reshape(tuple(shape))
+        return d.reshape(tuple(weight.shape))
 
 
-LoraWeights = dict[str, dict[str, LoraModule]]   # LoraModule, or a LyCORIS module (formats/lycoris.py)
+LoraWeights = dict[str, dict[str, LoraModule]]   # LoraModule, a LyCORIS module (formats/lycoris.py) or DoraModule
 
 
 # ------------------------------------------------------------------------------------ checks
@@ -105,8 +109,9 @@ def extract_peft_lora(model: torch.nn.Module, adapter_name: str = "default") -> 
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
             continue
-        if module.use_dora.get(adapter_name, False):
-            raise NotImplementedError(f"{name}: DoRA adapters cannot be written as a plain LoRA")
+        if module.use_dora.get(adapter_name, False) or adapter_name in module.lora_variant:
+            raise NotImplementedError(f"{name}: a DoRA (or other LoRA variant) adapter is not a plain LoRA; "
+                                      "formats.dora.extract_peft_dora reads the DoRA that helpers trains")
         if getattr(module.lora_B[adapter_name], "bias", None) is not None:
             raise NotImplementedError(f"{name}: LoRA with lora_bias=True cannot be written as a plain LoRA")
         down = module.lora_A[adapter_name].weight.detach().clone()
@@ -176,7 +181,7 @@ def to_kohya_state_dict(weights: LoraWeights, family: str, unet_config: Mapping 
             if isinstance(m, LoraModule):
                 sd[f"{key}.lora_down.weight"] = m.down.detach().to(dtype=dtype).contiguous()
                 sd[f"{key}.lora_up.weight"] = m.up.detach().to(dtype=dtype).contiguous()
-            else:   # LyCORIS LoHa / LoKr: their hada_* / lokr_* matrices under their own names (formats/lycoris.py)
+            else:   # LoHa / LoKr / DoRA: their own tensors under their own names (formats/lycoris.py, dora.py)
                 for part, t in m.tensors().items():
                     sd[f"{key}.{part}"] = t.detach().to(dtype=dtype).contiguous()
             sd[f"{key}.alpha"] = torch.tensor(float(m.alpha), dtype=torch.float32)
@@ -284,8 +289,8 @@ def to_diffusers_state_dict(weights: LoraWeights) -> dict[str, torch.Tensor]:
     for comp in COMPONENTS:
         for name, m in (weights.get(comp) or {}).items():
             if not isinstance(m, LoraModule):
-                raise ValueError(f"{comp}.{name} is a {type(m).__name__}: the diffusers/peft LoRA layout holds "
-                                 "plain LoRA only; save LoHa and LoKr in the kohya layout (save_format = "
+                raise ValueError(f"{comp}.{name} is a {m.kind} module: the diffusers/peft LoRA layout holds "
+                                 "plain LoRA only; save LoHa, LoKr and DoRA in the kohya layout (save_format = "
                                  "\"kohya\"), which A1111, ComfyUI and helpers read")
             key = name if comp == "unet" else _te_name_with_text_model(name)
             sd[f"{comp}.{key}.lora_A.weight"] = m.down.detach().contiguous()
@@ -409,7 +414,7 @@ def _read_state_dict(path_or_state_dict) -> tuple[dict[str, torch.Tensor], dict[
 
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 _KOHYA_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha",
-                   **{f".{p}": p for p in (*HADA_PARTS, *UNSUPPORTED_HADA, *LOKR_PARTS, *UNSUPPORTED_LOKR)}}
+                   **{f".{p}": p for p in (*HADA_PARTS, *UNSUPPORTED_HADA, *LOKR_PARTS, *UNSUPPORTED_LOKR, DORA_PART)}}
 # peft/diffusers suffixes, newest first: (suffix, part)
 _PEFT_SUFFIXES = (
     (".lora_A.weight", "down"), (".lora_B.weight", "up"),
@@ -418,7 +423,7 @@ _PEFT_SUFFIXES = (
     ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),  # attn-procs: to_q_lora.down.weight
     (".alpha", "alpha"),
 )
-_UNSUPPORTED_PARTS = ("dora_scale", "lora_mid", "lora_magnitude_vector")
+_UNSUPPORTED_PARTS = ("lora_mid", "lora_magnitude_vector")
 _UNSUPPORTED_ENDINGS = (".diff", ".diff_b", "lora_B.bias")
 
 
@@ -427,8 +432,9 @@ def _split_entries(sd: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, tor
     kohya keys keep their `lora_unet_...` name; peft/diffusers keys their dotted name."""
     odd = [k for k in sd if any(p in k for p in _UNSUPPORTED_PARTS) or k.endswith(_UNSUPPORTED_ENDINGS)]
     if odd:
-        raise ValueError(f"this file holds a LoRA variant we cannot load (DoRA, LoCon mid weights or full "
-                         f"diffs), e.g. {odd[:5]}; plain LoRA, LoCon, LoHa and LoKr are read")
+        raise ValueError(f"this file holds a LoRA variant we cannot load (peft's DoRA with a magnitude per output "
+                         f"row, LoCon mid weights or full diffs), e.g. {odd[:5]}; plain LoRA, LoCon, LoHa, LoKr and "
+                         f"LyCORIS' DoRA (dora_scale) are read")
     entries: dict[str, dict[str, torch.Tensor]] = {}
     unparsed: list[str] = []
     for k, v in sd.items():
@@ -614,6 +620,10 @@ def load_lora(path_or_state_dict, pipe) -> tuple[LoraWeights, dict[str, str]]:
         parts = entries[raw]
         layer = layers[comp][name]
         if any(p.startswith(("hada_", "lokr_")) for p in parts):   # LyCORIS LoHa / LoKr
+            if DORA_PART in parts:
+                problems.append(f"{raw}: DoRA on a LoHa or LoKr (dora_scale beside hada_/lokr_) is not read; "
+                                "DoRA on LoRA and LoCon is")
+                continue
             try:
                 if any(p.startswith("lokr_") for p in parts):
                     module = lokr_from_parts(parts, raw)
@@ -654,7 +664,15 @@ def load_lora(path_or_state_dict, pipe) -> tuple[LoraWeights, dict[str, str]]:
         if comp in weights and name in weights[comp]:
             problems.append(f"{comp}.{name}: given twice in the file")
             continue
-        weights.setdefault(comp, {})[name] = LoraModule(down=down, up=up, alpha=alpha)
+        module = LoraModule(down=down, up=up, alpha=alpha)
+        if DORA_PART in parts:   # LyCORIS' DoRA: a magnitude per input column of the weight
+            module = DoraModule(down=down, up=up, alpha=alpha, magnitude=parts[DORA_PART].reshape(-1))
+            try:
+                module.check(f"{comp}.{name}")
+            except ValueError as e:
+                problems.append(str(e))
+                continue
+        weights.setdefault(comp, {})[name] = module
 
     if unknown or problems:
         guess, why = guess_file_family(entries)
@@ -726,6 +744,11 @@ def apply_lora(pipe, weights: LoraWeights, adapter_name: str, scale: float = 1.0
         if not modules:
             continue
         kinds = {type(m) for m in modules.values()}
+        dora = {n: m.magnitude for n, m in modules.items() if isinstance(m, DoraModule)}
+        if dora:   # DoRA: its LoRA injected as any LoRA, then its layers made DoRA (formats/dora.py)
+            modules = {n: LoraModule(m.down, m.up, m.alpha) if isinstance(m, DoraModule) else m
+                       for n, m in modules.items()}
+            kinds = {type(m) for m in modules.values()}
         if kinds != {LoraModule}:
             if len(kinds) > 1:
                 raise ValueError(f"{comp}: this file mixes {sorted(k.__name__ for k in kinds)} modules; one adapter "
@@ -746,6 +769,8 @@ def apply_lora(pipe, weights: LoraWeights, adapter_name: str, scale: float = 1.0
                 te = comps[comp]
                 inject_lora(te, LoraConfig(**cfg), adapter_name, {n: (m.down, m.up) for n, m in modules.items()})
                 te.to(device=te.device, dtype=te.dtype)
+        if dora:
+            add_input_dora(comps[comp], adapter_name, dora)
     _activate(pipe, previously_active + [adapter_name], adapter_name, scale)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import ClassVar
 from typing import Mapping
 
 import torch
@@ -32,6 +33,8 @@ UNSUPPORTED_HADA = ("hada_t1", "hada_t2")
 @dataclass
 class LohaModule:
     """One module's LoHa: delta W = (w1_a @ w1_b) * (w2_a @ w2_b) * alpha / rank, reshaped to the weight."""
+
+    kind: ClassVar[str] = "LoHa"   # the network type, as people name it
 
     w1_a: torch.Tensor   # [out, r]
     w1_b: torch.Tensor   # [r, in * kh * kw]
@@ -47,11 +50,11 @@ class LohaModule:
     def scale(self) -> float:
         return self.alpha / self.rank
 
-    def delta(self, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    def delta(self, weight: torch.Tensor) -> torch.Tensor:
         """delta W in the layer's weight shape (float32)."""
         a = self.w1_a.float() @ self.w1_b.float()
         b = self.w2_a.float() @ self.w2_b.float()
-        return (a * b * self.scale).reshape(tuple(shape))
+        return (a * b * self.scale).reshape(tuple(weight.shape))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {p: getattr(self, p.removeprefix("hada_")) for p in HADA_PARTS}
@@ -205,6 +208,8 @@ class LokrModule:
     w1_b) and w2 is `w2` (or w2_a @ w2_b). As A1111 (network_lokr.py) and ComfyUI read it, the scale is
     alpha / r with r the rank of a decomposed factor (w2_b's, else w1_b's), and 1 when both factors are full."""
 
+    kind: ClassVar[str] = "LoKr"   # the network type, as people name it
+
     w1: torch.Tensor | None = None
     w1_a: torch.Tensor | None = None
     w1_b: torch.Tensor | None = None
@@ -230,11 +235,12 @@ class LokrModule:
         w2 = self.w2.float() if self.w2 is not None else self.w2_a.float() @ self.w2_b.float()
         return w1, w2
 
-    def delta(self, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    def delta(self, weight: torch.Tensor) -> torch.Tensor:
+        """delta W in the layer's weight shape (float32)."""
         w1, w2 = self.factors()
         if w2.dim() == 4:
             w1 = w1[:, :, None, None]
-        return (torch.kron(w1, w2.contiguous()) * self.scale).reshape(tuple(shape))
+        return (torch.kron(w1, w2.contiguous()) * self.scale).reshape(tuple(weight.shape))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {p: getattr(self, p.removeprefix("lokr_")) for p in LOKR_PARTS

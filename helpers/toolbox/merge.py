@@ -25,7 +25,8 @@ def concat_loras(loras: list[tuple[LoraWeights, float]]) -> LoraWeights:
     for comp, modules in out.items():
         for name, parts in modules.items():
             if any(not isinstance(m, LoraModule) for m, _ in parts):
-                raise ValueError(f"{comp}.{name}: LoHa modules do not concatenate into one LoRA; merge them into "
+                kind = next(m.kind for m, _ in parts if not isinstance(m, LoraModule))
+                raise ValueError(f"{comp}.{name}: {kind} modules do not concatenate into one LoRA; merge them into "
                                  "the model (merge_to_checkpoint) instead")
             shapes = {tuple(m.down.shape[1:]) for m, _ in parts}
             if len(shapes) > 1:
@@ -50,8 +51,9 @@ def merge_into_model(pipe, loras: list[tuple[LoraWeights, float]]) -> int:
                 names = model_module_names(parts[comp])
                 for name, m in modules.items():
                     layer = base_layer(names[name])
-                    # each module type knows its own product: scale * up @ down, LoHa's, LoKr's
-                    delta = m.delta(layer.weight.shape).double() * w
+                    # each module type knows its own change: scale * up @ down, LoHa's, LoKr's, DoRA's (which
+                    # depends on the weight it changes)
+                    delta = m.delta(layer.weight).double() * w
                     layer.weight.copy_((layer.weight.double() + delta).to(layer.weight.dtype))
                     changed += 1
     return changed

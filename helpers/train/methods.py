@@ -121,12 +121,18 @@ class LoraLayers(Trainable):
             key = f"^{re.escape(name)}"
             ranks[key], alphas[key] = conv
         inject_lora(unet, self._config(targets, ranks, alphas))
+        if cfg.network == "dora":   # each LoRA layer gets its magnitude per input column (formats/dora.py)
+            from ..formats.dora import add_input_dora
+
+            add_input_dora(unet)
         for te in self.text_encoders:
             # a filter written for the UNet (attn2, ff) may match none of the text encoder's modules: it then
             # trains them as without a filter
             names = filter_layers(text_encoder_target_modules(te, cfg.target), cfg.layer_filter,
                                   cfg.layer_filter_regex, required=False)
             inject_lora(te, self._config(names))
+            if cfg.network == "dora":
+                add_input_dora(te)
 
     def param_groups(self, cfg: TrainConfig) -> list[dict]:
         """As every method's, but with LoRA+ (`loraplus_lr_ratio`) each model's B (up) matrices in their own
@@ -150,15 +156,17 @@ class LoraLayers(Trainable):
         plus = f", LoRA+ x{cfg.loraplus_lr_ratio:g}" if cfg.loraplus_lr_ratio else ""
         layers = conv_layers(cfg)
         conv = f", ResNet blocks too: 3x3 convolutions at rank {layers[0]} alpha {layers[1]:g}" if layers else ""
-        kind = {"locon": "LoCon", "loha": "LoHa", "lokr": "LoKr"}.get(cfg.network, "LoRA")
+        kind = {"locon": "LoCon", "loha": "LoHa", "lokr": "LoKr", "dora": "DoRA"}.get(cfg.network, "LoRA")
         return f"{kind} rank {cfg.rank} alpha {cfg.alpha} ({cfg.target}{te}{plus}{conv})"
 
     def save(self, to, name, step, epoch) -> list[Path]:
         from ..formats.lora import extract_peft_lora, save_lora
+        from ..formats.dora import extract_peft_dora
         from ..formats.lycoris import extract_peft_loha, extract_peft_lokr
 
         cfg, base = self.cfg, to.base
-        extract = {"loha": extract_peft_loha, "lokr": extract_peft_lokr}.get(cfg.network, extract_peft_lora)
+        extract = {"loha": extract_peft_loha, "lokr": extract_peft_lokr, "dora": extract_peft_dora}.get(
+            cfg.network, extract_peft_lora)
         weights = {"unet": extract(self.unet)}
         for key, te in zip(("text_encoder", "text_encoder_2"), self.text_encoders):
             weights[key] = extract(te)
@@ -207,7 +215,10 @@ class LoraLayers(Trainable):
                    "ss_training_comment": f"helpers target={cfg.target}",
                    "ss_network_args": json.dumps({"target": cfg.target, **network_args(cfg)}),
                    # LyCORIS' own module name for its network types (what kohya_ss and LoRA browsers show)
-                   **({"ss_network_module": "lycoris.kohya"} if cfg.network in ("loha", "lokr") else {})})
+                   **({"ss_network_module": "lycoris.kohya"} if cfg.network in LYCORIS_NETWORKS else {})})
+
+
+LYCORIS_NETWORKS = ("loha", "lokr", "dora")   # trained as LyCORIS does: its module name and algo in the metadata
 
 
 # sd-scripts' metadata names for the noise, timestep and loss variants (key, TrainConfig field)
@@ -232,6 +243,8 @@ def network_args(cfg: TrainConfig) -> dict[str, str]:
         out["layer_filter"] = ",".join(cfg.layer_filter)
     if cfg.network in ("loha", "lokr"):
         out["algo"] = cfg.network    # LyCORIS' network_args spelling
+    if cfg.network == "dora":        # LyCORIS: DoRA is its locon / lora algo with dora_wd
+        out["algo"], out["dora_wd"] = ("locon" if conv_layers(cfg) else "lora"), "True"
     if cfg.network == "lokr":
         out["factor"] = str(cfg.factor)
     conv = conv_layers(cfg)
@@ -242,8 +255,8 @@ def network_args(cfg: TrainConfig) -> dict[str, str]:
 
 def conv_layers(cfg: TrainConfig) -> tuple[int, float] | None:
     """(rank, alpha) of the ResNet blocks' 3x3 convolutions when the network trains them (locon always, loha and
-    lokr with conv_dim), else None."""
-    if cfg.network == "locon" or (cfg.network in ("loha", "lokr") and cfg.conv_dim):
+    lokr and dora with conv_dim), else None."""
+    if cfg.network == "locon" or (cfg.network in ("loha", "lokr", "dora") and cfg.conv_dim):
         return cfg.conv_dim or cfg.rank, cfg.conv_alpha if cfg.conv_alpha is not None else cfg.alpha
     return None
 
