@@ -82,7 +82,10 @@ def test_gpu_report_names_the_gpu_and_the_presets_that_fit():
     t4 = nb.GpuInfo("Tesla T4", 14.7, False, (7, 5))
     text = nb.gpu_report(t4)
     assert "Tesla T4, 14.7 GiB" in text and "no bf16" in text
-    assert "SD 1.5 · T4 (~6 GiB)" in text and "SDXL · T4 (~12 GiB)" in text and "A100" not in text
+    from helpers.notebook.presets import needs_gb
+
+    assert f"SD 1.5 · T4 (~{needs_gb('SD 1.5 · T4'):g} GiB)" in text and "A100" not in text
+    assert f"SDXL · T4 (~{needs_gb('SDXL · T4'):g} GiB)" in text
     assert "No CUDA GPU" in nb.gpu_report(None)
 
 

@@ -99,11 +99,13 @@ def test_every_preset_is_a_valid_train_config():
 
 def test_which_presets_fit_a_gpu():
     assert [p.name for p in presets_that_fit(None)] == ["Toy (CPU, offline)"]
-    t4 = {p.name for p in presets_that_fit(15.0)}
-    assert {"SD 1.5 · T4", "SDXL · T4"} <= t4 and "SDXL · A100/H100" not in t4
-    assert {"SD 1.5 · A100/H100", "SDXL · A100/H100"} <= {p.name for p in presets_that_fit(80.0)}
-    assert default_preset(15.0, "sd1") == "SD 1.5 · T4"
-    assert default_preset(80.0, "sdxl") == "SDXL · A100/H100"
+    t4 = {p.name for p in presets_that_fit(15.0, (7, 5))}          # a T4: no bf16, so no A100 preset
+    assert t4 == {"SD 1.5 · T4", "SDXL · T4", "Toy (CPU, offline)"}
+    small = {p.name for p in presets_that_fit(8.0)}                 # an 8 GiB card: the T4 presets' estimates fit
+    assert small == {"SD 1.5 · T4", "SDXL · T4", "Toy (CPU, offline)"}
+    assert {"SD 1.5 · A100/H100", "SDXL · A100/H100"} <= {p.name for p in presets_that_fit(80.0, (8, 0))}
+    assert default_preset(15.0, "sd1", (7, 5)) == "SD 1.5 · T4"
+    assert default_preset(80.0, "sdxl", (8, 0)) == "SDXL · A100/H100"
     assert default_preset(None) == "Toy (CPU, offline)"
 
 

@@ -1,13 +1,16 @@
 """Named starting points for a training run: SD 1.5 and SDXL on a T4 or an A100/H100, and the toy model.
 
-A preset is a set of TrainConfig fields; the notebooks' forms and `gpu_report` use them. The memory
-figures are budgets (what a preset is meant to fit), not measurements: benchmarks/train_step.py measures
-the real peak on a GPU.
+A preset is a set of TrainConfig fields; the notebooks' forms and `gpu_report` use them. A preset's memory
+figure is the peak of its training step as benchmarks/memory.py estimates it without a GPU (the trainer's own
+step on full-size models as fake tensors, stored in memory_table.json), plus MARGIN for the allocator's
+reserved-but-free memory; benchmarks/train_step.py measures the real peak on a GPU.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..sd.precision import native_bf16, normalize_precision
@@ -16,6 +19,16 @@ SD15_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SDXL_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 SDXL_FP16_VAE = "madebyollin/sdxl-vae-fp16-fix"  # the SDXL VAE overflows in fp16; this one does not
 
+MARGIN = 0.15   # over the estimated peak: PyTorch's caching allocator reserves more than it has allocated
+_ESTIMATES: dict[str, float] = json.loads((Path(__file__).with_name("memory_table.json")).read_text())
+
+
+def needs_gb(name: str) -> float:
+    """GiB a GPU preset needs: its estimated peak (benchmarks/memory.py) plus MARGIN, to 0.1 GiB."""
+    if name not in _ESTIMATES:
+        raise KeyError(f"preset {name!r} has no memory estimate: run python benchmarks/memory.py --write-table")
+    return round(_ESTIMATES[name] * (1 + MARGIN), 1)
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -23,7 +36,7 @@ class Preset:
 
     name: str
     family: str                 # sd1 | sdxl | toy
-    gpu_gb: float               # GPU memory the preset needs (0: runs on a CPU)
+    gpu_gb: float               # GiB of GPU memory the preset needs (0: runs on a CPU), from needs_gb
     about: str
     values: dict[str, Any] = field(default_factory=dict)
 
@@ -38,21 +51,20 @@ _SDXL_COMMON = dict(pretrained_model=SDXL_MODEL, vae=SDXL_FP16_VAE, family="sdxl
                     min_snr_gamma=5.0, cache_latents=True, enable_bucket=True)
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
-    Preset("SD 1.5 · T4", "sd1", 6.0,
+    Preset("SD 1.5 · T4", "sd1", needs_gb("SD 1.5 · T4"),
            "fp16, batch 1, gradient checkpointing, 8-bit AdamW, cached latents: fits a 16 GB T4 with room",
            dict(_SD15_COMMON, mixed_precision="fp16", train_batch_size=1, gradient_accumulation_steps=2,
                 gradient_checkpointing=True, optimizer="adamw8bit")),
-    Preset("SD 1.5 · A100/H100", "sd1", 24.0, "bf16, batch 8, no checkpointing: speed first",
+    Preset("SD 1.5 · A100/H100", "sd1", needs_gb("SD 1.5 · A100/H100"), "bf16, batch 8, no checkpointing: speed first",
            dict(_SD15_COMMON, mixed_precision="bf16", train_batch_size=8, gradient_accumulation_steps=1,
                 gradient_checkpointing=False, optimizer="adamw", learning_rate=2e-4, max_train_steps=800)),
-    Preset("SDXL · T4", "sdxl", 12.0,
+    Preset("SDXL · T4", "sdxl", needs_gb("SDXL · T4"),
            "fp16 with the fp16-safe VAE, batch 1, gradient checkpointing, 8-bit AdamW, cached latents and "
            "cached text embeddings: the frozen text encoders and the VAE leave the GPU during the steps. Needs "
-           "fixed captions (no tag shuffle or dropout). 12 GB is the budget it is built to fit, not a measured "
-           "peak",
+           "fixed captions (no tag shuffle or dropout)",
            dict(_SDXL_COMMON, mixed_precision="fp16", train_batch_size=1, gradient_accumulation_steps=2,
                 gradient_checkpointing=True, optimizer="adamw8bit", cache_text_encoder_outputs=True)),
-    Preset("SDXL · A100/H100", "sdxl", 40.0, "bf16, batch 4, gradient checkpointing",
+    Preset("SDXL · A100/H100", "sdxl", needs_gb("SDXL · A100/H100"), "bf16, batch 4, gradient checkpointing",
            dict(_SDXL_COMMON, vae=None, mixed_precision="bf16", train_batch_size=4, gradient_accumulation_steps=1,
                 gradient_checkpointing=True, optimizer="adamw", learning_rate=2e-4, max_train_steps=1000)),
     Preset("Toy (CPU, offline)", "toy", 0.0,
@@ -86,8 +98,9 @@ def runs_natively(preset: Preset, capability: tuple[int, int] | None) -> bool:
 
 
 def presets_that_fit(gpu_gb: float | None, capability: tuple[int, int] | None = None) -> list[Preset]:
-    """Presets whose memory budget fits a GPU of `gpu_gb` GiB (None: no GPU, only the toy preset) and,
-    when the GPU's compute capability is given, whose precision it runs natively (no bf16 on a T4/V100)."""
+    """Presets whose memory figure (estimated peak + MARGIN) fits a GPU of `gpu_gb` GiB (None: no GPU, only the
+    toy preset) and, when the GPU's compute capability is given, whose precision it runs natively (no bf16 on a
+    T4/V100)."""
     if not gpu_gb:
         return [p for p in PRESETS.values() if p.gpu_gb == 0]
     return [p for p in PRESETS.values() if p.gpu_gb <= gpu_gb * 0.95 and runs_natively(p, capability)]
