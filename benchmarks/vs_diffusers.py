@@ -149,7 +149,7 @@ def format_table(results: list[Result], s: Settings) -> str:
     for r in results:
         step = statistics.median(r.per_step())
         ratio = f"{ref_step / step:.2f}x" if ref_step else "-"
-        lines.append(f"| {r.impl} | {step:.3f} | {s.batch / step:.1f} | {ratio} |")
+        lines.append(f"| {r.impl} | {step:.3f} | {min(s.batch, s.images) / step:.1f} | {ratio} |")
     return "\n".join(lines)
 
 

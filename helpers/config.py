@@ -152,6 +152,9 @@ class TrainConfig(ConfigBase):
     caption_tag_dropout_rate: float = setting(0.0, "each tag dropped with this probability (keep_tokens stay)")
     cache_latents: bool = setting(True, "encode every image once with the VAE (faster; flips are cached too)")
     cache_latents_to_disk: bool = setting(False, "keep the latent cache in output_dir/latent_cache for the next run")
+    max_data_loader_n_workers: int | None = setting(None, "processes that decode images while the GPU trains "
+                                                    "(sd-scripts' name); None: up to 2 on a GPU when images are "
+                                                    "decoded every step and an epoch has 8+ batches, else 0")
     masked_loss: bool = setting(False, "the loss counts only the masked pixels (white in the mask; a face or a "
                                        "product without its background)")
     alpha_mask: bool = setting(False, "masks from the images' transparency (alpha channel)")
@@ -415,6 +418,10 @@ class TrainConfig(ConfigBase):
             if self.lora_dropout:
                 raise ConfigError(f"lora_dropout drops LoRA's inputs; {self.network} (peft's) has no such dropout: "
                                   "set lora_dropout = 0")
+        if self.max_data_loader_n_workers is not None and (not isinstance(self.max_data_loader_n_workers, int)
+                                                           or self.max_data_loader_n_workers < 0):
+            raise ConfigError(f"max_data_loader_n_workers must be a whole number >= 0 (or unset), got "
+                              f"{self.max_data_loader_n_workers!r}")
         if self.conv_dim is not None and (not isinstance(self.conv_dim, int) or self.conv_dim < 1):
             raise ConfigError(f"conv_dim must be a whole number >= 1 (or unset: the rank), got {self.conv_dim!r}")
         if self.conv_alpha is not None:

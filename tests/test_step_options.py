@@ -85,3 +85,22 @@ def test_to_device_copies_to_the_gpu_without_a_sync():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.equal(on_gpu.cpu(), ids)
+
+
+def test_loader_workers_only_where_they_pay():
+    """Workers decode images beside a GPU; on a CPU they take a core from the step, with cached latents there is
+    nothing to decode, and an epoch of few batches does not pay for starting them (they start each epoch)."""
+    from helpers.config import ConfigError, TrainConfig
+    from helpers.train.setup import loader_workers
+
+    decode = TrainConfig(cache_latents=False)
+    assert loader_workers(decode, "cpu", 100, cores=2) == 0
+    assert loader_workers(decode, "cuda", 100, cores=2) == 1
+    assert loader_workers(decode, "cuda", 100, cores=12) == 2
+    assert loader_workers(decode, "cuda", 3, cores=12) == 0
+    assert loader_workers(TrainConfig(cache_latents=True), "cuda", 100, cores=12) == 0
+    assert loader_workers(decode.replace(max_data_loader_n_workers=4), "cpu", 1, cores=2) == 4
+    import pytest
+
+    with pytest.raises(ConfigError, match="max_data_loader_n_workers must be a whole number >= 0"):
+        TrainConfig(max_data_loader_n_workers=-1)
