@@ -186,6 +186,10 @@ class TrainConfig(ConfigBase):
     block_dims: list[int] = setting(factory=list, help="rank per UNet block, kohya's order IN00.., MID, OUT.. (25 "
                                                        "values for SD 1.5, 19 for SDXL; 0 leaves a block out)")
     block_alphas: list[float] = setting(factory=list, help="alpha per UNet block, in block_dims' order")
+    conv_block_dims: list[int] = setting(factory=list, help="rank of the 3x3 convolutions per UNet block, in "
+                                                         "block_dims' order (kohya's conv_block_dims; 0 leaves a "
+                                                         "block's convolutions out)")
+    conv_block_alphas: list[float] = setting(factory=list, help="alpha of the 3x3 convolutions per UNet block")
     conv_dim: int | None = setting(None, "locon, loha, lokr, dora: rank of the 3x3 convolutions (kohya: conv_dim); "
                                          "None: rank (locon), no convolutions (the others)")
     conv_alpha: float | None = setting(None, "locon, loha, lokr, dora: their alpha (kohya: conv_alpha); None: alpha")
@@ -418,6 +422,12 @@ class TrainConfig(ConfigBase):
             if self.lora_dropout:
                 raise ConfigError(f"lora_dropout drops LoRA's inputs; {self.network} (peft's) has no such dropout: "
                                   "set lora_dropout = 0")
+        if any(not isinstance(d, int) or d < 0 for d in self.conv_block_dims):
+            raise ConfigError(f"conv_block_dims are ranks (whole numbers >= 0), got {self.conv_block_dims}")
+        if (self.conv_block_dims or self.conv_block_alphas) and not (
+                self.network == "locon" or (self.network in ("loha", "lokr", "dora") and self.conv_dim)):
+            raise ConfigError("conv_block_dims and conv_block_alphas size the 3x3 convolutions per block: use them "
+                              "with network locon (or loha, lokr, dora with conv_dim)")
         if self.max_data_loader_n_workers is not None and (not isinstance(self.max_data_loader_n_workers, int)
                                                            or self.max_data_loader_n_workers < 0):
             raise ConfigError(f"max_data_loader_n_workers must be a whole number >= 0 (or unset), got "

@@ -473,3 +473,38 @@ def test_dora_files_are_checked_when_read(tiny_sd15_dir, tmp_path):
         load_lora(tmp_path / "loha_dora.safetensors", base.pipe)
     with pytest.raises(ConfigError, match="dora files exist in the kohya/LyCORIS layout only"):
         TrainConfig(network="dora", save_format="diffusers")
+
+
+def test_conv_block_dims_size_the_convolutions_per_block(tiny_sd15_dir):
+    """kohya's conv_block_dims / conv_block_alphas: each block's 3x3 convolutions at its own rank and alpha, 0
+    leaving them out; the linear modules keep the rank, and the file's network_args carry both lists."""
+    from peft.tuners.lora import LoraLayer
+
+    from helpers.sd.models import load_base
+    from helpers.train.blocks import block_names, block_of
+    from helpers.train.methods import LoraLayers, network_args
+
+    base = load_base(str(tiny_sd15_dir))
+    names = block_names(base.unet.config)
+    dims = [0 if i == 1 else 3 for i in range(len(names))]
+    alphas = [1.5] * len(names)
+    cfg = TrainConfig(network="locon", rank=4, alpha=2.0, conv_dim=2, target="full", conv_block_dims=dims,
+                      conv_block_alphas=alphas)
+    LoraLayers(cfg).attach(base.unet, [], [], torch.device("cpu"))
+    where = block_of(base.unet.config)
+    convs = set(unet_resnet_target_modules(load_base(str(tiny_sd15_dir)).unet)[1])
+    seen = {}
+    for name, m in base.unet.named_modules():
+        plain = name.replace(".base_layer", "")
+        if isinstance(m, LoraLayer) and plain in convs:
+            seen[plain] = (m.r["default"], m.lora_alpha["default"])
+    assert seen and all(where[n] != names[1] for n in seen)                 # block IN01's convolutions left out
+    assert any(where[n] == names[1] for n in convs)
+    assert set(seen.values()) == {(3, 1.5)}
+    args = network_args(cfg)
+    assert args["conv_block_dims"] == ",".join(map(str, dims)) and args["conv_block_alphas"].startswith("1.5,")
+    with pytest.raises(ConfigError, match="conv_block_dims and conv_block_alphas size the 3x3 convolutions"):
+        TrainConfig(conv_block_dims=dims)
+    bad = cfg.replace(conv_block_dims=[2, 2])
+    with pytest.raises(ConfigError, match=f"conv_block_dims needs {len(names)} values"):
+        LoraLayers(bad).attach(load_base(str(tiny_sd15_dir)).unet, [], [], torch.device("cpu"))

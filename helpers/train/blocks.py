@@ -91,3 +91,19 @@ def rank_plan(targets: list[str], unet_config: Mapping, rank: int, alpha: float,
     if not kept:
         raise ValueError("block_dims leaves every target module out (all 0)")
     return kept, ranks, alpha_map
+
+
+def conv_plan(convs: list[str], unet_config: Mapping, rank: int, alpha: float, dims: Sequence[int] | None,
+              alphas: Sequence[float] | None) -> dict[str, tuple[int, float]]:
+    """{3x3 convolution: (rank, alpha)} from kohya's `conv_block_dims` / `conv_block_alphas` (one value per block,
+    block_dims' order), the conv_dim / conv_alpha elsewhere; rank 0 leaves the convolution out."""
+    names = block_names(unet_config)
+    d = per_block(dims, names, "conv_block_dims")
+    a = per_block(alphas, names, "conv_block_alphas")
+    where = block_of(unet_config)
+    out = {}
+    for c in convs:
+        block = where.get(c)
+        r = int(d[block]) if d is not None and block is not None else rank
+        out[c] = (r, float(a[block]) if a is not None and block is not None else alpha)
+    return out

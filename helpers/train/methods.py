@@ -117,9 +117,19 @@ class LoraLayers(Trainable):
                                                cfg.block_alphas)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        for name in set(convs).intersection(targets):
-            key = f"^{re.escape(name)}"
-            ranks[key], alphas[key] = conv
+        if convs:   # per block with conv_block_dims / conv_block_alphas; rank 0 leaves a convolution out
+            from .blocks import conv_plan
+
+            try:
+                plan = conv_plan(sorted(set(convs).intersection(targets)), unet.config, conv[0], conv[1],
+                                 cfg.conv_block_dims, cfg.conv_block_alphas)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            targets = [t for t in targets if plan.get(t, (1, 0.0))[0] > 0]
+            for name, (r, a) in plan.items():
+                if r > 0:
+                    key = f"^{re.escape(name)}"
+                    ranks[key], alphas[key] = r, a
         inject_lora(unet, self._config(targets, ranks, alphas))
         if cfg.network == "dora":   # each LoRA layer gets its magnitude per input column (formats/dora.py)
             from ..formats.dora import add_input_dora
@@ -250,6 +260,10 @@ def network_args(cfg: TrainConfig) -> dict[str, str]:
     conv = conv_layers(cfg)
     if conv is not None:   # sd-scripts' networks.lora spells LoCon as these two network_args (LyCORIS too)
         out["conv_dim"], out["conv_alpha"] = str(conv[0]), f"{conv[1]:g}"
+    if cfg.conv_block_dims:
+        out["conv_block_dims"] = ",".join(map(str, cfg.conv_block_dims))
+    if cfg.conv_block_alphas:
+        out["conv_block_alphas"] = ",".join(f"{a:g}" for a in cfg.conv_block_alphas)
     return out
 
 
