@@ -8,8 +8,8 @@ the trainer's own `DiffusionStep`, and runs two steps (forward, backward, optimi
 
 What fake tensors cannot run is counted by hand, and each row says so:
 - bitsandbytes' 8-bit AdamW keeps 2 bytes of state per trained parameter plus one fp32 absmax per 256-value
-  block for each of its two states (`optimizer_state_analytic`); the fake run steps no optimizer then.
-- The CUDA context and cuBLAS/cuDNN workspaces are not tensors: `cuda_context_gb` (0.5 GB; nvidia-smi shows about
+  block for each of its two states (`BNB_BLOCK`); the fake run steps no optimizer then.
+- The CUDA context and cuBLAS/cuDNN workspaces are not tensors: `CUDA_CONTEXT_GB` (0.5 GiB; nvidia-smi shows about
   0.3-0.6 GB for a fresh PyTorch process on T4/A100) is added to the peak in `peak_gb`.
 - Autocast runs as CPU autocast in the preset's dtype: its cast lists are CUDA's for matmuls and convolutions,
   the ops that hold the activations.
@@ -78,16 +78,24 @@ def _models(spec, dtype: torch.dtype, with_vae: bool):
     """The preset family's UNet, text encoders and (when it stays on the GPU) VAE, built in `dtype` on the meta
     device (no storage; `to_fake` gives them fake CPU tensors once the trainables are attached)."""
     from diffusers import AutoencoderKL
-    from train_step import build_models
+    from train_step import SD_VAE, build_models
 
     unet, tes = build_models(spec, "meta", dtype)
     vae = None
     if with_vae:
         with torch.device("meta"):
-            vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
-                                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                                block_out_channels=(128, 256, 512, 512), layers_per_block=2).to(dtype)
+            vae = AutoencoderKL(**SD_VAE).to(dtype)
     return unet, tes, vae
+
+
+def preset_config(values: dict[str, Any]):
+    """(TrainConfig, compute dtype) of a preset's values, with SDPA attention (what both the estimate and the
+    measurement run)."""
+    from helpers.config import TrainConfig
+    from helpers.sd.precision import precision_dtype
+
+    cfg = TrainConfig(**values).replace(attention="sdpa")
+    return cfg, precision_dtype(cfg.mixed_precision)
 
 
 def to_fake(module: torch.nn.Module) -> None:
@@ -144,15 +152,10 @@ def _sizes(snapshot: dict) -> dict[str, int]:
 
 def estimate(preset_name: str, spec, values: dict[str, Any], steps: int = 2) -> Row:
     """One preset's row: its config on `spec`'s models, two steps under MemTracker (fake tensors)."""
-    from helpers.config import TrainConfig
-    from helpers.sd.precision import normalize_precision, precision_dtype
     from helpers.train.setup import attach_methods, make_step, param_groups, trainable_params
     from train_step import _batch, noise_scheduler
 
-    fields = {k: v for k, v in values.items() if k in TrainConfig.__dataclass_fields__}
-    cfg = TrainConfig(**{**fields, "pretrained_model": "memory-estimate", "train_data_dir": "memory-estimate",
-                         "attention": "sdpa"})
-    dtype = precision_dtype(normalize_precision(cfg.mixed_precision))
+    cfg, dtype = preset_config(values)
     keeps_text = not cfg.cache_text_encoder_outputs
     keeps_vae = not cfg.cache_latents
     eight_bit = cfg.optimizer == "adamw8bit"
@@ -214,16 +217,11 @@ def estimate(preset_name: str, spec, values: dict[str, Any], steps: int = 2) -> 
 def measure(preset_name: str, spec, values: dict[str, Any], steps: int = 3) -> dict[str, Any]:
     """On a CUDA GPU: the same step with real (random) weights, the real optimizer (bitsandbytes' 8-bit AdamW too)
     and CUDA autocast; returns the measured peak allocated and reserved GiB, to set beside `estimate`."""
-    from helpers.config import TrainConfig
-    from helpers.sd.precision import normalize_precision, precision_dtype
     from helpers.train.optim import build_optimizer
     from helpers.train.setup import attach_methods, make_step, param_groups, trainable_params
     from train_step import _batch, build_models, noise_scheduler
 
-    fields = {k: v for k, v in values.items() if k in TrainConfig.__dataclass_fields__}
-    cfg = TrainConfig(**{**fields, "pretrained_model": "memory-estimate", "train_data_dir": "memory-estimate",
-                         "attention": "sdpa"})
-    dtype = precision_dtype(normalize_precision(cfg.mixed_precision))
+    cfg, dtype = preset_config(values)
     device = torch.device("cuda")
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()

@@ -61,6 +61,10 @@ CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num
               hidden_act="quick_gelu", projection_dim=768)          # SD 1.5's encoder, SDXL's first
 CLIP_BIG_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
                   hidden_act="gelu", projection_dim=1280)           # SDXL's second (with projection)
+# the SD 1.x / SDXL VAE (diffusers AutoencoderKL; SDXL's has the same layers)
+SD_VAE: dict[str, Any] = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+                              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                              block_out_channels=(128, 256, 512, 512))
 
 # Dense fp16/bf16 tensor-core peaks in TFLOP/s (vendor data sheets, without sparsity).
 PEAK_TFLOPS: dict[str, float] = {"T4": 65.0, "A100": 312.0, "L4": 121.0, "H100": 989.0, "H200": 989.0}

@@ -58,9 +58,9 @@ class Result:
 
     def per_step(self) -> list[float]:
         """Per-step seconds of each (short, long) pair, in run order."""
-        short = [t for n, t in self.runs if n == min(s for s, _ in self.runs)]
-        long = [t for n, t in self.runs if n == max(s for s, _ in self.runs)]
-        n_short, n_long = min(s for s, _ in self.runs), max(s for s, _ in self.runs)
+        n_short, n_long = min(n for n, _ in self.runs), max(n for n, _ in self.runs)
+        short = [t for n, t in self.runs if n == n_short]
+        long = [t for n, t in self.runs if n == n_long]
         return [(b - a) / (n_long - n_short) for a, b in zip(short, long)]
 
 
@@ -84,16 +84,14 @@ def write_full_size_model(folder: Path) -> Path:
     from transformers import CLIPTextModel
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from train_step import CLIP_L, SD15_UNET, _text_config
+    from train_step import CLIP_L, SD15_UNET, SD_VAE, _text_config
 
     from helpers.toy.tiny import load_tiny_tokenizer, write_clip_tokenizer
 
     tok = load_tiny_tokenizer(write_clip_tokenizer(folder / "_tok"))
     torch.manual_seed(0)
     pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                          block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                          sample_size=512),
+        vae=AutoencoderKL(**SD_VAE, sample_size=512),
         text_encoder=CLIPTextModel(_text_config(tok, **CLIP_L)), tokenizer=tok,
         unet=UNet2DConditionModel(**SD15_UNET),
         scheduler=DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"),

@@ -307,6 +307,12 @@ class TrainConfig(ConfigBase):
         return Path(self.logging_dir) if self.logging_dir else Path(self.output_dir) / "logs"
 
     @property
+    def trains_convs(self) -> bool:
+        """Whether the network trains the ResNet blocks' 3x3 convolutions: locon always; loha, lokr and dora with
+        conv_dim."""
+        return self.network == "locon" or (self.network in ("loha", "lokr", "dora") and bool(self.conv_dim))
+
+    @property
     def held_out(self) -> bool:
         """Whether the validation loss runs on images the run never trains on."""
         return bool(self.validation_split or self.validation_data_dir)
@@ -410,13 +416,10 @@ class TrainConfig(ConfigBase):
         if self.factor != -1 and (self.network != "lokr" or self.factor < 1):
             raise ConfigError(f"factor splits the weights of network lokr: -1 or a whole number >= 1, with "
                               f"network = \"lokr\"; got factor={self.factor!r} for network {self.network!r}")
-        if self.network == "dora" and self.save_format != "kohya":
-            raise ConfigError("dora files exist in the kohya/LyCORIS layout only (A1111, ComfyUI and helpers read "
-                              "it; diffusers' own layout keeps peft's other DoRA): set save_format = \"kohya\"")
+        if self.network in ("loha", "lokr", "dora") and self.save_format != "kohya":
+            raise ConfigError(f"{self.network} files exist in the kohya/LyCORIS layout only (A1111, ComfyUI and "
+                              "helpers read it): set save_format = \"kohya\"")
         if self.network in ("loha", "lokr"):
-            if self.save_format != "kohya":
-                raise ConfigError(f"{self.network} files exist in the kohya/LyCORIS layout only (A1111, ComfyUI and "
-                                  "helpers read it): set save_format = \"kohya\"")
             if self.loraplus_lr_ratio:
                 raise ConfigError(f"loraplus_lr_ratio speeds up LoRA's B matrices; {self.network} has none")
             if self.lora_dropout:
@@ -424,8 +427,7 @@ class TrainConfig(ConfigBase):
                                   "set lora_dropout = 0")
         if any(not isinstance(d, int) or d < 0 for d in self.conv_block_dims):
             raise ConfigError(f"conv_block_dims are ranks (whole numbers >= 0), got {self.conv_block_dims}")
-        if (self.conv_block_dims or self.conv_block_alphas) and not (
-                self.network == "locon" or (self.network in ("loha", "lokr", "dora") and self.conv_dim)):
+        if (self.conv_block_dims or self.conv_block_alphas) and not self.trains_convs:
             raise ConfigError("conv_block_dims and conv_block_alphas size the 3x3 convolutions per block: use them "
                               "with network locon (or loha, lokr, dora with conv_dim)")
         if self.max_data_loader_n_workers is not None and (not isinstance(self.max_data_loader_n_workers, int)

@@ -37,13 +37,10 @@ def tiny(memory, tmp_path_factory):
 def _weights_bytes(memory, spec, values) -> tuple[int, int, int]:
     """(bytes of every weight the step keeps on the GPU, trained parameters, trained tensors), counted here from
     the models themselves."""
-    from helpers.config import TrainConfig
-    from helpers.sd.precision import precision_dtype
     from helpers.train.setup import attach_methods, trainable_params
 
-    fields = {k: v for k, v in values.items() if k in TrainConfig.__dataclass_fields__}
-    cfg = TrainConfig(**{**fields, "pretrained_model": "x", "train_data_dir": "x"})
-    unet, tes, _ = memory._models(spec, precision_dtype(cfg.mixed_precision), False)
+    cfg, dtype = memory.preset_config(values)
+    unet, tes, _ = memory._models(spec, dtype, False)
     methods = attach_methods(cfg, unet, tes, spec.tokenizers, torch.device("meta"))
     kept = [unet] + ([] if cfg.cache_text_encoder_outputs else tes)
     total = sum(t.numel() * t.element_size() for m in kept for t in [*m.parameters(), *m.buffers()])

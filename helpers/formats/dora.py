@@ -109,28 +109,39 @@ class InputAxisDora:
         raise TypeError("InputAxisDora is attached by add_input_dora, not through a peft config")
 
     @staticmethod
+    def scales(module, adapter: str) -> tuple[float, float]:
+        """(alpha / r, the adapter's weight w): peft's scaling is w * alpha / r (w is 1 while training)."""
+        unit = module.lora_alpha[adapter] / module.r[adapter]
+        return unit, module.scaling[adapter] / unit
+
+    @staticmethod
+    def lora_delta(module, adapter: str, shape) -> torch.Tensor:
+        """(alpha / r) * up @ down in the weight's shape, in float32."""
+        unit, _ = InputAxisDora.scales(module, adapter)
+        a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+        return _lora_product(a.float(), b.float(), shape) * unit
+
+    @staticmethod
     def input_scale(module, adapter: str) -> torch.Tensor:
         """s = magnitude / |V| ([in], float32), |V| without gradient; cached while nothing it reads changes."""
         base = module.get_base_layer()
         a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
-        unit = module.lora_alpha[adapter] / module.r[adapter]
-        key = tuple((t.data_ptr(), t._version) for t in (base.weight, a, b)) + (unit,)
+        key = tuple((t.data_ptr(), t._version) for t in (base.weight, a, b)) + (module.lora_alpha[adapter],
+                                                                                 module.r[adapter])
         cache = module.__dict__.setdefault("_input_dora_norms", {})
         hit = cache.get(adapter)
         if hit is not None and hit[0] == key:
             norm = hit[1]
         else:
             with torch.no_grad():
-                v = base.weight.float() + _lora_product(a.float(), b.float(), base.weight.shape) * unit
-                norm = column_norm(v)
+                norm = column_norm(base.weight.float() + InputAxisDora.lora_delta(module, adapter, base.weight.shape))
             cache[adapter] = (key, norm)
         return module.lora_magnitude_vector[adapter].weight / norm
 
     @staticmethod
     def forward(module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
         base = module.get_base_layer()
-        unit = module.lora_alpha[active_adapter] / module.r[active_adapter]
-        w = module.scaling[active_adapter] / unit           # the adapter's weight: 1 while training
+        unit, w = InputAxisDora.scales(module, active_adapter)
         s = InputAxisDora.input_scale(module, active_adapter).to(x.dtype)
         conv = isinstance(base, torch.nn.Conv2d)
         s = s.view(-1, 1, 1) if conv else s
@@ -144,13 +155,11 @@ class InputAxisDora:
     @staticmethod
     def merge_safe(module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
         """W + w * (V * s - W), with s kept for `unmerge`."""
-        unit = module.lora_alpha[active_adapter] / module.r[active_adapter]
-        w = module.scaling[active_adapter] / unit
-        s = InputAxisDora.input_scale(module, active_adapter).detach()
+        _, w = InputAxisDora.scales(module, active_adapter)
+        weight = orig_weight.detach().float()
+        v = weight + InputAxisDora.lora_delta(module, active_adapter, weight.shape).detach()
+        s = module.lora_magnitude_vector[active_adapter].weight.detach() / column_norm(v)
         module._cache_store(f"{active_adapter}-input_scale", s)
-        a, b = module.lora_A[active_adapter].weight, module.lora_B[active_adapter].weight
-        weight = orig_weight.float()
-        v = weight + _lora_product(a.float(), b.float(), weight.shape) * unit
         return (weight + w * (v * file_shape(s, weight.dim()) - weight)).to(orig_weight.dtype)
 
     @staticmethod
@@ -160,12 +169,10 @@ class InputAxisDora:
     @staticmethod
     def unmerge(module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
         """W from W' = W (1 - w + w s) + w s (alpha / r) up down, column by column."""
-        unit = module.lora_alpha[active_adapter] / module.r[active_adapter]
-        w = module.scaling[active_adapter] / unit
+        _, w = InputAxisDora.scales(module, active_adapter)
         s = file_shape(module._cache_pop(f"{active_adapter}-input_scale"), orig_weight.dim())
-        a, b = module.lora_A[active_adapter].weight, module.lora_B[active_adapter].weight
-        merged = orig_weight.float()
-        delta = _lora_product(a.float(), b.float(), merged.shape) * unit
+        merged = orig_weight.detach().float()
+        delta = InputAxisDora.lora_delta(module, active_adapter, merged.shape).detach()
         return ((merged - w * s * delta) / (1 - w + w * s)).to(orig_weight.dtype)
 
 

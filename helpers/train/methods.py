@@ -125,7 +125,7 @@ class LoraLayers(Trainable):
                                  cfg.conv_block_dims, cfg.conv_block_alphas)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
-            targets = [t for t in targets if plan.get(t, (1, 0.0))[0] > 0]
+            targets = [t for t in targets if t not in plan or plan[t][0] > 0]
             for name, (r, a) in plan.items():
                 if r > 0:
                     key = f"^{re.escape(name)}"
@@ -268,9 +268,9 @@ def network_args(cfg: TrainConfig) -> dict[str, str]:
 
 
 def conv_layers(cfg: TrainConfig) -> tuple[int, float] | None:
-    """(rank, alpha) of the ResNet blocks' 3x3 convolutions when the network trains them (locon always, loha and
-    lokr and dora with conv_dim), else None."""
-    if cfg.network == "locon" or (cfg.network in ("loha", "lokr", "dora") and cfg.conv_dim):
+    """(rank, alpha) of the ResNet blocks' 3x3 convolutions when the network trains them
+    (`TrainConfig.trains_convs`), else None."""
+    if cfg.trains_convs:
         return cfg.conv_dim or cfg.rank, cfg.conv_alpha if cfg.conv_alpha is not None else cfg.alpha
     return None
 
