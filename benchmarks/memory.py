@@ -23,6 +23,12 @@ memory above the allocated peak).
     python benchmarks/memory.py                       # the table
     python benchmarks/memory.py --write-table         # and store it for the presets
     python benchmarks/memory.py --tiny                # the tiny test models: a smoke run (the test runs this)
+    python benchmarks/memory.py --references          # the estimate beside peaks others measured and published
+
+`--references` checks the estimator where a real peak is known: `REFERENCES` are configs with a measured peak
+published by others that our trainer runs as they were run (same model size, resolution, batch, precision,
+optimizer, checkpointing, what is trained). A published nvidia-smi figure is reserved memory plus the CUDA
+context, so the estimate (allocated peak plus CUDA_CONTEXT_GB) should sit a little under it.
 """
 
 from __future__ import annotations
@@ -66,6 +72,36 @@ class Row:
     tracked_peak_gb: float = 0.0     # what the tracker saw at once (everything above, at the peak moment)
     peak_gb: float = 0.0             # tracked peak + analytic parts + CUDA context
     analytic: str = ""
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A training config with a peak that others measured on a GPU and published, run here by our own trainer."""
+
+    name: str
+    family: str
+    values: dict[str, Any]
+    published_gib: float
+    measured_as: str
+    source: str
+
+
+# diffusers PR 2039 (merged January 2023): examples/dreambooth/train_dreambooth.py on SD 1.x at 512 px with
+# --mixed_precision fp16 --use_8bit_adam --enable_xformers_memory_efficient_attention --gradient_checkpointing
+# --train_text_encoder and gradients set to None, "VRAM usage of 11124MiB" at batch 1 and "11694MiB" at batch 5
+# (nvidia-smi, RTX 3060 12 GB). The whole UNet and text encoder train in fp32 under fp16 autocast; the VAE stays
+# on the GPU in fp16 and encodes every step (the script has no latent cache).
+_DREAMBOOTH_2039 = dict(family="sd1", resolution=512, method="dreambooth", train_text_encoder=True,
+                        mixed_precision="fp16", gradient_checkpointing=True, optimizer="adamw8bit",
+                        cache_latents=False, learning_rate=5e-6, enable_bucket=False)
+REFERENCES = (
+    Reference("DreamBooth SD 1.x · 512 · batch 1 · text encoder trained", "sd1",
+              dict(_DREAMBOOTH_2039, train_batch_size=1), 11124 / 1024,
+              "nvidia-smi, RTX 3060 12 GB", "https://github.com/huggingface/diffusers/pull/2039"),
+    Reference("DreamBooth SD 1.x · 512 · batch 5 · text encoder trained", "sd1",
+              dict(_DREAMBOOTH_2039, train_batch_size=5), 11694 / 1024,
+              "nvidia-smi, RTX 3060 12 GB", "https://github.com/huggingface/diffusers/pull/2039"),
+)
 
 
 def _fake_mode():
@@ -275,6 +311,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="the tiny test models instead of full size (smoke run)")
     p.add_argument("--json", type=Path, help="write the rows here")
     p.add_argument("--write-table", action="store_true", help=f"store the peaks in {TABLE.relative_to(ROOT)}")
+    p.add_argument("--references", action="store_true", help="estimate the configs with a published measured peak "
+                   "(REFERENCES) and print the estimate beside it")
     p.add_argument("--measure", action="store_true", help="on a CUDA GPU: measure each preset's real peak (random "
                    "weights) and print it beside the stored estimate")
     return p.parse_args(argv)
@@ -292,7 +330,16 @@ def main(argv=None) -> list[Row]:
     with tempfile.TemporaryDirectory() as tmp:
         tok = write_clip_tokenizer(Path(tmp))
         specs = tiny_specs(tok) if args.tiny else full_size_specs(tok)
-        if args.measure:   # the stored estimates (a fake run takes minutes of single-threaded Python) vs this GPU
+        if args.references:
+            for ref in REFERENCES:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    rows.append(estimate(ref.name, specs[ref.family], ref.values))
+                err = rows[-1].peak_gb / ref.published_gib - 1
+                print(f"{ref.name}: estimated {rows[-1].peak_gb:.2f} GiB, published {ref.published_gib:.2f} GiB "
+                      f"({ref.measured_as}; {ref.source}): {100 * err:+.1f}%", flush=True)
+            print(format_table(rows))
+        elif args.measure:   # the stored estimates (a fake run takes minutes of single-threaded Python) vs this GPU
             table = json.loads(TABLE.read_text())
             for name in names:
                 m = measure(name, specs[PRESETS[name].family], PRESETS[name].values)
@@ -314,7 +361,7 @@ def main(argv=None) -> list[Row]:
             print(f"torch {torch.__version__}; " + "; ".join(f"{r.preset}: {r.analytic}" for r in rows))
     if args.json:
         args.json.write_text(json.dumps({"rows": [r.__dict__ for r in rows], "measured": measured}, indent=1))
-    if args.write_table and rows and not args.tiny:
+    if args.write_table and rows and not args.tiny and not args.references:
         TABLE.write_text(json.dumps({r.preset: round(r.peak_gb, 2) for r in rows}, indent=1) + "\n")
     return rows
 

@@ -87,3 +87,19 @@ def test_the_presets_memory_figures_are_the_estimates_with_the_margin(memory):
     for p in gpu:
         assert p.gpu_gb == round(table[p.name] * (1 + MARGIN), 1), p.name
     assert table["SD 1.5 · T4"] <= 6.0 and table["SDXL · T4"] <= 14.5    # a 15 GiB T4 runs both
+
+
+def test_the_published_reference_runs_trains_what_that_run_trained(memory, tiny):
+    """The references (a peak others measured) are estimated with our trainer as that run was set up: DreamBooth
+    trains every UNet and text-encoder weight as an fp32 master, and the VAE stays on the GPU (no latent cache)."""
+    ref = memory.REFERENCES[0]
+    row = memory.estimate(ref.name, tiny[ref.family], ref.values)
+    cfg, dtype = memory.preset_config(ref.values)
+    unet, tes, vae = memory._models(tiny[ref.family], dtype, True)
+    everything = sum(p.numel() for m in [unet, *tes] for p in m.parameters())
+    assert row.trained_params == everything
+    fp32_masters = 4 * everything
+    frozen_vae = sum(p.numel() * p.element_size() for p in vae.parameters())
+    assert row.weights_gb * memory.GB >= fp32_masters + frozen_vae
+    assert row.optimizer_state_gb * memory.GB == 2 * everything + 8 * math.ceil(everything / memory.BNB_BLOCK)
+    assert all(r.source.startswith("https://") and r.published_gib > 0 for r in memory.REFERENCES)
