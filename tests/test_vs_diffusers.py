@@ -62,3 +62,18 @@ def test_gpu_suite_lists_parts_whose_scripts_exist(tmp_path, capsys):
     assert sum(limit for _, _, limit in parts) <= 10 * 60        # the suite fits in 10 minutes
     suite.main(["--dry-run", "--json", str(tmp_path / "gpu.json")])
     assert "== memory" in capsys.readouterr().out
+
+
+def test_step_parts_times_each_part_of_the_step(capsys):
+    """benchmarks/step_parts.py in its smallest mode (not timed): every part of the example's step is timed and
+    the table's shares add up to the whole."""
+    parts = _load("step_parts")
+    times = parts.main(["--tiny"])
+    assert list(times) == ["VAE encode", "text encoder", "UNet forward + backward + AdamW"]
+    assert all(s > 0 for s in times.values())
+    table = capsys.readouterr().out
+    assert "| all (the example's step: it runs every part) |" in table
+    rows = [line for line in table.splitlines() if line.split("|")[1:2] and line.split("|")[1].strip() in times]
+    shares = [int(line.split("|")[3].strip().rstrip("%")) for line in rows]
+    assert len(shares) == 3
+    assert abs(sum(shares) - 100) <= 2   # rounded shares
