@@ -90,7 +90,8 @@ class Reference:
 # --mixed_precision fp16 --use_8bit_adam --enable_xformers_memory_efficient_attention --gradient_checkpointing
 # --train_text_encoder and gradients set to None, "VRAM usage of 11124MiB" at batch 1 and "11694MiB" at batch 5
 # (nvidia-smi, RTX 3060 12 GB). The whole UNet and text encoder train in fp32 under fp16 autocast; the VAE stays
-# on the GPU in fp16 and encodes every step (the script has no latent cache).
+# on the GPU in fp16 and encodes every step (the script has no latent cache). The estimate counts the VAE's
+# weights, not its encode: that runs under no_grad before the UNet's forward, and its temporaries are freed first.
 _DREAMBOOTH_2039 = dict(family="sd1", resolution=512, method="dreambooth", train_text_encoder=True,
                         mixed_precision="fp16", gradient_checkpointing=True, optimizer="adamw8bit",
                         cache_latents=False, learning_rate=5e-6, enable_bucket=False)
