@@ -69,41 +69,43 @@ def filter_layers(names: list[str], patterns: Sequence[str], regex: bool = False
     return kept
 
 
+def module_values(modules: list[str], unet_config: Mapping, rank: int, alpha: float, dims: Sequence[int] | None,
+                  alphas: Sequence[float] | None, what: str) -> dict[str, tuple[int, float]]:
+    """{module: (rank, alpha)}: its block's value from the per-block lists `dims` / `alphas` (named `what` and
+    `what` with alphas in errors), `rank` / `alpha` where a list is empty or the module is outside the blocks."""
+    names = block_names(unet_config)
+    d = per_block(dims, names, what)
+    a = per_block(alphas, names, what.replace("dims", "alphas"))
+    where = block_of(unet_config)
+    out = {}
+    for m in modules:
+        block = where.get(m)
+        out[m] = (int(d[block]) if d is not None and block is not None else rank,
+                  float(a[block]) if a is not None and block is not None else alpha)
+    return out
+
+
+def module_pattern(name: str) -> str:
+    """peft's rank_pattern / alpha_pattern key that matches exactly the module `name`."""
+    return f"^{re.escape(name)}"
+
+
 def rank_plan(targets: list[str], unet_config: Mapping, rank: int, alpha: float, dims: Sequence[int] | None,
               alphas: Sequence[float] | None) -> tuple[list[str], dict[str, int], dict[str, float]]:
     """(targets kept, rank_pattern, alpha_pattern) for peft: each module's block value; a block dim of 0 leaves
     the block out (as sd-scripts)."""
-    names = block_names(unet_config)
-    d = per_block(dims, names, "block_dims")
-    a = per_block(alphas, names, "block_alphas")
-    if d is None and a is None:
+    if not dims and not alphas:
         return targets, {}, {}
-    where = block_of(unet_config)
-    kept, ranks, alpha_map = [], {}, {}
-    for t in targets:
-        block = where.get(t)
-        r = int(d[block]) if d is not None and block is not None else rank
-        if r == 0:
-            continue
-        kept.append(t)
-        ranks[f"^{re.escape(t)}"] = r
-        alpha_map[f"^{re.escape(t)}"] = float(a[block]) if a is not None and block is not None else alpha
+    values = module_values(targets, unet_config, rank, alpha, dims, alphas, "block_dims")
+    kept = [t for t in targets if values[t][0] != 0]
     if not kept:
         raise ValueError("block_dims leaves every target module out (all 0)")
-    return kept, ranks, alpha_map
+    return (kept, {module_pattern(t): values[t][0] for t in kept},
+            {module_pattern(t): values[t][1] for t in kept})
 
 
 def conv_plan(convs: list[str], unet_config: Mapping, rank: int, alpha: float, dims: Sequence[int] | None,
               alphas: Sequence[float] | None) -> dict[str, tuple[int, float]]:
     """{3x3 convolution: (rank, alpha)} from kohya's `conv_block_dims` / `conv_block_alphas` (one value per block,
     block_dims' order), the conv_dim / conv_alpha elsewhere; rank 0 leaves the convolution out."""
-    names = block_names(unet_config)
-    d = per_block(dims, names, "conv_block_dims")
-    a = per_block(alphas, names, "conv_block_alphas")
-    where = block_of(unet_config)
-    out = {}
-    for c in convs:
-        block = where.get(c)
-        r = int(d[block]) if d is not None and block is not None else rank
-        out[c] = (r, float(a[block]) if a is not None and block is not None else alpha)
-    return out
+    return module_values(convs, unet_config, rank, alpha, dims, alphas, "conv_block_dims")

@@ -9,7 +9,6 @@ read. A method is a list of them: LoRA `[LoraLayers]`, DreamBooth `[WholeUNet]`,
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,7 +117,7 @@ class LoraLayers(Trainable):
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if convs:   # per block with conv_block_dims / conv_block_alphas; rank 0 leaves a convolution out
-            from .blocks import conv_plan
+            from .blocks import conv_plan, module_pattern
 
             try:
                 plan = conv_plan(sorted(set(convs).intersection(targets)), unet.config, conv[0], conv[1],
@@ -128,8 +127,7 @@ class LoraLayers(Trainable):
             targets = [t for t in targets if t not in plan or plan[t][0] > 0]
             for name, (r, a) in plan.items():
                 if r > 0:
-                    key = f"^{re.escape(name)}"
-                    ranks[key], alphas[key] = r, a
+                    ranks[module_pattern(name)], alphas[module_pattern(name)] = r, a
         inject_lora(unet, self._config(targets, ranks, alphas))
         if cfg.network == "dora":   # each LoRA layer gets its magnitude per input column (formats/dora.py)
             from ..formats.dora import add_input_dora
