@@ -95,14 +95,11 @@ class Reference:
 _DREAMBOOTH_2039 = dict(family="sd1", resolution=512, method="dreambooth", train_text_encoder=True,
                         mixed_precision="fp16", gradient_checkpointing=True, optimizer="adamw8bit",
                         cache_latents=False, learning_rate=5e-6, enable_bucket=False)
-REFERENCES = (
-    Reference("DreamBooth SD 1.x · 512 · batch 1 · text encoder trained", "sd1",
-              dict(_DREAMBOOTH_2039, train_batch_size=1), 11124 / 1024,
-              "nvidia-smi, RTX 3060 12 GB", "https://github.com/huggingface/diffusers/pull/2039"),
-    Reference("DreamBooth SD 1.x · 512 · batch 5 · text encoder trained", "sd1",
-              dict(_DREAMBOOTH_2039, train_batch_size=5), 11694 / 1024,
-              "nvidia-smi, RTX 3060 12 GB", "https://github.com/huggingface/diffusers/pull/2039"),
-)
+REFERENCES = tuple(
+    Reference(f"DreamBooth SD 1.x · 512 · batch {batch} · text encoder trained", "sd1",
+              dict(_DREAMBOOTH_2039, train_batch_size=batch), mib / 1024,
+              "nvidia-smi, RTX 3060 12 GB", "https://github.com/huggingface/diffusers/pull/2039")
+    for batch, mib in ((1, 11124), (5, 11694)))
 
 
 def _fake_mode():
@@ -331,16 +328,7 @@ def main(argv=None) -> list[Row]:
     with tempfile.TemporaryDirectory() as tmp:
         tok = write_clip_tokenizer(Path(tmp))
         specs = tiny_specs(tok) if args.tiny else full_size_specs(tok)
-        if args.references:
-            for ref in REFERENCES:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    rows.append(estimate(ref.name, specs[ref.family], ref.values))
-                err = rows[-1].peak_gb / ref.published_gib - 1
-                print(f"{ref.name}: estimated {rows[-1].peak_gb:.2f} GiB, published {ref.published_gib:.2f} GiB "
-                      f"({ref.measured_as}; {ref.source}): {100 * err:+.1f}%", flush=True)
-            print(format_table(rows))
-        elif args.measure:   # the stored estimates (a fake run takes minutes of single-threaded Python) vs this GPU
+        if args.measure:   # the stored estimates (a fake run takes minutes of single-threaded Python) vs this GPU
             table = json.loads(TABLE.read_text())
             for name in names:
                 m = measure(name, specs[PRESETS[name].family], PRESETS[name].values)
@@ -351,13 +339,18 @@ def main(argv=None) -> list[Row]:
                 print(f"{name}: estimated {m['estimated_allocated_gb']:.2f} GiB, measured "
                       f"{m['measured_allocated_gb']:.2f} GiB allocated ({m['measured_reserved_gb']:.2f} reserved) "
                       f"on {m['gpu']}: {100 * m['error']:+.1f}%", flush=True)
-        else:
-            for name in names:
-                preset = PRESETS[name]
+        else:   # the presets, or the configs with a published peak
+            jobs = ([(r.name, r.family, r.values, r) for r in REFERENCES] if args.references else
+                    [(n, PRESETS[n].family, PRESETS[n].values, None) for n in names])
+            for name, family, values, ref in jobs:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    rows.append(estimate(name, specs[preset.family], preset.values))
-                print(f"{name}: peak {rows[-1].peak_gb:.2f} GiB", flush=True)
+                    rows.append(estimate(name, specs[family], values))
+                line = f"{name}: peak {rows[-1].peak_gb:.2f} GiB"
+                if ref is not None:
+                    line += (f", published {ref.published_gib:.2f} GiB ({ref.measured_as}; {ref.source}): "
+                             f"{100 * (rows[-1].peak_gb / ref.published_gib - 1):+.1f}%")
+                print(line, flush=True)
             print(format_table(rows))
             print(f"torch {torch.__version__}; " + "; ".join(f"{r.preset}: {r.analytic}" for r in rows))
     if args.json:
