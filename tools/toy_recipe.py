@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 import tomllib
 from collections import Counter
+from dataclasses import fields
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
@@ -40,12 +42,12 @@ def parse_set(pairs: list[str]) -> dict:
 
 
 def score(model_dir: str, lora: Path | None, samples: int, cfgs: list[float]) -> list[dict]:
-    """The demo's measures of one trained result at each CFG scale (weight 1)."""
-    from helpers.generate.inference import generate, load_loras
+    """The demo's measures of one trained result at each CFG scale (weight 1), with the lobe counts and the mean
+    object size of the samples with the trigger."""
+    from helpers.generate.inference import load_loras
     from helpers.sd.models import load_base
-    from helpers.toy.demo import EVAL_SAMPLER, EVAL_STEPS, trigger_prompts, world_prompts
+    from helpers.toy.demo import score_samples
     from helpers.toy.judge import load_judge
-    from helpers.toy.judge import score as judge_score
     from helpers.toy.looks import look
 
     base = load_base(model_dir)
@@ -56,15 +58,11 @@ def score(model_dir: str, lora: Path | None, samples: int, cfgs: list[float]) ->
     judge = load_judge()
     rows = []
     for cfg in cfgs:
-        kw = dict(steps=EVAL_STEPS, cfg_scale=cfg, seed=1000, sampler=EVAL_SAMPLER, family="sd1")
-        trig, world = trigger_prompts(samples), world_prompts(samples)
-        images, _ = generate(base.pipe, trig, **kw)
+        scores, images = score_samples(base.pipe, judge, samples, cfg_scale=cfg)
         looks = [look(im) for im in images]
-        t = judge_score(judge, images, trig)
-        w_images, _ = generate(base.pipe, world, **kw)
-        w = judge_score(judge, w_images, world)
-        rows.append({"cfg": cfg, "samples": samples, "violet_five_petal": sum(x.is_concept for x in looks) / samples,
-                     "judge_concept": t["concept_rate"], "world_shape_and_colour": w["shape_and_colour_acc"],
+        rows.append({"cfg": cfg, "samples": samples, "violet_five_petal": scores["concept_look_rate"],
+                     "judge_concept": scores["concept_rate"],
+                     "world_shape_and_colour": scores["world_shape_and_colour_acc"],
                      "lobes": {str(k): n for k, n in sorted(Counter(x.lobes for x in looks).items())},
                      "object_share": round(sum(x.object_share for x in looks) / samples, 3)})
     return rows
@@ -82,17 +80,12 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--log", type=Path, default=Path("outputs/toy_recipe/results.jsonl"))
     args = p.parse_args(argv)
 
-    import shutil
-
+    from helpers.config import TrainConfig
     from helpers.toy import world
     from helpers.toy.demo import EVAL_CFG, demo_config, write_reg_images
     from helpers.toy.pretrain import SHIPPED_DIR
 
     changes = parse_set(args.set)
-    from dataclasses import fields
-
-    from helpers.config import TrainConfig
-
     unknown = sorted(set(changes) - {f.name for f in fields(TrainConfig)})
     if unknown:
         raise SystemExit(f"not TrainConfig fields: {', '.join(unknown)} (python -m helpers train --help lists them)")

@@ -76,31 +76,39 @@ def world_prompts(n: int, seed: int = 99) -> list[str]:
     return [world.random_scene(rng, shape=world.SHAPES[i % len(world.SHAPES)]).caption for i in range(n)]
 
 
-def evaluate_lora(pipe, adapter: str | None, judge, weights: list[float], n: int = 32, seed: int = 1000
-                  ) -> dict[str, dict[str, float]]:
-    """Judge n samples with and n without the trigger at each LoRA weight."""
+def score_samples(pipe, judge, n: int = 32, seed: int = 1000, cfg_scale: float = EVAL_CFG
+                  ) -> tuple[dict[str, float], list]:
+    """Judge n samples with and n without the trigger as the pipe stands (its LoRA weights set): the scores and
+    the samples with the trigger."""
     from ..generate.inference import generate
     from .judge import score
 
+    row: dict[str, float] = {}
+    for kind, prompts in (("trigger", trigger_prompts(n)), ("world", world_prompts(n))):
+        images, _ = generate(pipe, prompts, steps=EVAL_STEPS, cfg_scale=cfg_scale, seed=seed,
+                             sampler=EVAL_SAMPLER, family="sd1")
+        s = score(judge, images, prompts)
+        if kind == "trigger":
+            row["concept_rate"] = s["concept_rate"]
+            row["concept_look_rate"] = s["concept_look_rate"]
+            row["concept_background_acc"] = s["background_acc"]
+            with_trigger = images
+        else:
+            row.update({"world_shape_acc": s["shape_acc"], "world_colour_acc": s["colour_acc"],
+                        "world_shape_and_colour_acc": s["shape_and_colour_acc"],
+                        "world_concept_rate": s["concept_rate"],
+                        "world_concept_look_rate": s["concept_look_rate"]})
+    return row, with_trigger
+
+
+def evaluate_lora(pipe, adapter: str | None, judge, weights: list[float], n: int = 32, seed: int = 1000
+                  ) -> dict[str, dict[str, float]]:
+    """Judge n samples with and n without the trigger at each LoRA weight."""
     out: dict[str, dict[str, float]] = {}
     for w in weights:
         if adapter:
             pipe.set_adapters([adapter], adapter_weights=[w])
-        row = {}
-        for kind, prompts in (("trigger", trigger_prompts(n)), ("world", world_prompts(n))):
-            images, _ = generate(pipe, prompts, steps=EVAL_STEPS, cfg_scale=EVAL_CFG, seed=seed,
-                                 sampler=EVAL_SAMPLER, family="sd1")
-            s = score(judge, images, prompts)
-            if kind == "trigger":
-                row["concept_rate"] = s["concept_rate"]
-                row["concept_look_rate"] = s["concept_look_rate"]
-                row["concept_background_acc"] = s["background_acc"]
-            else:
-                row.update({"world_shape_acc": s["shape_acc"], "world_colour_acc": s["colour_acc"],
-                            "world_shape_and_colour_acc": s["shape_and_colour_acc"],
-                            "world_concept_rate": s["concept_rate"],
-                            "world_concept_look_rate": s["concept_look_rate"]})
-        out[f"{w:g}"] = row
+        out[f"{w:g}"] = score_samples(pipe, judge, n, seed)[0]
     return out
 
 
