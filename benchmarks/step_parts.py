@@ -36,15 +36,14 @@ def parts(model_dir: str, batch: int = 32, resolution: int = 32, rank: int = 8, 
     """Seconds per call of each part of one step, on `model_dir`'s models in fp32 on the CPU."""
     from peft import LoraConfig
 
-    from helpers.sd.lora_targets import unet_target_modules
+    from helpers.sd.lora_targets import inject_lora, unet_target_modules
     from helpers.sd.models import load_base
 
-    base = load_base(model_dir)
-    unet, vae, te, tok = base.pipe.unet.float(), base.pipe.vae.float(), base.pipe.text_encoder.float(), \
-        base.pipe.tokenizer
+    pipe = load_base(model_dir).pipe
+    unet, vae, te, tok = pipe.unet.float(), pipe.vae.float(), pipe.text_encoder.float(), pipe.tokenizer
     for m in (unet, vae, te):
         m.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=unet_target_modules(unet, "attention")))
+    inject_lora(unet, LoraConfig(r=rank, lora_alpha=rank, target_modules=unet_target_modules(unet, "attention")))
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     gen = torch.Generator().manual_seed(0)
