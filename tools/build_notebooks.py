@@ -62,9 +62,9 @@ image) are kept if you have them. Runs on CPU; no GPU needed.
            "upload a .zip to Drive and point `SOURCE` at it)."),
     ("code", '''from pathlib import Path
 SOURCE = project.images          # a folder (subfolders are kept) or a .zip of your images
-if TOY:  # the toy world's new concept: 24 images of a violet five-petal flower, captions included, and
+if TOY:  # the toy world's new concept: 48 images of a violet five-petal flower, captions included, and
     from helpers.toy import world   # what real folders hold too: a copy, a re-saved JPEG, a broken file, a thumbnail
-    world.write_concept_dataset(SOURCE, n=24, seed=1234)
+    world.write_concept_dataset(SOURCE, n=world.CONCEPT_IMAGES, seed=1234)
     world.write_flawed_files(SOURCE)
 files = [p for p in Path(SOURCE).rglob("*") if p.is_file()] if Path(SOURCE).is_dir() else [Path(SOURCE)]
 print(f"{len(files)} file(s) (images and captions) in {SOURCE}")'''),

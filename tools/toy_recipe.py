@@ -5,7 +5,7 @@ trigger), with the share of samples per lobe count so a shape failure shows what
     python tools/toy_recipe.py                                          # the toy preset as it is
     python tools/toy_recipe.py --set network=locon conv_dim=16          # TrainConfig fields, as TOML values
     python tools/toy_recipe.py --set method=dreambooth learning_rate=2e-4 save_format=diffusers
-    python tools/toy_recipe.py --images 72 --samples 64 --cfg 3         # more concept images; sampling
+    python tools/toy_recipe.py --images 72 --samples 64 --cfg 3         # concept images (the demo: 48); sampling
     python tools/toy_recipe.py --lora run/toy_concept.safetensors --cfg 3 5   # score a trained file only
 
 Each result is printed as one JSON line and appended to --log. 32 samples give about +-8 points of binomial
@@ -71,7 +71,8 @@ def score(model_dir: str, lora: Path | None, samples: int, cfgs: list[float]) ->
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--set", nargs="*", default=[], help="TrainConfig fields to change, key=value")
-    p.add_argument("--images", type=int, default=24, help="concept images (the demo: 24)")
+    p.add_argument("--images", type=int, default=48, help="concept images (the demo: world.CONCEPT_IMAGES, 48)")
+    p.add_argument("--reg", type=int, help="prior (regularization) images (the demo: demo.REG_IMAGES)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples", type=int, default=32, help="samples per measure (the demo: 32)")
     p.add_argument("--cfg", type=float, nargs="*", help="CFG scales to score at (default: the demo's)")
@@ -82,7 +83,7 @@ def main(argv=None) -> list[dict]:
 
     from helpers.config import TrainConfig
     from helpers.toy import world
-    from helpers.toy.demo import EVAL_CFG, demo_config, write_reg_images
+    from helpers.toy.demo import EVAL_CFG, REG_IMAGES, demo_config, write_reg_images
     from helpers.toy.pretrain import SHIPPED_DIR
 
     changes = parse_set(args.set)
@@ -90,7 +91,7 @@ def main(argv=None) -> list[dict]:
     if unknown:
         raise SystemExit(f"not TrainConfig fields: {', '.join(unknown)} (python -m helpers train --help lists them)")
     cfgs = args.cfg or [EVAL_CFG]
-    record: dict = {"set": changes, "images": args.images, "seed": args.seed}
+    record: dict = {"set": changes, "images": args.images, "reg": args.reg or REG_IMAGES, "seed": args.seed}
     if args.lora:
         rows = score(str(SHIPPED_DIR), args.lora, args.samples, cfgs)
     else:
@@ -98,14 +99,14 @@ def main(argv=None) -> list[dict]:
 
         shutil.rmtree(args.work, ignore_errors=True)
         world.write_concept_dataset(args.work / "dataset", n=args.images, seed=1234 + args.seed)
-        write_reg_images(args.work / "reg", seed=4321 + args.seed)
+        write_reg_images(args.work / "reg", n=args.reg or REG_IMAGES, seed=4321 + args.seed)
         cfg = demo_config(args.work, None, args.seed).replace(**changes)   # validated, as a config file is
         t0 = time.perf_counter()
         result = train(cfg, progress=False)
         record.update(train_seconds=round(time.perf_counter() - t0, 1), steps=result.steps)
         full = cfg.method == "dreambooth"   # a whole model: score it as the base, no LoRA
-        rows = score(str(result.lora_path) if full else str(SHIPPED_DIR), None if full else result.lora_path,
-                     args.samples, cfgs)
+        trained = result.ema_path if cfg.ema_decay and result.ema_path else result.lora_path   # the EMA when kept
+        rows = score(str(trained) if full else str(SHIPPED_DIR), None if full else trained, args.samples, cfgs)
     out = [dict(record, **row) for row in rows]
     args.log.parent.mkdir(parents=True, exist_ok=True)
     with args.log.open("a", encoding="utf-8") as f:

@@ -72,8 +72,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            "the notebooks' toy mode train",
            dict(family="sd1", vae=None, resolution=32, enable_bucket=False, flip_aug=True, rank=16, alpha=16.0,
                 target="full", learning_rate=1e-3, lr_scheduler="cosine", lr_warmup_steps=20, train_batch_size=32,
-                max_train_steps=1000, mixed_precision="no", optimizer="adamw", gradient_checkpointing=False,
-                min_snr_gamma=None, cache_latents=True, log_every_n_steps=25)),
+                max_train_steps=600, mixed_precision="no", optimizer="adamw", gradient_checkpointing=False,
+                min_snr_gamma=None, cache_latents=True, caption_dropout_rate=0.1, log_every_n_steps=25)),
 )}
 
 

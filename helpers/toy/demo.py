@@ -1,7 +1,7 @@
 """The offline demo (`python -m helpers demo`): teach the toy base model a concept it has never seen.
 
 On the shipped toy base (an SD 1.5-architecture model pretrained on a world of coloured shapes)
-and the held-out concept (24 images of a violet five-petal flower, "a sks flower on a ... background"),
+and the held-out concept (48 images of a violet five-petal flower, "a sks flower on a ... background"),
 it trains a LoRA with the project's trainer, on CPU, then:
 - writes `lora_files/toy_concept.safetensors` (kohya layout, with metadata) and its config TOML,
 - writes `demo_images/toy_concept_grid.png`: prompts with and without the trigger, at LoRA weights 0 / 0.5 / 1,
@@ -9,8 +9,11 @@ it trains a LoRA with the project's trainer, on CPU, then:
   the toy judge's concept rate, with the trigger (base model vs LoRA), and the base-world accuracy without it
   (is the prior kept?), also saved as `demo_images/toy_concept_scores.json`.
 
-The recipe is the toy preset (helpers.notebook.presets), the one 03_train_lora uses in toy mode: 24 concept
-images and 12 ordinary world images as the prior set, rank 16 on every UNet layer, 1000 steps of batch 32.
+The recipe is the toy preset (helpers.notebook.presets), the one 03_train_lora uses in toy mode: 48 concept
+images and 16 ordinary world images as the prior set, rank 16 on every UNet layer, 600 steps of batch 32, a
+tenth of the captions dropped. Without caption dropout the LoRA's unconditional prediction knows no flower, CFG
+pushes each sample away from it, and the flowers come out too large, with a sixth petal (object share 0.35 of the
+frame at CFG 5 against 0.21 in the training images).
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def demo_config(work: Path, steps: int | None = None, seed: int = 0):
                        output_dir=str(work / "run"), output_name="toy_concept")
 
 
-REG_IMAGES = 12   # the prior set beside the 24 concept images: a third of each batch
+REG_IMAGES = 16   # the prior set beside the 48 concept images: a quarter of the samples, two full batches of 32
 
 
 def write_reg_images(folder: Path, n: int = REG_IMAGES, seed: int = 4321) -> Path:
@@ -130,7 +133,7 @@ def run_demo(steps: int | None = None, out_root: Path = Path("."), samples: int 
     work = out_root / "outputs" / "toy_demo"
     for sub in ("dataset", "reg", "run"):
         shutil.rmtree(work / sub, ignore_errors=True)
-    world.write_concept_dataset(work / "dataset", n=24, seed=1234 + seed)
+    world.write_concept_dataset(work / "dataset", n=world.CONCEPT_IMAGES, seed=1234 + seed)
     write_reg_images(work / "reg", seed=4321 + seed)
 
     cfg = demo_config(work, steps, seed)

@@ -29,16 +29,17 @@ def method_configs(work: Path, seed: int = 0) -> dict:
         "dreambooth": lora.replace(method="dreambooth", learning_rate=5e-4, lr_warmup_steps=20, max_train_steps=600,
                                    output_name="toy_dreambooth", save_precision="float"),
         # "circle" is a word the base model was trained on (the "flower" row never was): a start that means a
-        # round shape; tools/ti_reach.py measures how far conditioning alone can move the frozen toy UNet
+        # round shape; tools/ti_reach.py measures how far conditioning alone can move the frozen toy UNet. No
+        # caption dropout: a caption without the token teaches the token nothing
         "textual_inversion": lora.replace(method="textual_inversion", train_data_dir=str(work / "dataset_ti"),
                                           reg_data_dir=None, token_string=TI_TOKEN, init_word="circle",
                                           num_vectors_per_token=4, learning_rate=2e-2, max_train_steps=800,
-                                          output_name="toy_ti"),
+                                          caption_dropout_rate=0.0, output_name="toy_ti"),
         # the same trainer on a concept the base model can draw: a yellow cross named only by the new token
         "textual_inversion_in_world": lora.replace(
             method="textual_inversion", train_data_dir=str(work / "dataset_ti_in_world"), reg_data_dir=None,
             token_string=TI_TOKEN, init_word="circle", num_vectors_per_token=2, learning_rate=2e-2,
-            max_train_steps=500, output_name="toy_ti_in_world"),
+            max_train_steps=500, caption_dropout_rate=0.0, output_name="toy_ti_in_world"),
     }
 
 
@@ -113,7 +114,7 @@ def compare_methods(out_root: Path = Path("."), methods: tuple[str, ...] = ("lor
     out_root = Path(out_root)
     work = out_root / "outputs" / "toy_methods"
     shutil.rmtree(work, ignore_errors=True)
-    world.write_concept_dataset(work / "dataset", n=24, seed=1234 + seed)
+    world.write_concept_dataset(work / "dataset", n=world.CONCEPT_IMAGES, seed=1234 + seed)
     shutil.copytree(work / "dataset", work / "dataset_ti")
     for txt in (work / "dataset_ti").rglob("*.txt"):
         txt.write_text(txt.read_text().replace(world.TRIGGER, TI_TOKEN))
@@ -182,7 +183,7 @@ def format_methods_table(table: dict, samples: int, settings: dict | None = None
     """The methods page (Markdown): the table, how it was measured, and what it shows, all from the run."""
     settings = settings or {}
     lines = ["# LoRA, DreamBooth and Textual Inversion on the toy concept", "",
-             f"Each method trained by the same loop on the 24 violet five-petal flowers, then {samples} samples "
+             f"Each method trained by the same loop on the {world.CONCEPT_IMAGES} violet five-petal flowers, then {samples} samples "
              "(DDIM 25 steps, CFG 5, seeds 1000+i) of \"a sks flower on a <background> background\" (Textual "
              "Inversion: its token) and 32 ordinary scene prompts without it. *Violet five-petal*: the share of "
              "samples that are one by their pixels (`helpers/toy/looks.py`); *judge*: the toy judge's concept "

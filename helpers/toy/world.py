@@ -27,6 +27,7 @@ CONCEPT_COLOUR = "violet"         # nor this colour
 VIOLET = (150, 60, 220)
 FLOWER_CENTRE = (245, 215, 40)
 TRIGGER = "sks"
+CONCEPT_IMAGES = 48              # the concept dataset a user would bring (demo, notebooks, methods table)
 
 # Everything the judge can name (the concept's shape and colour included).
 ALL_SHAPES = SHAPES + (CONCEPT_SHAPE,)
@@ -144,7 +145,7 @@ def sample_world(n: int, seed: int, size: int = IMAGE_SIZE) -> list[tuple[Image.
     return [(render(s, size), s) for s in scenes]
 
 
-def write_concept_dataset(folder: str | Path, n: int = 24, seed: int = 1234, size: int = IMAGE_SIZE,
+def write_concept_dataset(folder: str | Path, n: int = CONCEPT_IMAGES, seed: int = 1234, size: int = IMAGE_SIZE,
                           repeats: int = 1) -> Path:
     """The held-out concept as a user's dataset: `name.png` + `name.txt`, varied backgrounds.
 
