@@ -346,7 +346,7 @@ for grid in report.grid_paths[:3]:
 nb.show_link(report.html_path, "the whole report (HTML)")'''),
     ("md", "## 4. LoRA, DreamBooth and Textual Inversion on the toy concept\nThe three methods trained by the same "
            "loop on the toy world's new concept (measured with `python -m helpers.toy methods`; set "
-           "`RUN_METHODS = True` to re-measure, about 10 minutes on a 2-core CPU)."),
+           "`RUN_METHODS = True` to re-measure, about 20 minutes on a 2-core CPU)."),
     ("code", '''RUN_METHODS = False
 from helpers.toy.methods import compare_methods
 if RUN_METHODS:
