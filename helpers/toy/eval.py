@@ -11,6 +11,7 @@ from PIL import Image
 
 from ..evaluate.protocol import run_protocol
 from ..evaluate.report import ProtocolResult
+from . import world
 
 TOY_LORA = Path(__file__).resolve().parents[2] / "lora_files" / "toy_concept.safetensors"
 
@@ -49,7 +50,8 @@ def toy_judge_scorer(judge_path: str | Path | None = None) -> Callable[[list[Ima
 
 def run_toy_protocol(out_dir: str | Path = "outputs/toy_eval", loras: Sequence[str] | None = None,
                      weights: Sequence[float] = (0.5, 1.0), *, n_prompts: int = 4, seeds: int | Sequence[int] = 4,
-                     steps: int = 25, cfg_scale: float = 5.0, sampler: str = "DDIM", n_reference: int = world.CONCEPT_IMAGES,
+                     steps: int = 25, cfg_scale: float = 5.0, sampler: str = "DDIM",
+                     n_reference: int = world.CONCEPT_IMAGES,
                      clip_model: Any = None, dino_model: Any = None, fid_kid: bool = False,
                      **kwargs: Any) -> ProtocolResult:
     """The protocol on the toy world (`toy_eval_config`): toy base model, the shipped concept LoRA, toy
@@ -74,7 +76,8 @@ def run_toy_protocol(out_dir: str | Path = "outputs/toy_eval", loras: Sequence[s
 
 
 def toy_eval_config(loras: Sequence[str] | None = None, out_dir: str | Path = "outputs/toy_eval", *,
-                    reference_dir: str | Path | None = None, n_prompts: int = 4, n_reference: int = world.CONCEPT_IMAGES,
+                    reference_dir: str | Path | None = None, n_prompts: int = 4,
+                    n_reference: int = world.CONCEPT_IMAGES,
                     **changes: Any):
     """An EvalConfig for the toy world (what 05_eval uses in toy mode): the toy base model, its prompt
     groups, the concept's images as references; CLIP/DINO/FID off (32x32 shapes; the toy judge scores
