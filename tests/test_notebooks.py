@@ -135,9 +135,15 @@ def test_the_five_notebooks_run_top_to_bottom_on_the_toy_model(tmp_path, monkeyp
         assert not [o for o in outputs if o.output_type == "error"]
         texts[name] = "\n".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     # each notebook did its job, and its settings were saved for the next one and the CLI
-    # the toy source's copy and re-saved JPEG are found and dropped, its broken file and thumbnail rejected
-    assert "Prepared 26 images" in texts["01_dataset"] and "rejected (2):" in texts["01_dataset"]
-    assert "dropped:" in texts["01_dataset"] and len(list((project / "prepared").glob("*.png"))) == 24
+    # the toy source's copy and re-saved JPEG are found and dropped, its broken file and thumbnail rejected; the
+    # perceptual hash also groups two of its flowers with a third (same background, near-identical at 32 px)
+    from helpers.toy.world import CONCEPT_IMAGES
+
+    assert f"Prepared {CONCEPT_IMAGES + 2} images" in texts["01_dataset"] and "rejected (2):" in texts["01_dataset"]
+    dropped = ("dropped: ['sks_flower_00 (copy).png', 'sks_flower_34.png', 'sks_flower_46.png', "
+               "'sks_flower_01_resaved.png']")
+    assert dropped in texts["01_dataset"]
+    assert len(list((project / "prepared").glob("*.png"))) == CONCEPT_IMAGES - 2
     assert (project / "prepared" / "manifest.json").is_file()
     assert load_config(project / "configs" / "prepare.toml", PrepareConfig).resolution == 32
     assert load_config(project / "configs" / "tag.toml", TagConfig).captioner == "none"
