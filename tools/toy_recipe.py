@@ -71,8 +71,8 @@ def score(model_dir: str, lora: Path | None, samples: int, cfgs: list[float]) ->
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--set", nargs="*", default=[], help="TrainConfig fields to change, key=value")
-    p.add_argument("--images", type=int, default=48, help="concept images (the demo: world.CONCEPT_IMAGES, 48)")
-    p.add_argument("--reg", type=int, help="prior (regularization) images (the demo: demo.REG_IMAGES)")
+    p.add_argument("--images", type=int, help="concept images (default: the demo's, world.CONCEPT_IMAGES)")
+    p.add_argument("--reg", type=int, help="prior (regularization) images (default: the demo's, demo.REG_IMAGES)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples", type=int, default=32, help="samples per measure (the demo: 32)")
     p.add_argument("--cfg", type=float, nargs="*", help="CFG scales to score at (default: the demo's)")
@@ -91,21 +91,23 @@ def main(argv=None) -> list[dict]:
     if unknown:
         raise SystemExit(f"not TrainConfig fields: {', '.join(unknown)} (python -m helpers train --help lists them)")
     cfgs = args.cfg or [EVAL_CFG]
-    record: dict = {"set": changes, "images": args.images, "reg": args.reg or REG_IMAGES, "seed": args.seed}
+    images = world.CONCEPT_IMAGES if args.images is None else args.images
+    reg = REG_IMAGES if args.reg is None else args.reg
+    record: dict = {"set": changes, "images": images, "reg": reg, "seed": args.seed}
     if args.lora:
         rows = score(str(SHIPPED_DIR), args.lora, args.samples, cfgs)
     else:
         from helpers.train.loop import train
 
         shutil.rmtree(args.work, ignore_errors=True)
-        world.write_concept_dataset(args.work / "dataset", n=args.images, seed=1234 + args.seed)
-        write_reg_images(args.work / "reg", n=args.reg or REG_IMAGES, seed=4321 + args.seed)
+        world.write_concept_dataset(args.work / "dataset", n=images, seed=1234 + args.seed)
+        write_reg_images(args.work / "reg", n=reg, seed=4321 + args.seed)
         cfg = demo_config(args.work, None, args.seed).replace(**changes)   # validated, as a config file is
         t0 = time.perf_counter()
         result = train(cfg, progress=False)
         record.update(train_seconds=round(time.perf_counter() - t0, 1), steps=result.steps)
         full = cfg.method == "dreambooth"   # a whole model: score it as the base, no LoRA
-        trained = result.ema_path if cfg.ema_decay and result.ema_path else result.lora_path   # the EMA when kept
+        trained = result.ema_path or result.lora_path   # the EMA weights when ema_decay kept them
         rows = score(str(trained) if full else str(SHIPPED_DIR), None if full else trained, args.samples, cfgs)
     out = [dict(record, **row) for row in rows]
     args.log.parent.mkdir(parents=True, exist_ok=True)

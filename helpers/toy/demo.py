@@ -133,7 +133,7 @@ def run_demo(steps: int | None = None, out_root: Path = Path("."), samples: int 
     work = out_root / "outputs" / "toy_demo"
     for sub in ("dataset", "reg", "run"):
         shutil.rmtree(work / sub, ignore_errors=True)
-    world.write_concept_dataset(work / "dataset", n=world.CONCEPT_IMAGES, seed=1234 + seed)
+    world.write_concept_dataset(work / "dataset", seed=1234 + seed)
     write_reg_images(work / "reg", seed=4321 + seed)
 
     cfg = demo_config(work, steps, seed)

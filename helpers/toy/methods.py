@@ -114,7 +114,7 @@ def compare_methods(out_root: Path = Path("."), methods: tuple[str, ...] = ("lor
     out_root = Path(out_root)
     work = out_root / "outputs" / "toy_methods"
     shutil.rmtree(work, ignore_errors=True)
-    world.write_concept_dataset(work / "dataset", n=world.CONCEPT_IMAGES, seed=1234 + seed)
+    world.write_concept_dataset(work / "dataset", seed=1234 + seed)
     shutil.copytree(work / "dataset", work / "dataset_ti")
     for txt in (work / "dataset_ti").rglob("*.txt"):
         txt.write_text(txt.read_text().replace(world.TRIGGER, TI_TOKEN))
@@ -183,8 +183,9 @@ def format_methods_table(table: dict, samples: int, settings: dict | None = None
     """The methods page (Markdown): the table, how it was measured, and what it shows, all from the run."""
     settings = settings or {}
     lines = ["# LoRA, DreamBooth and Textual Inversion on the toy concept", "",
-             f"Each method trained by the same loop on the {world.CONCEPT_IMAGES} violet five-petal flowers, then {samples} samples "
-             "(DDIM 25 steps, CFG 5, seeds 1000+i) of \"a sks flower on a <background> background\" (Textual "
+             f"Each method trained by the same loop on the {world.CONCEPT_IMAGES} violet five-petal flowers, then "
+             f"{samples} samples (DDIM 25 steps, CFG 5, seeds 1000+i) of \"a sks flower on a <background> "
+             "background\" (Textual "
              "Inversion: its token) and 32 ordinary scene prompts without it. *Violet five-petal*: the share of "
              "samples that are one by their pixels (`helpers/toy/looks.py`); *judge*: the toy judge's concept "
              "rate" + (" (for the in-world concept: a yellow cross)" if "textual_inversion_in_world" in table else "")
