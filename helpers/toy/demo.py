@@ -116,8 +116,9 @@ def evaluate_lora(pipe, adapter: str | None, judge, weights: list[float], n: int
 
 
 def run_demo(steps: int | None = None, out_root: Path = Path("."), samples: int = 32, seed: int = 0,
-             progress: bool = True) -> DemoResult:
-    """Train the toy concept LoRA, write its file, grid and scores, print the table."""
+             progress: bool = True, grid_images: int = 4) -> DemoResult:
+    """Train the toy concept LoRA, write its file, grid (`grid_images` seeds per cell) and scores, print the
+    table."""
     import time
 
     from ..generate.inference import generate, load_loras
@@ -160,8 +161,8 @@ def run_demo(steps: int | None = None, out_root: Path = Path("."), samples: int 
         row = []
         for w in weights:
             base.pipe.set_adapters([adapter], adapter_weights=[w])
-            images, _ = generate(base.pipe, prompt, steps=EVAL_STEPS, cfg_scale=EVAL_CFG, seed=7, num_images=4,
-                                 sampler=EVAL_SAMPLER, family="sd1")
+            images, _ = generate(base.pipe, prompt, steps=EVAL_STEPS, cfg_scale=EVAL_CFG, seed=7,
+                                 num_images=grid_images, sampler=EVAL_SAMPLER, family="sd1")
             row.append(images)
         cells.append(row)
     grid_path = out_root / "demo_images" / "toy_concept_grid.png"
