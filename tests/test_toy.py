@@ -126,7 +126,8 @@ def test_demo_lora_learns_the_concept_and_keeps_the_prior(tmp_path):
     colour 100%, no flower without the trigger (the full demo: demo_images/toy_concept_scores.json)."""
     from helpers.toy.demo import run_demo
 
-    result = run_demo(steps=200, out_root=tmp_path, samples=16, progress=False, grid_images=1)
+    grid_images = 1
+    result = run_demo(steps=200, out_root=tmp_path, samples=16, progress=False, grid_images=grid_images)
     base, lora = result.scores["0"], result.scores["1"]
     assert lora["concept_rate"] >= 0.5, result.scores
     assert base["concept_rate"] <= 0.15, result.scores
@@ -148,7 +149,7 @@ def test_demo_lora_learns_the_concept_and_keeps_the_prior(tmp_path):
     fresh = load_base(str(SHIPPED_DIR))
     load_loras(fresh.pipe, [(tmp_path / "lora_files" / "toy_concept.safetensors", 1.0)])
     images, _ = generate(fresh.pipe, trigger_prompts(1)[0], steps=EVAL_STEPS, cfg_scale=EVAL_CFG, seed=7,
-                         num_images=1, sampler=EVAL_SAMPLER)
+                         num_images=grid_images, sampler=EVAL_SAMPLER)
     grid = np.asarray(Image.open(result.grid_path).convert("RGB"))
     strip = np.concatenate([np.asarray(im) for im in images], axis=1).repeat(GRID_ZOOM, 0).repeat(GRID_ZOOM, 1)
     cw = strip.shape[1]
