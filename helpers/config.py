@@ -161,7 +161,8 @@ class TrainConfig(ConfigBase):
     mask_dir: str | None = setting(None, "mask images named as the training images (default: "
                                          "<train_data_dir>/_masks)")
     cache_text_encoder_outputs: bool = setting(False, "encode every caption once, then move the frozen text "
-                                                      "encoders off the GPU (needs fixed captions: no shuffle/dropout)")
+                                                      "encoders off the GPU (no tag shuffle or tag dropout; "
+                                                      "whole-caption dropout is fine)")
     cache_text_encoder_outputs_to_disk: bool = setting(False, "keep the text cache in output_dir/text_cache")
 
     # --- method ---
@@ -295,8 +296,8 @@ class TrainConfig(ConfigBase):
 
     def text_cache_refusals(self) -> list[str]:
         """The settings that make a caption's encoding change during the run, so it cannot be cached."""
-        out = [name for name in ("shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate",
-                                 "train_text_encoder") if getattr(self, name)]
+        out = [name for name in ("shuffle_caption", "caption_tag_dropout_rate", "train_text_encoder")
+               if getattr(self, name)]   # a wholly dropped caption is "", cached like any other
         if self.method == "textual_inversion" or self.token_string:
             out.append(f"method={self.method} (new token vectors)")
         return out

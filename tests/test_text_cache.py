@@ -26,7 +26,7 @@ def test_the_cache_holds_what_the_encoders_give(tiny_sdxl_dir):
 
 
 def test_settings_that_change_captions_are_refused_by_name():
-    with pytest.raises(ConfigError, match="turn off: shuffle_caption, caption_dropout_rate, train_text_encoder"):
+    with pytest.raises(ConfigError, match="turn off: shuffle_caption, train_text_encoder"):
         TrainConfig(cache_text_encoder_outputs=True, shuffle_caption=True, caption_dropout_rate=0.1,
                     train_text_encoder=True)
     with pytest.raises(ConfigError, match="turn off: caption_tag_dropout_rate$"):
@@ -37,17 +37,30 @@ def test_settings_that_change_captions_are_refused_by_name():
         TrainConfig(cache_text_encoder_outputs=True, method="textual_inversion", token_string="<x>",
                     init_word="flower")
     TrainConfig(cache_text_encoder_outputs=True, keep_tokens=1)   # fixed captions: fine
+    TrainConfig(cache_text_encoder_outputs=True, caption_dropout_rate=0.1)   # a dropped caption is "": cached too
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
-def test_a_cached_run_trains_exactly_as_an_encoding_one(family, tiny_sd15_dir, tiny_sdxl_dir, concept_dir, tmp_path):
+def test_the_cache_holds_each_caption_as_trained_and_the_empty_one_under_caption_dropout():
+    from helpers.data.dataset import CaptionProcessor
+
+    caption = "sks, flower ||| navy background\nsecond line"
+    assert CaptionProcessor(keep_tokens_separator="|||").outcomes(caption) == ["sks, flower, navy background"]
+    assert CaptionProcessor(dropout=0.3).outcomes(" a sks flower \nmore") == ["a sks flower", ""]
+    with pytest.raises(ValueError, match="tag shuffle and tag dropout make a new caption every step"):
+        CaptionProcessor(shuffle=True).outcomes("a, b")
+
+
+@pytest.mark.parametrize("family,dropout", [("sd15", 0.0), ("sdxl", 0.0), ("sd15", 0.5)])
+def test_a_cached_run_trains_exactly_as_an_encoding_one(family, dropout, tiny_sd15_dir, tiny_sdxl_dir, concept_dir,
+                                                       tmp_path):
     from safetensors.torch import load_file
 
     from helpers.train.loop import train
 
     base = tiny_sd15_dir if family == "sd15" else tiny_sdxl_dir
     cfg = TrainConfig(pretrained_model=str(base), train_data_dir=str(concept_dir), resolution=32, max_train_steps=3,
-                      train_batch_size=2, mixed_precision="no", output_dir=str(tmp_path / "plain"), output_name="t")
+                      train_batch_size=2, mixed_precision="no", output_dir=str(tmp_path / "plain"), output_name="t",
+                      caption_dropout_rate=dropout)
     plain = load_file(train(cfg, progress=False).lora_path)
     cached_cfg = cfg.replace(output_dir=str(tmp_path / "cached"), cache_text_encoder_outputs=True,
                              cache_text_encoder_outputs_to_disk=True)

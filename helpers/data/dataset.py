@@ -238,6 +238,15 @@ class CaptionProcessor:
         """True when the output can differ between calls (so text-encoder outputs can't be cached)."""
         return self.shuffle or self.dropout > 0 or self.tag_dropout > 0
 
+    def outcomes(self, caption: str) -> list[str]:
+        """Every text this processor can turn `caption` into, when they are few (no tag shuffle or tag
+        dropout): the processed caption, and "" under whole-caption dropout. What a text cache must hold."""
+        if self.shuffle or self.tag_dropout > 0:
+            raise ValueError("tag shuffle and tag dropout make a new caption every step: no fixed set to cache")
+        kept = CaptionProcessor(keep_tokens=self.keep_tokens, separator=self.separator,
+                                keep_tokens_separator=self.keep_tokens_separator)(caption, random.Random(0))
+        return [kept, ""] if self.dropout > 0 else [kept]
+
     def _split(self, text: str) -> list[str]:
         return [t.strip() for t in text.split(self.separator) if t.strip()]
 

@@ -61,7 +61,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("SDXL · T4", "sdxl", needs_gb("SDXL · T4"),
            "fp16 with the fp16-safe VAE, batch 1, gradient checkpointing, 8-bit AdamW, cached latents and "
            "cached text embeddings: the frozen text encoders and the VAE leave the GPU during the steps. Needs "
-           "fixed captions (no tag shuffle or dropout)",
+           "fixed tags (no tag shuffle or tag dropout)",
            dict(_SDXL_COMMON, mixed_precision="fp16", train_batch_size=1, gradient_accumulation_steps=2,
                 gradient_checkpointing=True, optimizer="adamw8bit", cache_text_encoder_outputs=True)),
     Preset("SDXL · A100/H100", "sdxl", needs_gb("SDXL · A100/H100"), "bf16, batch 4, gradient checkpointing",
