@@ -140,6 +140,34 @@ def test_two_loras_at_weights_equal_a_hand_merge(tiny_sd15_dir, lora_files):
     assert np.abs(got_f - wrong_f).max() > 1e-2
 
 
+def test_lora_weights_zero_is_the_base_model_and_back(tiny_sd15_dir, lora_files):
+    from helpers.generate.inference import set_lora_weights
+
+    (f1, _), (f2, _) = lora_files
+    kw = {"steps": 3, "seed": 11, "sampler": "DDIM", "cfg_scale": 5.0}
+    base = generate(fresh(tiny_sd15_dir), "a red circle on a blue background", **kw)[0][0]
+    pipe = fresh(tiny_sd15_dir)
+    names = load_loras(pipe, [(f1, 0.7), (f2, -0.4)])
+    on = generate(pipe, "a red circle on a blue background", **kw)[0][0]
+    set_lora_weights(pipe, names, [0.0, 0.0])       # switched off: exactly the base model
+    assert np.array_equal(arr(generate(pipe, "a red circle on a blue background", **kw)[0][0]), arr(base))
+    set_lora_weights(pipe, names, [0.7, -0.4])      # and on again at the weights asked for
+    assert np.array_equal(arr(generate(pipe, "a red circle on a blue background", **kw)[0][0]), arr(on))
+    assert np.abs(arr(on) - arr(base)).mean() > 5
+
+
+def test_seeds_per_image_draw_several_prompts_in_one_batch(sd15):
+    kw = {"steps": 3, "sampler": "Euler a", "cfg_scale": 5.0}
+    batch, params = generate(sd15, ["a cat", "a cat", "a dog"], seeds=[5, 6, 5], **kw)
+    cats, _ = generate(sd15, "a cat", seed=5, num_images=2, **kw)
+    dog, _ = generate(sd15, "a dog", seed=5, **kw)
+    for got, want in zip(batch, cats + dog):
+        assert np.abs(arr(got) - arr(want)).max() <= 1
+    assert ["Seed: 5," in params[0], "Seed: 6," in params[1], "Seed: 5," in params[2]] == [True] * 3
+    with pytest.raises(ValueError, match="give one seed per image \\(3\\), got 2"):
+        generate(sd15, ["a", "b", "c"], seeds=[1, 2], **kw)
+
+
 def test_sdxl_lora_on_sd15_fails_clearly_through_generate(tiny_sd15_dir, sdxl, tmp_path, capsys):
     from helpers.__main__ import main
 

@@ -139,7 +139,8 @@ def test_demo_lora_learns_the_concept_and_keeps_the_prior(tmp_path):
     assert (tmp_path / "lora_files" / "toy_concept.safetensors").exists()
     assert (tmp_path / "lora_files" / "toy_concept.toml").exists()
 
-    # The written files, loaded fresh through helpers, reproduce the demo's grid pixel for pixel.
+    # The written files, loaded fresh through helpers, redraw the demo's grid: alone, one image in its own batch
+    # (the grid draws a weight's prompts in one batch, and kernels may round a batch of 5 differently).
     from helpers.toy.demo import (
         EVAL_CFG, EVAL_SAMPLER, EVAL_STEPS, GRID_LEFT, GRID_PAD, GRID_TOP, GRID_ZOOM, trigger_prompts
     )
@@ -154,4 +155,5 @@ def test_demo_lora_learns_the_concept_and_keeps_the_prior(tmp_path):
     strip = np.concatenate([np.asarray(im) for im in images], axis=1).repeat(GRID_ZOOM, 0).repeat(GRID_ZOOM, 1)
     cw = strip.shape[1]
     x = GRID_LEFT + 2 * (cw + GRID_PAD)  # first row, third column: weight 1
-    assert np.array_equal(grid[GRID_TOP:GRID_TOP + strip.shape[0], x:x + cw], strip)
+    diff = np.abs(grid[GRID_TOP:GRID_TOP + strip.shape[0], x:x + cw].astype(int) - strip.astype(int))
+    assert diff.max() <= 8 and (diff > 2).mean() < 0.01, (diff.max(), (diff > 2).mean())

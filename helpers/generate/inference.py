@@ -101,9 +101,11 @@ def generate(pipe, prompt: str | list[str], *, negative_prompt: str = "", steps:
              seed: int = 0, sampler: str | None = "Euler a", width: int | None = None, height: int | None = None,
              num_images: int = 1, clip_skip: int = 1, family: str | None = None, model_name: str | None = None,
              loras: list[tuple[str, float]] | None = None, weighting: bool = False,
-             extra: dict[str, Any] | None = None) -> tuple[list[Image.Image], list[str]]:
+             extra: dict[str, Any] | None = None, seeds: list[int] | None = None
+             ) -> tuple[list[Image.Image], list[str]]:
     """Generate `num_images` images of `prompt`, or one image per prompt of a list; image i uses
-    seed `seed + i` (as A1111 does), so any single image can be remade alone. `weighting`: A1111's
+    seed `seed + i` (as A1111 does), or `seeds[i]` when given (several prompts' seed runs drawn in one
+    batch), so any single image can be remade alone. `weighting`: A1111's
     `(word:1.3)` emphasis and prompts over 75 tokens. `loras` (name, weight) and `extra` fields only go
     into the parameter texts. Returns the images and their A1111 parameter texts."""
     prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt] * num_images
@@ -120,7 +122,11 @@ def generate(pipe, prompt: str | list[str], *, negative_prompt: str = "", steps:
         set_sampler(pipe, sampler)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     width, height = width or size, height or size
-    seeds = [seed + i for i in range(num_images)]
+    if seeds is None:
+        seeds = [seed + i for i in range(num_images)]
+    elif len(seeds) != num_images:
+        raise ValueError(f"give one seed per image ({num_images}), got {len(seeds)}")
+    seeds = [int(s) for s in seeds]
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     if hasattr(pipe.scheduler, "noise_sampler_seed"):  # DPM++ SDE: a Brownian tree per image, seeded like it
         pipe.scheduler.noise_sampler_seed = seeds
@@ -165,6 +171,16 @@ def load_loras(pipe, loras: list[tuple[str | Path, float]]) -> list[str]:
     if names:
         pipe.set_adapters(names, adapter_weights=[float(w) for _, w in loras])
     return names
+
+
+def set_lora_weights(pipe, names: list[str], weights: list[float]) -> None:
+    """Set loaded LoRAs' weights. When every weight is 0 the LoRA layers are switched off instead, so the base
+    model runs without computing their zero products: the same images, sooner."""
+    if all(float(w) == 0.0 for w in weights):
+        pipe.disable_lora()
+        return
+    pipe.enable_lora()
+    pipe.set_adapters(list(names), adapter_weights=[float(w) for w in weights])
 
 
 # -------------------------------------------------------------------------- Textual Inversion

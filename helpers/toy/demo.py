@@ -107,12 +107,31 @@ def score_samples(pipe, judge, n: int = 32, seed: int = 1000, cfg_scale: float =
 def evaluate_lora(pipe, adapter: str | None, judge, weights: list[float], n: int = 32, seed: int = 1000
                   ) -> dict[str, dict[str, float]]:
     """Judge n samples with and n without the trigger at each LoRA weight."""
+    from ..generate.inference import set_lora_weights
+
     out: dict[str, dict[str, float]] = {}
     for w in weights:
         if adapter:
-            pipe.set_adapters([adapter], adapter_weights=[w])
+            set_lora_weights(pipe, [adapter], [w])
         out[f"{w:g}"] = score_samples(pipe, judge, n, seed)[0]
     return out
+
+
+def draw_grid(pipe, adapter: str, prompts: list[str], weights: list[float], images: int = 4, seed: int = 7
+              ) -> list[list[list]]:
+    """The demo grid's cells [prompt][weight]: `images` samples (seeds seed, seed+1, ...) of each prompt at each
+    LoRA weight, all prompts of one weight drawn in one batch."""
+    from ..generate.inference import generate, set_lora_weights
+
+    cells: list[list[list]] = [[] for _ in prompts]
+    for w in weights:
+        set_lora_weights(pipe, [adapter], [w])
+        batch, _ = generate(pipe, [p for p in prompts for _ in range(images)], steps=EVAL_STEPS, cfg_scale=EVAL_CFG,
+                            seeds=[seed + i for _ in prompts for i in range(images)], sampler=EVAL_SAMPLER,
+                            family="sd1")
+        for k in range(len(prompts)):
+            cells[k].append(batch[k * images:(k + 1) * images])
+    return cells
 
 
 def run_demo(steps: int | None = None, out_root: Path = Path("."), samples: int = 32, seed: int = 0,
@@ -121,7 +140,7 @@ def run_demo(steps: int | None = None, out_root: Path = Path("."), samples: int 
     table."""
     import time
 
-    from ..generate.inference import generate, load_loras
+    from ..generate.inference import load_loras
     from ..sd.models import load_base
     from .judge import load_judge
     from .pretrain import SHIPPED_DIR
@@ -156,15 +175,7 @@ def run_demo(steps: int | None = None, out_root: Path = Path("."), samples: int 
 
     grid_prompts = trigger_prompts(3) + world_prompts(2)
     weights = [0.0, 0.5, 1.0]
-    cells = []
-    for prompt in grid_prompts:
-        row = []
-        for w in weights:
-            base.pipe.set_adapters([adapter], adapter_weights=[w])
-            images, _ = generate(base.pipe, prompt, steps=EVAL_STEPS, cfg_scale=EVAL_CFG, seed=7,
-                                 num_images=grid_images, sampler=EVAL_SAMPLER, family="sd1")
-            row.append(images)
-        cells.append(row)
+    cells = draw_grid(base.pipe, adapter, grid_prompts, weights, grid_images)
     grid_path = out_root / "demo_images" / "toy_concept_grid.png"
     grid_path.parent.mkdir(parents=True, exist_ok=True)
     labelled_grid(cells, [f"LoRA weight {w:g}" for w in weights], grid_prompts).save(grid_path)
