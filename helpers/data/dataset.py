@@ -235,7 +235,7 @@ class CaptionProcessor:
 
     @property
     def is_random(self) -> bool:
-        """True when the output can differ between calls (so text-encoder outputs can't be cached)."""
+        """True when the output can differ between calls (what a text cache must hold: `outcomes`)."""
         return self.shuffle or self.dropout > 0 or self.tag_dropout > 0
 
     def outcomes(self, caption: str) -> list[str]:
