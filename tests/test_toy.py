@@ -1,6 +1,7 @@
 """The toy world: a deterministic renderer, a pretraining run that reproduces, the shipped base model
 that follows its prompts, and the demo: a LoRA that learns the held-out concept and keeps the prior."""
 
+import json
 import random
 from pathlib import Path
 
@@ -117,6 +118,22 @@ def test_shipped_base_loads_through_helpers_and_follows_prompts():
     assert s["concept_rate"] <= 0.1
 
 
+def test_the_demo_grid_shows_the_measured_samples_and_draws_only_the_rest():
+    """Grid cells the measurement drew are taken from it (same prompt, seed and weight); a prompt it did not draw,
+    or drew too few times, gets seeds 7, 8, ... at every weight."""
+    from helpers.toy.demo import draw_grid, grid_seeds, trigger_prompts
+
+    measured = trigger_prompts(7)   # background k at indices k, k + 3, k + 6
+    drawn = {(p, 1000 + i, w): Image.new("RGB", (2, 2), (i, int(w), 0)) for i, p in enumerate(measured)
+             for w in (0.0, 1.0)}
+    prompts = measured[:2] + ["a red circle on a black background"]
+    seeds = grid_seeds(prompts, drawn, images=3)
+    assert seeds == [[1000, 1003, 1006], [1001, 1004, 7], [7, 8, 9]]
+    cells = draw_grid(None, "a", prompts[:1], [0.0, 1.0], seeds[:1], drawn)   # nothing left to draw: no pipe used
+    assert [[im.getpixel((0, 0)) for im in cell] for cell in cells[0]] == [[(0, 0, 0), (3, 0, 0), (6, 0, 0)],
+                                                                          [(0, 1, 0), (3, 1, 0), (6, 1, 0)]]
+
+
 @pytest.mark.slow
 @needs_base
 def test_demo_lora_learns_the_concept_and_keeps_the_prior(tmp_path):
@@ -140,7 +157,7 @@ def test_demo_lora_learns_the_concept_and_keeps_the_prior(tmp_path):
     assert (tmp_path / "lora_files" / "toy_concept.toml").exists()
 
     # The written files, loaded fresh through helpers, redraw the demo's grid: alone, one image in its own batch
-    # (the grid draws a weight's prompts in one batch, and kernels may round a batch of 5 differently).
+    # (the grid shows the measured sample, drawn in a batch of 16, and kernels may round a batch differently).
     from helpers.toy.demo import (
         EVAL_CFG, EVAL_SAMPLER, EVAL_STEPS, GRID_LEFT, GRID_PAD, GRID_TOP, GRID_ZOOM, trigger_prompts
     )
@@ -149,8 +166,11 @@ def test_demo_lora_learns_the_concept_and_keeps_the_prior(tmp_path):
 
     fresh = load_base(str(SHIPPED_DIR))
     load_loras(fresh.pipe, [(tmp_path / "lora_files" / "toy_concept.safetensors", 1.0)])
-    images, _ = generate(fresh.pipe, trigger_prompts(1)[0], steps=EVAL_STEPS, cfg_scale=EVAL_CFG, seed=7,
-                         num_images=grid_images, sampler=EVAL_SAMPLER)
+    grid = json.loads((tmp_path / "demo_images" / "toy_concept_scores.json").read_text())["grid"]
+    assert grid["prompts"][0] == trigger_prompts(1)[0]
+    assert grid["seeds"][0] == [1000]   # the grid shows the measured sample (the measurement's seeds: 1000 + i)
+    images, _ = generate(fresh.pipe, trigger_prompts(1)[0], steps=EVAL_STEPS, cfg_scale=EVAL_CFG,
+                         seed=grid["seeds"][0][0], num_images=grid_images, sampler=EVAL_SAMPLER)
     grid = np.asarray(Image.open(result.grid_path).convert("RGB"))
     strip = np.concatenate([np.asarray(im) for im in images], axis=1).repeat(GRID_ZOOM, 0).repeat(GRID_ZOOM, 1)
     cw = strip.shape[1]

@@ -61,6 +61,7 @@ def score(model_dir: str, lora: Path | None, samples: int, cfgs: list[float]) ->
         scores, images = score_samples(base.pipe, judge, samples, cfg_scale=cfg)
         looks = [look(im) for im in images]
         rows.append({"cfg": cfg, "samples": samples, "violet_five_petal": scores["concept_look_rate"],
+                     "violet_five_petal_first32": sum(x.is_concept for x in looks[:32]) / min(32, samples),
                      "judge_concept": scores["concept_rate"],
                      "world_shape_and_colour": scores["world_shape_and_colour_acc"],
                      "lobes": {str(k): n for k, n in sorted(Counter(x.lobes for x in looks).items())},

@@ -71,9 +71,10 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            "the shipped toy model (32x32 shapes): a LoRA in about 5 minutes on a 2-core CPU; what the demo and "
            "the notebooks' toy mode train",
            dict(family="sd1", vae=None, resolution=32, enable_bucket=False, flip_aug=True, rank=16, alpha=16.0,
-                target="full", learning_rate=1e-3, lr_scheduler="cosine", lr_warmup_steps=20, train_batch_size=32,
-                max_train_steps=600, mixed_precision="no", optimizer="adamw", gradient_checkpointing=False,
-                min_snr_gamma=None, cache_latents=True, caption_dropout_rate=0.1, log_every_n_steps=25)),
+                target="full", learning_rate=1.6e-3, loraplus_lr_ratio=2.0, lr_scheduler="cosine", lr_warmup_steps=20,
+                train_batch_size=32, max_train_steps=400, mixed_precision="no", optimizer="adamw",
+                gradient_checkpointing=False, min_snr_gamma=5.0, cache_latents=True, cache_text_encoder_outputs=True,
+                caption_dropout_rate=0.1, log_every_n_steps=25)),
 )}
 
 

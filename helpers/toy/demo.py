@@ -24,6 +24,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
+
 from ..drawing import GRID_LEFT, GRID_PAD, GRID_TOP, GRID_ZOOM, labelled_grid  # noqa: F401 (the demo grid's layout)
 from . import world
 
@@ -107,31 +109,56 @@ def score_samples(pipe, judge, n: int = 32, seed: int = 1000, cfg_scale: float =
 def evaluate_lora(pipe, adapter: str | None, judge, weights: list[float], n: int = 32, seed: int = 1000
                   ) -> dict[str, dict[str, float]]:
     """Judge n samples with and n without the trigger at each LoRA weight."""
+    return measure(pipe, adapter, judge, weights, n, seed)[0]
+
+
+Drawn = dict[tuple[str, int, float], Image.Image]   # (prompt, seed, LoRA weight) -> the sample drawn
+
+
+def measure(pipe, adapter: str | None, judge, weights: list[float], n: int = 32, seed: int = 1000
+            ) -> tuple[dict[str, dict[str, float]], Drawn]:
+    """evaluate_lora's scores, with the samples drawn with the trigger (the trigger prompt i at seed seed + i),
+    so a grid can show the measured samples instead of drawing them again."""
     from ..generate.inference import set_lora_weights
 
-    out: dict[str, dict[str, float]] = {}
+    scores: dict[str, dict[str, float]] = {}
+    drawn: Drawn = {}
+    prompts = trigger_prompts(n)
     for w in weights:
         if adapter:
             set_lora_weights(pipe, [adapter], [w])
-        out[f"{w:g}"] = score_samples(pipe, judge, n, seed)[0]
+        scores[f"{w:g}"], images = score_samples(pipe, judge, n, seed)
+        drawn.update({(p, seed + i, w): im for i, (p, im) in enumerate(zip(prompts, images))})
+    return scores, drawn
+
+
+def grid_seeds(prompts: list[str], drawn: Drawn, images: int = 4, seed: int = 7) -> list[list[int]]:
+    """Each grid prompt's `images` seeds: the seeds it was measured at where it was (the grid then shows measured
+    samples), topped up with seed, seed + 1, ... ; the same seeds at every weight, so a row shows the weight's
+    effect on the same starting noise."""
+    out = []
+    for p in prompts:
+        measured = sorted({s for q, s, _ in drawn if q == p})[:images]
+        out.append(measured + [seed + i for i in range(images - len(measured))])
     return out
 
 
-def draw_grid(pipe, adapter: str, prompts: list[str], weights: list[float], images: int = 4, seed: int = 7
-              ) -> list[list[list]]:
-    """The demo grid's cells [prompt][weight]: `images` samples (seeds seed, seed+1, ...) of each prompt at each
-    LoRA weight, all prompts of one weight drawn in one batch."""
+def draw_grid(pipe, adapter: str, prompts: list[str], weights: list[float], seeds: list[list[int]],
+              drawn: Drawn | None = None) -> list[list[list]]:
+    """The demo grid's cells [prompt][weight]: each prompt's samples at `seeds[prompt]` at each LoRA weight, taken
+    from `drawn` where that sample is there, the rest of one weight drawn in one batch."""
     from ..generate.inference import generate, set_lora_weights
 
-    cells: list[list[list]] = [[] for _ in prompts]
+    drawn = dict(drawn or {})
     for w in weights:
+        missing = [(p, s) for p, ss in zip(prompts, seeds) for s in ss if (p, s, w) not in drawn]
+        if not missing:
+            continue
         set_lora_weights(pipe, [adapter], [w])
-        batch, _ = generate(pipe, [p for p in prompts for _ in range(images)], steps=EVAL_STEPS, cfg_scale=EVAL_CFG,
-                            seeds=[seed + i for _ in prompts for i in range(images)], sampler=EVAL_SAMPLER,
-                            family="sd1")
-        for k in range(len(prompts)):
-            cells[k].append(batch[k * images:(k + 1) * images])
-    return cells
+        batch, _ = generate(pipe, [p for p, _ in missing], steps=EVAL_STEPS, cfg_scale=EVAL_CFG,
+                            seeds=[s for _, s in missing], sampler=EVAL_SAMPLER, family="sd1")
+        drawn.update({(p, s, w): im for (p, s), im in zip(missing, batch)})
+    return [[[drawn[(p, s, w)] for s in ss] for w in weights] for p, ss in zip(prompts, seeds)]
 
 
 def run_demo(steps: int | None = None, out_root: Path = Path("."), samples: int = 32, seed: int = 0,
@@ -171,17 +198,19 @@ def run_demo(steps: int | None = None, out_root: Path = Path("."), samples: int 
     (adapter,) = load_loras(base.pipe, [(lora_file, 1.0)])
     base.pipe.set_progress_bar_config(disable=True)
     judge = load_judge()
-    scores = evaluate_lora(base.pipe, adapter, judge, [0.0, 1.0], n=samples)
+    scores, drawn = measure(base.pipe, adapter, judge, [0.0, 1.0], n=samples)
 
     grid_prompts = trigger_prompts(3) + world_prompts(2)
     weights = [0.0, 0.5, 1.0]
-    cells = draw_grid(base.pipe, adapter, grid_prompts, weights, grid_images)
+    seeds = grid_seeds(grid_prompts, drawn, grid_images)
+    cells = draw_grid(base.pipe, adapter, grid_prompts, weights, seeds, drawn)
     grid_path = out_root / "demo_images" / "toy_concept_grid.png"
     grid_path.parent.mkdir(parents=True, exist_ok=True)
     labelled_grid(cells, [f"LoRA weight {w:g}" for w in weights], grid_prompts).save(grid_path)
     (grid_path.parent / "toy_concept_scores.json").write_text(json.dumps(
         {"samples_per_cell": samples, "train_seconds": round(train_seconds, 1), "steps": result.steps,
-         "sampler": EVAL_SAMPLER, "sampling_steps": EVAL_STEPS, "cfg": EVAL_CFG, "scores": scores}, indent=2))
+         "sampler": EVAL_SAMPLER, "sampling_steps": EVAL_STEPS, "cfg": EVAL_CFG, "scores": scores,
+         "grid": {"prompts": grid_prompts, "weights": weights, "seeds": seeds}}, indent=2))
 
     print(f"\nLoRA: {lora_file}  ({result.steps} steps, {train_seconds:.0f} s)\ngrid: {grid_path}\n")
     print(format_table(scores, samples))
