@@ -13,9 +13,9 @@ from PIL import Image
 from helpers.toy import world
 from helpers.toy.pretrain import SHIPPED_DIR, PretrainConfig, pretrain
 
-# the demo's look rate at 200 steps, 16 samples: measured 56% (base model 0%); the bound leaves room for the
+# the demo's look rate at 200 steps, 16 samples: measured 75% (base model 0%); the bound leaves room for the
 # thread count's rounding (a sample is 6 points)
-LOOK_AT_200 = 0.3
+LOOK_AT_200 = 0.5
 
 needs_base = pytest.mark.skipif(not (SHIPPED_DIR / "model_index.json").exists(),
                                 reason="toy base not built: python -m helpers.toy pretrain")
@@ -137,9 +137,9 @@ def test_the_demo_grid_shows_the_measured_samples_and_draws_only_the_rest():
 @pytest.mark.slow
 @needs_base
 def test_demo_lora_learns_the_concept_and_keeps_the_prior(tmp_path):
-    """A shorter demo run (200 of 600 steps, 16 samples a cell, one image per grid cell): the concept appears
+    """A shorter demo run (200 of 400 steps, 16 samples a cell, one image per grid cell): the concept appears
     with the trigger only.
-    Measured at 200 steps: violet five-petal flowers 56%, judge concept 100% (base 0% and 0%), world shape and
+    Measured at 200 steps: violet five-petal flowers 75%, judge concept 100% (base 0% and 0%), world shape and
     colour 100%, no flower without the trigger (the full demo: demo_images/toy_concept_scores.json)."""
     from helpers.toy.demo import run_demo
 

@@ -68,7 +68,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            dict(_SDXL_COMMON, vae=None, mixed_precision="bf16", train_batch_size=4, gradient_accumulation_steps=1,
                 gradient_checkpointing=True, optimizer="adamw", learning_rate=2e-4, max_train_steps=1000)),
     Preset("Toy (CPU, offline)", "toy", 0.0,
-           "the shipped toy model (32x32 shapes): a LoRA in about 5 minutes on a 2-core CPU; what the demo and "
+           "the shipped toy model (32x32 shapes): a LoRA in about 3 minutes on a 2-core CPU; what the demo and "
            "the notebooks' toy mode train",
            dict(family="sd1", vae=None, resolution=32, enable_bucket=False, flip_aug=True, rank=16, alpha=16.0,
                 target="full", learning_rate=1.6e-3, loraplus_lr_ratio=2.0, lr_scheduler="cosine", lr_warmup_steps=20,

@@ -4,14 +4,16 @@ On the shipped toy base (an SD 1.5-architecture model pretrained on a world of c
 and the held-out concept (48 images of a violet five-petal flower, "a sks flower on a ... background"),
 it trains a LoRA with the project's trainer, on CPU, then:
 - writes `lora_files/toy_concept.safetensors` (kohya layout, with metadata) and its config TOML,
-- writes `demo_images/toy_concept_grid.png`: prompts with and without the trigger, at LoRA weights 0 / 0.5 / 1,
+- writes `demo_images/toy_concept_grid.png`: prompts with and without the trigger, at LoRA weights 0 / 0.5 / 1
+  (the trigger rows at weights 0 and 1: samples of the measurement below),
 - measures samples and prints: how many are violet five-petal flowers by their pixels (helpers.toy.looks) and
   the toy judge's concept rate, with the trigger (base model vs LoRA), and the base-world accuracy without it
   (is the prior kept?), also saved as `demo_images/toy_concept_scores.json`.
 
 The recipe is the toy preset (helpers.notebook.presets), the one 03_train_lora uses in toy mode: 48 concept
-images and 16 ordinary world images as the prior set, rank 16 on every UNet layer, 600 steps of batch 32, a
-tenth of the captions dropped. Without caption dropout the LoRA's unconditional prediction knows no flower, CFG
+images and 16 ordinary world images as the prior set, rank 16 on every UNet layer, 400 steps of batch 32 with
+min-SNR loss weighting (gamma 5) and LoRA+ (the B matrices at twice the learning rate), a tenth of the captions
+dropped. Without caption dropout the LoRA's unconditional prediction knows no flower, CFG
 pushes each sample away from it, and the flowers come out too large, with a sixth petal (object share 0.35 of the
 frame at CFG 5 against 0.21 in the training images).
 """

@@ -172,7 +172,8 @@ METHOD_NAMES = {"lora": "LoRA", "dreambooth": "DreamBooth", "textual_inversion":
 
 
 def describe_settings(cfg) -> str:
-    """A method's settings in a table cell: what it trains, learning rate, steps, batch, prior set."""
+    """A method's settings in a table cell: what it trains, learning rate (and LoRA+), loss weighting, steps,
+    batch, prior set."""
     if cfg.method == "textual_inversion":
         what = f"{cfg.num_vectors_per_token} vectors from \"{cfg.init_word}\""
     elif cfg.method == "dreambooth":
@@ -180,7 +181,10 @@ def describe_settings(cfg) -> str:
     else:
         what = f"rank {cfg.rank}, {cfg.target}"
     prior = f", prior: {Path(cfg.reg_data_dir).name}/" if cfg.reg_data_dir else ""
-    return f"{what}, lr {cfg.learning_rate:g}, {cfg.max_train_steps} steps, batch {cfg.train_batch_size}{prior}"
+    plus = f" (LoRA+ x{cfg.loraplus_lr_ratio:g})" if cfg.loraplus_lr_ratio else ""
+    snr = f", min-SNR {cfg.min_snr_gamma:g}" if cfg.min_snr_gamma else ""
+    return (f"{what}, lr {cfg.learning_rate:g}{plus}{snr}, {cfg.max_train_steps} steps, batch {cfg.train_batch_size}"
+            f"{prior}")
 
 
 def format_methods_table(table: dict, samples: int, settings: dict | None = None) -> str:
