@@ -422,7 +422,8 @@ class TrainConfig(ConfigBase):
                               "helpers read it): set save_format = \"kohya\"")
         if self.network in ("loha", "lokr"):
             if self.loraplus_lr_ratio:
-                raise ConfigError(f"loraplus_lr_ratio speeds up LoRA's B matrices; {self.network} has none")
+                raise ConfigError(f"loraplus_lr_ratio speeds up LoRA's B matrices; {self.network} has none: "
+                                  "leave loraplus_lr_ratio empty")
             if self.lora_dropout:
                 raise ConfigError(f"lora_dropout drops LoRA's inputs; {self.network} (peft's) has no such dropout: "
                                   "set lora_dropout = 0")
@@ -442,7 +443,8 @@ class TrainConfig(ConfigBase):
         if self.loraplus_lr_ratio is not None:
             _number_in("loraplus_lr_ratio", self.loraplus_lr_ratio, 0.0, 1000.0, low_open=True)
             if self.method != "lora":
-                raise ConfigError(f"loraplus_lr_ratio is for LoRA training (method lora), not {self.method}")
+                raise ConfigError(f"loraplus_lr_ratio is for LoRA training (method lora), not {self.method}: "
+                                  "leave loraplus_lr_ratio empty")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be a number in (0, 1), e.g. 0.999, or unset; got {self.ema_decay!r}")
         _non_negative_int("seed", self.seed)

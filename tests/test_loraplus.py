@@ -22,7 +22,8 @@ def test_the_b_matrices_get_ratio_times_the_learning_rate(tiny_sd15_dir, concept
 
 
 def test_loraplus_is_for_lora_runs():
-    with pytest.raises(ConfigError, match="loraplus_lr_ratio is for LoRA training"):
+    with pytest.raises(ConfigError, match="is for LoRA training \\(method lora\\), not dreambooth: leave "
+                                          "loraplus_lr_ratio empty"):
         TrainConfig(method="dreambooth", loraplus_lr_ratio=16.0)
     with pytest.raises(ConfigError, match="loraplus_lr_ratio must be a number in \\(0.0, 1000.0\\]"):
         TrainConfig(loraplus_lr_ratio=0.0)
