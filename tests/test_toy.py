@@ -13,9 +13,9 @@ from PIL import Image
 from helpers.toy import world
 from helpers.toy.pretrain import SHIPPED_DIR, PretrainConfig, pretrain
 
-# the demo's look rate at 200 steps, 16 samples: measured 75% (base model 0%); the bound leaves room for the
+# the demo's look rate at 130 steps, 16 samples: measured 69% (base model 0%); the bound leaves room for the
 # thread count's rounding (a sample is 6 points)
-LOOK_AT_200 = 0.5
+LOOK_AT_130 = 0.4
 
 needs_base = pytest.mark.skipif(not (SHIPPED_DIR / "model_index.json").exists(),
                                 reason="toy base not built: python -m helpers.toy pretrain")
@@ -137,19 +137,19 @@ def test_the_demo_grid_shows_the_measured_samples_and_draws_only_the_rest():
 @pytest.mark.slow
 @needs_base
 def test_demo_lora_learns_the_concept_and_keeps_the_prior(tmp_path):
-    """A shorter demo run (200 of 400 steps, 16 samples a cell, one image per grid cell): the concept appears
+    """A shorter demo run (130 of 400 steps, 16 samples a cell, one image per grid cell): the concept appears
     with the trigger only.
-    Measured at 200 steps: violet five-petal flowers 75%, judge concept 100% (base 0% and 0%), world shape and
+    Measured at 130 steps: violet five-petal flowers 69%, judge concept 100% (base 0% and 0%), world shape and
     colour 100%, no flower without the trigger (the full demo: demo_images/toy_concept_scores.json)."""
     from helpers.toy.demo import run_demo
 
     grid_images = 1
-    result = run_demo(steps=200, out_root=tmp_path, samples=16, progress=False, grid_images=grid_images)
+    result = run_demo(steps=130, out_root=tmp_path, samples=16, progress=False, grid_images=grid_images)
     base, lora = result.scores["0"], result.scores["1"]
     assert lora["concept_rate"] >= 0.5, result.scores
     assert base["concept_rate"] <= 0.15, result.scores
     # violet five-petal flowers by their pixels: the LoRA draws them, the base model never does
-    assert lora["concept_look_rate"] >= LOOK_AT_200, result.scores
+    assert lora["concept_look_rate"] >= LOOK_AT_130, result.scores
     assert base["concept_look_rate"] == 0 and lora["world_concept_look_rate"] == 0, result.scores
     assert lora["world_shape_and_colour_acc"] >= base["world_shape_and_colour_acc"] - 0.2, result.scores
     assert lora["world_concept_rate"] <= 0.15, result.scores  # no flowers without the trigger
